@@ -1,0 +1,14 @@
+//! The sans-IO protocol core: codec, authentication, peer policy, quotas and the TURN state
+//! machine. Nothing here touches a socket, a clock or a random source of its own: time and
+//! randomness are passed in, so the core is deterministic, testable on virtual time and fuzzable.
+
+pub mod auth;
+pub mod policy;
+pub mod quota;
+pub mod server;
+pub mod stun;
+
+pub use server::{
+    AllocId, ClientAction, ClientId, Clock, Core, CoreConfig, CoreStats, Event, PeerAction,
+    PendingAllocate, RelayAddrs, Shared,
+};

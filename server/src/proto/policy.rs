@@ -1,0 +1,165 @@
+//! Which peers a relay may send to. Secure by default: internal, special-purpose and the relay's
+//! own service addresses are refused unless the operator allows them.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use ipnet::IpNet;
+
+/// Ranges refused by default (IANA special-purpose registries, RFC 6890 and successors).
+const DEFAULT_DENY: &[&str] = &[
+    "0.0.0.0/8",       // "this network", unspecified
+    "10.0.0.0/8",      // RFC 1918
+    "100.64.0.0/10",   // CGNAT, RFC 6598
+    "127.0.0.0/8",     // loopback
+    "169.254.0.0/16",  // link-local, cloud metadata (169.254.169.254)
+    "172.16.0.0/12",   // RFC 1918
+    "192.0.0.0/24",    // IETF protocol assignments
+    "192.0.2.0/24",    // TEST-NET-1
+    "192.88.99.0/24",  // 6to4 relay anycast
+    "192.168.0.0/16",  // RFC 1918
+    "198.18.0.0/15",   // benchmarking
+    "198.51.100.0/24", // TEST-NET-2
+    "203.0.113.0/24",  // TEST-NET-3
+    "224.0.0.0/4",     // multicast
+    "240.0.0.0/4",     // reserved, and 255.255.255.255 broadcast
+    "::/128",          // unspecified
+    "::1/128",         // loopback
+    "64:ff9b::/96",    // NAT64, reaches IPv4 space behind the back of this policy
+    "64:ff9b:1::/48",  // local-use NAT64
+    "100::/64",        // discard-only
+    "2001::/32",       // Teredo
+    "2001:db8::/32",   // documentation
+    "2002::/16",       // 6to4
+    "fc00::/7",        // unique local
+    "fe80::/10",       // link-local
+    "ff00::/8",        // multicast
+];
+
+/// Why a peer was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denied {
+    /// In a range the operator denied.
+    Operator,
+    /// In a range refused by default.
+    Default,
+    /// One of the relay's own service (listening) addresses: relaying there would loop.
+    OwnService,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PeerPolicy {
+    allow: Vec<IpNet>,
+    deny: Vec<IpNet>,
+    defaults: Vec<IpNet>,
+    own_service: Vec<SocketAddr>,
+}
+
+impl PeerPolicy {
+    pub fn new(allow: Vec<IpNet>, deny: Vec<IpNet>) -> Self {
+        let defaults = DEFAULT_DENY
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        PeerPolicy {
+            allow,
+            deny,
+            defaults,
+            own_service: Vec::new(),
+        }
+    }
+
+    /// Tells the policy the addresses the relay listens on, once they are bound.
+    pub fn set_service_addresses(&mut self, addrs: Vec<SocketAddr>) {
+        self.own_service = addrs;
+    }
+
+    /// Checks a peer address. Operator denies win over operator allows, which win over the
+    /// defaults; the relay's own listening ports are always refused.
+    pub fn check(&self, peer: SocketAddr) -> Result<(), Denied> {
+        let ip = normalize(peer.ip());
+        if self
+            .own_service
+            .iter()
+            .any(|s| s.port() == peer.port() && (normalize(s.ip()) == ip || s.ip().is_unspecified()))
+        {
+            return Err(Denied::OwnService);
+        }
+        if self.deny.iter().any(|n| n.contains(&ip)) {
+            return Err(Denied::Operator);
+        }
+        if self.allow.iter().any(|n| n.contains(&ip)) {
+            return Ok(());
+        }
+        if self.defaults.iter().any(|n| n.contains(&ip)) {
+            return Err(Denied::Default);
+        }
+        Ok(())
+    }
+}
+
+/// IPv4-mapped (::ffff:a.b.c.d) and IPv4-compatible (::a.b.c.d) forms become IPv4, so they
+/// meet the IPv4 rules.
+pub fn normalize(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return IpAddr::V4(v4);
+            }
+            let o = v6.octets();
+            if o[..12] == [0; 12] && v6 != Ipv6Addr::UNSPECIFIED && v6 != Ipv6Addr::LOCALHOST {
+                return IpAddr::V4(Ipv4Addr::new(o[12], o[13], o[14], o[15]));
+            }
+            ip
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().expect("socket address")
+    }
+
+    #[test]
+    fn internal_ranges_are_refused_by_default() {
+        let p = PeerPolicy::new(vec![], vec![]);
+        for peer in [
+            "127.0.0.1:1", "10.1.2.3:1", "172.16.0.1:1", "192.168.1.1:1", "100.64.0.1:1",
+            "169.254.169.254:80", "0.0.0.0:1", "224.0.0.1:1", "255.255.255.255:1",
+            "198.18.0.1:1", "240.0.0.1:1", "[::1]:1", "[::]:1", "[fc00::1]:1", "[fd00::1]:1",
+            "[fe80::1]:1", "[ff02::1]:1", "[64:ff9b::a00:1]:1", "[2001::1]:1", "[2002::1]:1",
+            "[::ffff:127.0.0.1]:1", "[::ffff:10.0.0.1]:1", "[::10.0.0.1]:1",
+            "[::ffff:169.254.169.254]:80",
+        ] {
+            assert_eq!(p.check(sa(peer)), Err(Denied::Default), "{peer}");
+        }
+        for peer in ["8.8.8.8:53", "[2606:4700::1]:443", "[::ffff:8.8.8.8]:53"] {
+            assert_eq!(p.check(sa(peer)), Ok(()), "{peer}");
+        }
+    }
+
+    #[test]
+    fn operator_rules_override_defaults_and_deny_wins() {
+        let p = PeerPolicy::new(
+            vec!["127.0.0.0/8".parse().expect("net")],
+            vec!["127.0.0.9/32".parse().expect("net"), "8.8.0.0/16".parse().expect("net")],
+        );
+        assert_eq!(p.check(sa("127.0.0.1:5000")), Ok(()));
+        assert_eq!(p.check(sa("[::ffff:127.0.0.1]:5000")), Ok(()));
+        assert_eq!(p.check(sa("127.0.0.9:5000")), Err(Denied::Operator));
+        assert_eq!(p.check(sa("8.8.8.8:53")), Err(Denied::Operator));
+        assert_eq!(p.check(sa("10.0.0.1:53")), Err(Denied::Default));
+    }
+
+    #[test]
+    fn own_service_ports_are_refused_even_when_allowed() {
+        let mut p = PeerPolicy::new(vec!["127.0.0.0/8".parse().expect("net")], vec![]);
+        p.set_service_addresses(vec![sa("127.0.0.1:3478"), sa("0.0.0.0:5349")]);
+        assert_eq!(p.check(sa("127.0.0.1:3478")), Err(Denied::OwnService));
+        assert_eq!(p.check(sa("127.0.0.2:5349")), Err(Denied::OwnService));
+        assert_eq!(p.check(sa("127.0.0.1:50000")), Ok(()));
+    }
+}

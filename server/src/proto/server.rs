@@ -1,0 +1,1009 @@
+//! The TURN state machine of one shard: allocations, permissions and channels (RFC 8656).
+//!
+//! Sans-IO: the caller passes datagrams with their addresses and the current time, and carries
+//! out what comes back. One `Core` serves the packets one shard's sockets receive; quotas,
+//! credentials and policy live in the [`Shared`] part every shard holds.
+//!
+//! Relay sockets are bound by the caller: an Allocate that passes every check comes back as
+//! [`ClientAction::Allocate`], and the caller answers with [`Core::complete_allocate`] or
+//! [`Core::fail_allocate`].
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::{rngs::StdRng, RngCore, SeedableRng};
+use rustc_hash::FxHashMap;
+
+use super::auth::{AuthError, Authenticated, Credentials, Nonces, PASSWORD_ALGORITHMS};
+use super::policy::{normalize, PeerPolicy};
+use super::quota::{QuotaError, QuotaState, TokenBucket, UserState};
+use super::stun::{
+    self, attr, channel_data_header, method, Builder, Class, Message, TransactionId,
+};
+
+/// RFC 8656 §3.2 and §9: fixed permission and channel lifetimes.
+pub const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
+pub const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
+/// How long a retransmitted request is answered from the cache (RFC 8489: 39.5 s of retries).
+const RESPONSE_CACHE_TTL: Duration = Duration::from_secs(40);
+const RESPONSE_CACHE_MAX: usize = 8192;
+/// Transport protocol number for UDP in REQUESTED-TRANSPORT.
+const PROTO_UDP: u8 = 17;
+
+/// Settings the core needs; the IO layer builds it from the configuration.
+#[derive(Debug)]
+pub struct CoreConfig {
+    pub credentials: Credentials,
+    pub policy: PeerPolicy,
+    /// LIFETIME given when a request names none (RFC: 600 s).
+    pub default_lifetime: u32,
+    /// Longest LIFETIME granted.
+    pub max_lifetime: u32,
+    pub nonce_lifetime: u64,
+    /// Most permissions (and, separately, channels) one allocation may hold.
+    pub max_permissions: usize,
+    /// Which relay families this relay can allocate.
+    pub relay_v4: bool,
+    pub relay_v6: bool,
+    /// SOFTWARE attribute; None sends none.
+    pub software: Option<String>,
+}
+
+/// What every shard of one relay shares.
+pub struct Shared {
+    pub config: CoreConfig,
+    pub quotas: QuotaState,
+    pub nonces: Nonces,
+    draining: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(config: CoreConfig, quotas: QuotaState, nonce_key: [u8; 32]) -> Self {
+        let nonces = Nonces::new(nonce_key, config.nonce_lifetime);
+        Shared {
+            config,
+            quotas,
+            nonces,
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// From now on Allocate is refused with 508; existing allocations go on.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// The client side of a 5-tuple: which of the relay's sockets (or connections) it reached and
+/// from which address. RFC 8656 §2: an allocation is identified by its 5-tuple.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientId {
+    pub listener: u32,
+    pub addr: SocketAddr,
+}
+
+/// Index of an allocation; the IO layer keeps its relay sockets under the same index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AllocId(pub u32);
+
+/// What the IO layer must do with a client datagram.
+#[derive(Debug)]
+#[must_use]
+pub enum ClientAction {
+    /// Nothing to send (dropped, or an indication with nothing to do).
+    None,
+    /// Send `Core::output()` back to the client.
+    Reply,
+    /// Send `packet[range]` from the allocation's relay socket to `peer`.
+    Relay {
+        alloc: AllocId,
+        peer: SocketAddr,
+        start: usize,
+        end: usize,
+    },
+    /// Bind relay sockets as described, then call `complete_allocate` or `fail_allocate`.
+    Allocate(Box<PendingAllocate>),
+}
+
+/// What the IO layer must do with a datagram a peer sent to a relay socket.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use]
+pub enum PeerAction {
+    Drop,
+    /// A ChannelData header was written into the 4 bytes in front of the payload: send
+    /// `buf[..4 + len]` to the client.
+    ChannelData { client: ClientId, len: usize },
+    /// Send `Core::output()` (a Data indication) to the client.
+    DataIndication { client: ClientId },
+}
+
+/// Side effects the IO layer picks up with `Core::poll_event`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The allocation ended (expired, refreshed to 0, or revoked): close its relay sockets.
+    Freed(AllocId),
+}
+
+/// An Allocate request that passed every check; the IO layer binds what it asks for.
+#[derive(Debug)]
+pub struct PendingAllocate {
+    client: ClientId,
+    tid: TransactionId,
+    auth: Authenticated,
+    user: Arc<UserState>,
+    pub lifetime: u32,
+    pub want_v4: bool,
+    pub want_v6: bool,
+    /// ADDITIONAL-ADDRESS-FAMILY asked for IPv6 that this relay lacks: answer with
+    /// ADDRESS-ERROR-CODE 440 beside the IPv4 allocation.
+    v6_refused: bool,
+    /// EVEN-PORT: bind an even port; with `reserve_next`, also hold port+1 under `new_token`.
+    pub even_port: bool,
+    pub new_token: Option<[u8; 8]>,
+    /// RESERVATION-TOKEN: use the port reserved under this token.
+    pub use_token: Option<[u8; 8]>,
+    pub dont_fragment: bool,
+}
+
+/// Relay addresses the IO layer bound for a pending allocation, as advertised to the client.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RelayAddrs {
+    pub v4: Option<SocketAddr>,
+    pub v6: Option<SocketAddr>,
+}
+
+/// Counters the IO layer copies into metrics. Plain integers: one shard, no atomics.
+#[derive(Debug, Default, Clone)]
+pub struct CoreStats {
+    /// Indexed by [`method_index`] and [`result_index`].
+    pub requests: [[u64; RESULTS.len()]; METHODS.len()],
+    /// Indexed like [`AuthError::ALL`].
+    pub auth_failures: [u64; 8],
+    pub peer_denied: u64,
+    pub allocations_created: u64,
+    /// [client→peer, peer→client]
+    pub relayed_packets: [u64; 2],
+    pub relayed_bytes: [u64; 2],
+    pub dropped_packets: u64,
+    pub malformed: u64,
+    pub quota_dropped: u64,
+}
+
+pub const METHODS: [&str; 6] = [
+    "binding",
+    "allocate",
+    "refresh",
+    "create_permission",
+    "channel_bind",
+    "other",
+];
+pub const RESULTS: [&str; 14] = [
+    "success", "400", "401", "403", "420", "437", "438", "440", "441", "442", "443", "486",
+    "508", "other",
+];
+
+fn method_index(m: u16) -> usize {
+    match m {
+        method::BINDING => 0,
+        method::ALLOCATE => 1,
+        method::REFRESH => 2,
+        method::CREATE_PERMISSION => 3,
+        method::CHANNEL_BIND => 4,
+        _ => 5,
+    }
+}
+
+fn result_index(code: u16) -> usize {
+    match code {
+        0 => 0,
+        400 => 1,
+        401 => 2,
+        403 => 3,
+        420 => 4,
+        437 => 5,
+        438 => 6,
+        440 => 7,
+        441 => 8,
+        442 => 9,
+        443 => 10,
+        486 => 11,
+        508 => 12,
+        _ => 13,
+    }
+}
+
+fn reason(code: u16) -> &'static str {
+    match code {
+        300 => "Try Alternate",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        420 => "Unknown Attribute",
+        437 => "Allocation Mismatch",
+        438 => "Stale Nonce",
+        440 => "Address Family not Supported",
+        441 => "Wrong Credentials",
+        442 => "Unsupported Transport Protocol",
+        443 => "Peer Address Family Mismatch",
+        486 => "Allocation Quota Reached",
+        508 => "Insufficient Capacity",
+        _ => "Server Error",
+    }
+}
+
+#[derive(Debug)]
+struct Channel {
+    number: u16,
+    peer: SocketAddr,
+    expires: Instant,
+}
+
+#[derive(Debug)]
+struct Allocation {
+    client: ClientId,
+    username: String,
+    user_id: String,
+    user: Arc<UserState>,
+    relayed: RelayAddrs,
+    expires: Instant,
+    permissions: Vec<(IpAddr, Instant)>,
+    channels: Vec<Channel>,
+    bucket: Option<TokenBucket>,
+}
+
+impl Allocation {
+    fn has_permission(&self, ip: IpAddr, now: Instant) -> bool {
+        self.permissions.iter().any(|(p, exp)| *p == ip && *exp > now)
+    }
+
+    fn family_ok(&self, peer: SocketAddr) -> bool {
+        match peer {
+            SocketAddr::V4(_) => self.relayed.v4.is_some(),
+            SocketAddr::V6(_) => self.relayed.v6.is_some(),
+        }
+    }
+}
+
+/// Maps monotonic time to Unix time, for ephemeral credential expiry and nonces.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    pub epoch: Instant,
+    pub epoch_unix: u64,
+}
+
+impl Clock {
+    pub fn unix(&self, now: Instant) -> u64 {
+        self.epoch_unix + now.saturating_duration_since(self.epoch).as_secs()
+    }
+    pub fn millis(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+}
+
+/// One shard's TURN state.
+pub struct Core {
+    shared: Arc<Shared>,
+    clock: Clock,
+    rng: StdRng,
+    slots: Vec<Option<Allocation>>,
+    free_slots: Vec<u32>,
+    by_client: FxHashMap<ClientId, AllocId>,
+    responses: HashMap<(ClientId, TransactionId), (Instant, Vec<u8>)>,
+    response_order: VecDeque<(ClientId, TransactionId)>,
+    events: VecDeque<Event>,
+    out: Vec<u8>,
+    stats: CoreStats,
+}
+
+impl Core {
+    pub fn new(shared: Arc<Shared>, clock: Clock, seed: [u8; 32]) -> Self {
+        Core {
+            shared,
+            clock,
+            rng: StdRng::from_seed(seed),
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            by_client: FxHashMap::default(),
+            responses: HashMap::new(),
+            response_order: VecDeque::new(),
+            events: VecDeque::new(),
+            out: Vec::with_capacity(1500),
+            stats: CoreStats::default(),
+        }
+    }
+
+    /// The datagram to send after `Reply` or `DataIndication`.
+    pub fn output(&self) -> &[u8] {
+        &self.out
+    }
+
+    pub fn allocation_count(&self) -> usize {
+        self.by_client.len()
+    }
+
+    /// Takes the counters gathered since the last call.
+    pub fn take_stats(&mut self) -> CoreStats {
+        std::mem::take(&mut self.stats)
+    }
+
+    /// Call after each `handle_*` call until it returns None.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// The relay addresses of an allocation, for tests and logs.
+    pub fn relayed(&self, alloc: AllocId) -> Option<RelayAddrs> {
+        self.slot(alloc).map(|a| a.relayed)
+    }
+
+    fn slot(&self, id: AllocId) -> Option<&Allocation> {
+        self.slots.get(id.0 as usize).and_then(Option::as_ref)
+    }
+
+    /// Handles a datagram from a client. For ChannelData this is one hash lookup and a scan
+    /// of the allocation's few channels, with no allocation and no copy.
+    pub fn handle_client(&mut self, packet: &[u8], client: ClientId, now: Instant) -> ClientAction {
+        if stun::is_channel_data(packet) {
+            return self.client_channel_data(packet, client, now);
+        }
+        let Ok(msg) = Message::parse(packet) else {
+            self.stats.malformed += 1;
+            return ClientAction::None;
+        };
+        match msg.class() {
+            Class::Request => self.request(&msg, client, now),
+            Class::Indication if msg.method() == method::SEND => self.send_indication(&msg, client, now),
+            Class::Indication | Class::Success | Class::Error => {
+                self.stats.dropped_packets += 1;
+                ClientAction::None
+            }
+        }
+    }
+
+    #[inline]
+    fn client_channel_data(&mut self, packet: &[u8], client: ClientId, now: Instant) -> ClientAction {
+        let Some((number, len)) = channel_data_header(packet) else {
+            self.stats.malformed += 1;
+            return ClientAction::None;
+        };
+        let Some(&id) = self.by_client.get(&client) else {
+            self.stats.dropped_packets += 1;
+            return ClientAction::None;
+        };
+        let now_ms = self.clock.millis(now);
+        let Some(Some(a)) = self.slots.get_mut(id.0 as usize) else {
+            return ClientAction::None;
+        };
+        let Some(ch) = a.channels.iter().find(|c| c.number == number && c.expires > now) else {
+            self.stats.dropped_packets += 1;
+            return ClientAction::None;
+        };
+        let peer = ch.peer;
+        if !Self::within_bandwidth(a, now_ms, len) {
+            self.stats.quota_dropped += 1;
+            return ClientAction::None;
+        }
+        self.stats.relayed_packets[0] += 1;
+        self.stats.relayed_bytes[0] += len as u64;
+        ClientAction::Relay {
+            alloc: id,
+            peer,
+            start: 4,
+            end: 4 + len,
+        }
+    }
+
+    #[inline]
+    fn within_bandwidth(a: &mut Allocation, now_ms: u64, len: usize) -> bool {
+        a.bucket.as_mut().is_none_or(|b| b.allow(now_ms, len)) && a.user.allow(now_ms, len)
+    }
+
+    fn send_indication(&mut self, msg: &Message<'_>, client: ClientId, now: Instant) -> ClientAction {
+        let Some(&id) = self.by_client.get(&client) else {
+            self.stats.dropped_packets += 1;
+            return ClientAction::None;
+        };
+        let (Some(peer), Some(data)) = (
+            msg.get(attr::XOR_PEER_ADDRESS).and_then(|v| msg.xor_address(v)),
+            msg.get(attr::DATA),
+        ) else {
+            self.stats.malformed += 1;
+            return ClientAction::None;
+        };
+        if msg.attribute_types().any(|t| t < 0x8000 && !attr::is_known_required(t)) {
+            self.stats.dropped_packets += 1;
+            return ClientAction::None;
+        }
+        let peer = SocketAddr::new(normalize(peer.ip()), peer.port());
+        let now_ms = self.clock.millis(now);
+        let Some(Some(a)) = self.slots.get_mut(id.0 as usize) else {
+            return ClientAction::None;
+        };
+        if !a.has_permission(peer.ip(), now) || !a.family_ok(peer) {
+            self.stats.dropped_packets += 1;
+            return ClientAction::None;
+        }
+        if !Self::within_bandwidth(a, now_ms, data.len()) {
+            self.stats.quota_dropped += 1;
+            return ClientAction::None;
+        }
+        let start = data.as_ptr() as usize - msg.raw().as_ptr() as usize;
+        self.stats.relayed_packets[0] += 1;
+        self.stats.relayed_bytes[0] += data.len() as u64;
+        ClientAction::Relay {
+            alloc: id,
+            peer,
+            start,
+            end: start + data.len(),
+        }
+    }
+
+    /// Handles a datagram a peer sent to allocation `alloc`. The payload sits at
+    /// `buf[4..4 + len]`; the four bytes in front are room for a ChannelData header.
+    #[inline]
+    pub fn handle_peer(
+        &mut self,
+        alloc: AllocId,
+        peer: SocketAddr,
+        buf: &mut [u8],
+        len: usize,
+        now: Instant,
+    ) -> PeerAction {
+        let now_ms = self.clock.millis(now);
+        let Some(Some(a)) = self.slots.get_mut(alloc.0 as usize) else {
+            return PeerAction::Drop;
+        };
+        let peer = SocketAddr::new(normalize(peer.ip()), peer.port());
+        if !a.has_permission(peer.ip(), now) {
+            self.stats.dropped_packets += 1;
+            return PeerAction::Drop;
+        }
+        if !Self::within_bandwidth(a, now_ms, len) {
+            self.stats.quota_dropped += 1;
+            return PeerAction::Drop;
+        }
+        self.stats.relayed_packets[1] += 1;
+        self.stats.relayed_bytes[1] += len as u64;
+        let client = a.client;
+        if let Some(ch) = a.channels.iter().find(|c| c.peer == peer && c.expires > now) {
+            if len > usize::from(u16::MAX) || buf.len() < 4 + len {
+                return PeerAction::Drop;
+            }
+            buf[0..2].copy_from_slice(&ch.number.to_be_bytes());
+            buf[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            return PeerAction::ChannelData { client, len };
+        }
+        let mut tid = [0u8; 16];
+        tid[..4].copy_from_slice(&stun::MAGIC_COOKIE.to_be_bytes());
+        self.rng.fill_bytes(&mut tid[4..]);
+        Builder::new(&mut self.out, Class::Indication, method::DATA, TransactionId(tid))
+            .xor_address(attr::XOR_PEER_ADDRESS, peer)
+            .attr(attr::DATA, &buf[4..4 + len]);
+        PeerAction::DataIndication { client }
+    }
+
+    fn request(&mut self, msg: &Message<'_>, client: ClientId, now: Instant) -> ClientAction {
+        let m = msg.method();
+        if let Some(action) = self.unknown_attributes(msg) {
+            self.count(m, 420);
+            return action;
+        }
+        if m == method::BINDING {
+            self.count(m, 0);
+            return self.binding(msg, client);
+        }
+        if !matches!(
+            m,
+            method::ALLOCATE | method::REFRESH | method::CREATE_PERMISSION | method::CHANNEL_BIND
+        ) {
+            self.count(m, 400);
+            self.error_unsigned(msg, 400);
+            return ClientAction::Reply;
+        }
+        let tid = msg.transaction_id();
+        if let Some((_, cached)) = self.responses.get(&(client, tid)) {
+            self.out.clear();
+            self.out.extend_from_slice(cached);
+            return ClientAction::Reply;
+        }
+        let unix = self.clock.unix(now);
+        let auth = match self.shared.config.credentials.authenticate(
+            msg,
+            &self.shared.nonces,
+            client.addr,
+            unix,
+        ) {
+            Ok(a) => a,
+            Err(e) => return self.auth_failure(msg, client, e, unix),
+        };
+        let existing = self.by_client.get(&client).copied();
+        if let Some(id) = existing {
+            if self.slot(id).is_some_and(|a| a.username != auth.username) {
+                return self.finish(msg, client, &auth, Err(441), now);
+            }
+        }
+        let result = match m {
+            method::ALLOCATE => match self.allocate(msg, client, &auth, existing) {
+                Ok(pending) => return ClientAction::Allocate(pending),
+                Err(code) => Err(code),
+            },
+            method::REFRESH => self.refresh(msg, existing, now).map(Some),
+            method::CREATE_PERMISSION => self.create_permission(msg, existing, now).map(|()| None),
+            _ => self.channel_bind(msg, existing, now).map(|()| None),
+        };
+        self.finish(msg, client, &auth, result, now)
+    }
+
+    fn count(&mut self, m: u16, code: u16) {
+        self.stats.requests[method_index(m)][result_index(code)] += 1;
+    }
+
+    /// 420 for comprehension-required attributes this server does not know (RFC 8489 §7.3.1).
+    fn unknown_attributes(&mut self, msg: &Message<'_>) -> Option<ClientAction> {
+        let mut unknown = [0u16; 8];
+        let mut n = 0;
+        for t in msg.attribute_types() {
+            let known = attr::is_known_required(t)
+                || (t == attr::CHANGE_REQUEST
+                    && msg.get(t).is_some_and(|v| v.iter().all(|b| *b == 0)));
+            if t < 0x8000 && !known && n < unknown.len() {
+                unknown[n] = t;
+                n += 1;
+            }
+        }
+        if n == 0 {
+            return None;
+        }
+        let software = self.shared.config.software.clone();
+        let mut b = Builder::new(&mut self.out, Class::Error, msg.method(), msg.transaction_id());
+        b.error(420, reason(420)).unknown_attributes(&unknown[..n]);
+        if let Some(s) = &software {
+            b.attr(attr::SOFTWARE, s.as_bytes());
+        }
+        if !msg.transaction_id().is_classic() {
+            b.fingerprint();
+        }
+        Some(ClientAction::Reply)
+    }
+
+    fn binding(&mut self, msg: &Message<'_>, client: ClientId) -> ClientAction {
+        let tid = msg.transaction_id();
+        let software = self.shared.config.software.clone();
+        let mut b = Builder::new(&mut self.out, Class::Success, method::BINDING, tid);
+        if tid.is_classic() {
+            // RFC 3489 §11.2.1: MAPPED-ADDRESS, and SOURCE-/CHANGED-ADDRESS, which classic
+            // clients require; with no alternate address both name the address that answered.
+            b.address(attr::MAPPED_ADDRESS, client.addr);
+        } else {
+            b.xor_address(attr::XOR_MAPPED_ADDRESS, client.addr);
+            if let Some(s) = &software {
+                b.attr(attr::SOFTWARE, s.as_bytes());
+            }
+            b.fingerprint();
+        }
+        ClientAction::Reply
+    }
+
+    fn auth_failure(&mut self, msg: &Message<'_>, client: ClientId, e: AuthError, unix: u64) -> ClientAction {
+        let code = e.code();
+        self.count(msg.method(), code);
+        if let Some(i) = AuthError::ALL.iter().position(|x| *x == e) {
+            self.stats.auth_failures[i] += 1;
+        }
+        let mut nonce = [0u8; 37];
+        let nonce = self.shared.nonces.issue(client.addr, unix, &mut nonce);
+        let shared = &self.shared;
+        let mut b = Builder::new(&mut self.out, Class::Error, msg.method(), msg.transaction_id());
+        b.error(code, reason(code));
+        if code != 400 {
+            b.attr(attr::REALM, shared.config.credentials.realm().as_bytes())
+                .attr(attr::NONCE, nonce)
+                .attr(attr::PASSWORD_ALGORITHMS, &PASSWORD_ALGORITHMS);
+        }
+        if let Some(s) = &shared.config.software {
+            b.attr(attr::SOFTWARE, s.as_bytes());
+        }
+        b.fingerprint();
+        ClientAction::Reply
+    }
+
+    fn error_unsigned(&mut self, msg: &Message<'_>, code: u16) {
+        let mut b = Builder::new(&mut self.out, Class::Error, msg.method(), msg.transaction_id());
+        b.error(code, reason(code));
+        if !msg.transaction_id().is_classic() {
+            b.fingerprint();
+        }
+    }
+
+    /// Writes a signed response (success with an optional LIFETIME, or an error code),
+    /// caches it for retransmissions and counts it.
+    fn finish(
+        &mut self,
+        msg: &Message<'_>,
+        client: ClientId,
+        auth: &Authenticated,
+        result: Result<Option<u32>, u16>,
+        now: Instant,
+    ) -> ClientAction {
+        let code = result.err().unwrap_or(0);
+        self.count(msg.method(), code);
+        let class = if code == 0 { Class::Success } else { Class::Error };
+        let shared = Arc::clone(&self.shared);
+        let mut b = Builder::new(&mut self.out, class, msg.method(), msg.transaction_id());
+        match result {
+            Err(code) => {
+                b.error(code, reason(code));
+            }
+            Ok(Some(lifetime)) => {
+                b.u32(attr::LIFETIME, lifetime);
+            }
+            Ok(None) => {}
+        }
+        sign(&mut b, &shared, auth);
+        self.cache_response(client, msg.transaction_id(), now);
+        ClientAction::Reply
+    }
+
+    fn cache_response(&mut self, client: ClientId, tid: TransactionId, now: Instant) {
+        while self.response_order.len() >= RESPONSE_CACHE_MAX {
+            if let Some(k) = self.response_order.pop_front() {
+                self.responses.remove(&k);
+            }
+        }
+        self.responses.insert((client, tid), (now, self.out.clone()));
+        self.response_order.push_back((client, tid));
+    }
+
+    fn allocate(
+        &mut self,
+        msg: &Message<'_>,
+        client: ClientId,
+        auth: &Authenticated,
+        existing: Option<AllocId>,
+    ) -> Result<Box<PendingAllocate>, u16> {
+        let config = &self.shared.config;
+        if existing.is_some() {
+            return Err(437);
+        }
+        if self.shared.is_draining() {
+            return Err(508);
+        }
+        let Some(transport) = msg.get(attr::REQUESTED_TRANSPORT) else {
+            return Err(400);
+        };
+        if transport.len() != 4 {
+            return Err(400);
+        }
+        if transport[0] != PROTO_UDP {
+            return Err(442);
+        }
+        let even = msg.get(attr::EVEN_PORT);
+        let token = msg.get(attr::RESERVATION_TOKEN);
+        let family = msg.get(attr::REQUESTED_ADDRESS_FAMILY);
+        let additional = msg.get(attr::ADDITIONAL_ADDRESS_FAMILY);
+        if (even.is_some() && token.is_some())
+            || (family.is_some() && (token.is_some() || additional.is_some()))
+        {
+            return Err(400);
+        }
+        let use_token = match token {
+            None => None,
+            Some(t) => Some(<[u8; 8]>::try_from(t).map_err(|_| 400u16)?),
+        };
+        let (mut want_v4, mut want_v6) = (true, false);
+        if let Some(f) = family {
+            match f.first() {
+                Some(0x01) => {}
+                Some(0x02) => (want_v4, want_v6) = (false, true),
+                _ => return Err(440),
+            }
+        }
+        let mut v6_refused = false;
+        if let Some(f) = additional {
+            if f.first() != Some(&0x02) {
+                return Err(400);
+            }
+            if config.relay_v6 {
+                want_v6 = true;
+            } else {
+                v6_refused = true;
+            }
+        }
+        if (want_v4 && !config.relay_v4) || (want_v6 && !config.relay_v6) {
+            return Err(440);
+        }
+        let reserve_next = match even {
+            None => false,
+            Some(v) => v.first().is_some_and(|b| b & 0x80 != 0),
+        };
+        let lifetime = self.lifetime(msg);
+        let user = self.shared.quotas.acquire(&auth.user_id).map_err(|e| match e {
+            QuotaError::User => 486u16,
+            QuotaError::Total => 508,
+        })?;
+        let new_token = reserve_next.then(|| {
+            let mut t = [0u8; 8];
+            self.rng.fill_bytes(&mut t);
+            t
+        });
+        Ok(Box::new(PendingAllocate {
+            client,
+            tid: msg.transaction_id(),
+            auth: auth.clone(),
+            user,
+            lifetime,
+            want_v4,
+            want_v6,
+            v6_refused,
+            even_port: even.is_some(),
+            new_token,
+            use_token,
+            dont_fragment: msg.has(attr::DONT_FRAGMENT),
+        }))
+    }
+
+    /// RFC 8656 §7.2: the requested lifetime, at least the default and at most the maximum.
+    fn lifetime(&self, msg: &Message<'_>) -> u32 {
+        let c = &self.shared.config;
+        match msg.get_u32(attr::LIFETIME) {
+            None => c.default_lifetime,
+            Some(l) => l.max(c.default_lifetime).min(c.max_lifetime),
+        }
+    }
+
+    /// Finishes an Allocate once the IO layer has bound the relay sockets; the success
+    /// response is in `output()`.
+    pub fn complete_allocate(&mut self, p: Box<PendingAllocate>, relayed: RelayAddrs, now: Instant) -> AllocId {
+        let id = match self.free_slots.pop() {
+            Some(i) => AllocId(i),
+            None => {
+                self.slots.push(None);
+                AllocId((self.slots.len() - 1) as u32)
+            }
+        };
+        let expires = now + Duration::from_secs(u64::from(p.lifetime));
+        let quotas = self.shared.quotas.quotas();
+        self.slots[id.0 as usize] = Some(Allocation {
+            client: p.client,
+            username: p.auth.username.clone(),
+            user_id: p.auth.user_id.clone(),
+            user: p.user,
+            relayed,
+            expires,
+            permissions: Vec::new(),
+            channels: Vec::new(),
+            bucket: quotas.allocation_bandwidth.map(TokenBucket::new),
+        });
+        self.by_client.insert(p.client, id);
+        self.stats.allocations_created += 1;
+        self.count(method::ALLOCATE, 0);
+        let shared = Arc::clone(&self.shared);
+        let mut b = Builder::new(&mut self.out, Class::Success, method::ALLOCATE, p.tid);
+        if let Some(a) = relayed.v4 {
+            b.xor_address(attr::XOR_RELAYED_ADDRESS, a);
+        }
+        if let Some(a) = relayed.v6 {
+            b.xor_address(attr::XOR_RELAYED_ADDRESS, a);
+        }
+        b.u32(attr::LIFETIME, p.lifetime)
+            .xor_address(attr::XOR_MAPPED_ADDRESS, p.client.addr);
+        if let Some(t) = p.new_token {
+            b.attr(attr::RESERVATION_TOKEN, &t);
+        }
+        if p.v6_refused {
+            b.attr(attr::ADDRESS_ERROR_CODE, &ADDRESS_ERROR_V6);
+        }
+        sign(&mut b, &shared, &p.auth);
+        self.cache_response(p.client, p.tid, now);
+        id
+    }
+
+    /// Refuses a pending Allocate (no port free: 508; unknown reservation token: 508).
+    pub fn fail_allocate(&mut self, p: Box<PendingAllocate>, code: u16, now: Instant) {
+        self.shared.quotas.release(&p.auth.user_id, &p.user);
+        self.count(method::ALLOCATE, code);
+        let shared = Arc::clone(&self.shared);
+        let mut b = Builder::new(&mut self.out, Class::Error, method::ALLOCATE, p.tid);
+        b.error(code, reason(code));
+        sign(&mut b, &shared, &p.auth);
+        self.cache_response(p.client, p.tid, now);
+    }
+
+    fn refresh(&mut self, msg: &Message<'_>, existing: Option<AllocId>, now: Instant) -> Result<u32, u16> {
+        let Some(id) = existing else {
+            return Err(437);
+        };
+        if msg.get_u32(attr::LIFETIME) == Some(0) {
+            self.free(id);
+            return Ok(0);
+        }
+        let lifetime = self.lifetime(msg);
+        if let Some(Some(a)) = self.slots.get_mut(id.0 as usize) {
+            a.expires = now + Duration::from_secs(u64::from(lifetime));
+        }
+        Ok(lifetime)
+    }
+
+    /// Checks a peer from XOR-PEER-ADDRESS: the normalized address, or the error code.
+    fn check_peer(&mut self, msg: &Message<'_>, value: &[u8], a: AllocId) -> Result<SocketAddr, u16> {
+        let peer = msg.xor_address(value).ok_or(400u16)?;
+        let peer = SocketAddr::new(normalize(peer.ip()), peer.port());
+        let Some(alloc) = self.slot(a) else {
+            return Err(437);
+        };
+        if !alloc.family_ok(peer) {
+            return Err(443);
+        }
+        if self.shared.config.policy.check(peer).is_err() {
+            self.stats.peer_denied += 1;
+            return Err(403);
+        }
+        Ok(peer)
+    }
+
+    fn create_permission(&mut self, msg: &Message<'_>, existing: Option<AllocId>, now: Instant) -> Result<(), u16> {
+        let Some(id) = existing else {
+            return Err(437);
+        };
+        let mut peers = [None::<IpAddr>; 16];
+        let mut n = 0;
+        let values: Vec<&[u8]> = msg.get_all(attr::XOR_PEER_ADDRESS).collect();
+        if values.is_empty() || values.len() > peers.len() {
+            return Err(400);
+        }
+        for v in values {
+            match self.check_peer(msg, v, id) {
+                Ok(p) => {
+                    peers[n] = Some(p.ip());
+                    n += 1;
+                }
+                Err(code) => return Err(code),
+            }
+        }
+        let max = self.shared.config.max_permissions;
+        let Some(Some(a)) = self.slots.get_mut(id.0 as usize) else {
+            return Err(437);
+        };
+        let expires = now + PERMISSION_LIFETIME;
+        for ip in peers[..n].iter().flatten() {
+            if !install_permission(a, *ip, expires, now, max) {
+                return Err(508);
+            }
+        }
+        Ok(())
+    }
+
+    fn channel_bind(&mut self, msg: &Message<'_>, existing: Option<AllocId>, now: Instant) -> Result<(), u16> {
+        let Some(id) = existing else {
+            return Err(437);
+        };
+        let (Some(number), Some(peer)) = (msg.get(attr::CHANNEL_NUMBER), msg.get(attr::XOR_PEER_ADDRESS))
+        else {
+            return Err(400);
+        };
+        if number.len() != 4 {
+            return Err(400);
+        }
+        let number = u16::from_be_bytes([number[0], number[1]]);
+        if !(stun::CHANNEL_MIN..=stun::CHANNEL_MAX).contains(&number) {
+            return Err(400);
+        }
+        let peer = match self.check_peer(msg, peer, id) {
+            Ok(p) => p,
+            Err(code) => return Err(code),
+        };
+        let max = self.shared.config.max_permissions;
+        let Some(Some(a)) = self.slots.get_mut(id.0 as usize) else {
+            return Err(437);
+        };
+        // RFC 8656 §11.2: a channel stays tied to its peer, and a peer to its channel.
+        if a.channels.iter().any(|c| (c.number == number) != (c.peer == peer)) {
+            return Err(400);
+        }
+        let expires = now + CHANNEL_LIFETIME;
+        if let Some(c) = a.channels.iter_mut().find(|c| c.number == number) {
+            c.expires = expires;
+        } else {
+            if a.channels.len() >= max {
+                return Err(508);
+            }
+            a.channels.push(Channel { number, peer, expires });
+        }
+        if !install_permission(a, peer.ip(), now + PERMISSION_LIFETIME, now, max) {
+            return Err(508);
+        }
+        Ok(())
+    }
+
+    fn free(&mut self, id: AllocId) {
+        let Some(a) = self.slots.get_mut(id.0 as usize).and_then(Option::take) else {
+            return;
+        };
+        self.by_client.remove(&a.client);
+        self.shared.quotas.release(&a.user_id, &a.user);
+        self.free_slots.push(id.0);
+        self.events.push_back(Event::Freed(id));
+    }
+
+    /// Frees every allocation (shutdown after the drain grace time).
+    pub fn free_all(&mut self) {
+        for i in 0..self.slots.len() {
+            self.free(AllocId(i as u32));
+        }
+    }
+
+    /// When `handle_timeout` next has work; the caller may call it earlier.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.slots.iter().flatten().map(|a| a.expires).min()
+    }
+
+    /// Expires allocations, permissions, channels and cached responses.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for i in 0..self.slots.len() {
+            let expired = match &mut self.slots[i] {
+                None => false,
+                Some(a) if a.expires <= now => true,
+                Some(a) => {
+                    // Channels stay reserved for 5 minutes after they expire (RFC 8656 §12),
+                    // so a late packet cannot reach a new peer bound to the old number.
+                    a.permissions.retain(|(_, exp)| *exp > now);
+                    a.channels.retain(|c| c.expires + PERMISSION_LIFETIME > now);
+                    false
+                }
+            };
+            if expired {
+                self.free(AllocId(i as u32));
+            }
+        }
+        while let Some(k) = self.response_order.front() {
+            match self.responses.get(k) {
+                Some((t, _)) if now.saturating_duration_since(*t) < RESPONSE_CACHE_TTL => break,
+                _ => {
+                    if let Some(k) = self.response_order.pop_front() {
+                        self.responses.remove(&k);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// ADDRESS-ERROR-CODE (RFC 8656 §18.13) for a refused IPv6 additional family: 440.
+const ADDRESS_ERROR_V6: [u8; 32] = *b"\x02\x00\x04\x28Address Family not Supported";
+
+/// Adds SOFTWARE, the integrity the request used, and FINGERPRINT.
+fn sign(b: &mut Builder<'_>, shared: &Shared, auth: &Authenticated) {
+    if let Some(s) = &shared.config.software {
+        b.attr(attr::SOFTWARE, s.as_bytes());
+    }
+    if auth.sha256 {
+        b.integrity_sha256(auth.key.bytes());
+    } else {
+        b.integrity_sha1(auth.key.bytes());
+    }
+    b.fingerprint();
+}
+
+fn install_permission(a: &mut Allocation, ip: IpAddr, expires: Instant, now: Instant, max: usize) -> bool {
+    if let Some(p) = a.permissions.iter_mut().find(|(p, _)| *p == ip) {
+        p.1 = expires;
+        return true;
+    }
+    a.permissions.retain(|(_, exp)| *exp > now);
+    if a.permissions.len() >= max {
+        return false;
+    }
+    a.permissions.push((ip, expires));
+    true
+}
+
+#[cfg(test)]
+#[path = "scenarios.rs"]
+mod scenarios;
