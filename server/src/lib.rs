@@ -4,5 +4,13 @@
 //! - [`config`]: the TOML configuration and command-line flags.
 //! - [`io`]: the tokio layer: UDP listeners sharded over the cores, relay sockets, timers.
 //! - [`metrics`]: Prometheus metrics and the health endpoints.
+//! - [`app`]: start-up, signals and draining.
 
+pub mod app;
+pub mod config;
+mod error;
+pub mod io;
+pub mod metrics;
 pub mod proto;
+
+pub use error::Error;

@@ -394,13 +394,26 @@ mod tests {
     #[test]
     fn coturn_rest_api_vector() {
         // Computed independently: python3 hmac.new(b"north", b"1700000000:alice", sha1), base64.
-        assert_eq!(ephemeral_password("north", "1700000000:alice"), "Cd/49soE35ICqcJF/bCTn8Z4OyE=");
+        assert_eq!(
+            ephemeral_password("north", "1700000000:alice"),
+            "Cd/49soE35ICqcJF/bCTn8Z4OyE="
+        );
     }
 
     #[test]
     fn long_term_key_matches_rfc5769() {
-        let key = long_term_key("\u{30DE}\u{30C8}\u{30EA}\u{30C3}\u{30AF}\u{30B9}", "example.org", "TheMatrIX");
-        assert_eq!(key, [0xe8, 0xca, 0x7a, 0xd5, 0x9d, 0x5e, 0xb0, 0x51, 0x8e, 0x31, 0x29, 0x11, 0xd2, 0xda, 0xb2, 0xa9]);
+        let key = long_term_key(
+            "\u{30DE}\u{30C8}\u{30EA}\u{30C3}\u{30AF}\u{30B9}",
+            "example.org",
+            "TheMatrIX",
+        );
+        assert_eq!(
+            key,
+            [
+                0xe8, 0xca, 0x7a, 0xd5, 0x9d, 0x5e, 0xb0, 0x51, 0x8e, 0x31, 0x29, 0x11, 0xd2, 0xda,
+                0xb2, 0xa9
+            ]
+        );
     }
 
     #[test]
@@ -420,8 +433,14 @@ mod tests {
 
     #[test]
     fn ephemeral_usernames_parse() {
-        assert_eq!(parse_ephemeral("1700000000:alice"), Some((1_700_000_000, "alice")));
-        assert_eq!(parse_ephemeral("1700000000"), Some((1_700_000_000, "1700000000")));
+        assert_eq!(
+            parse_ephemeral("1700000000:alice"),
+            Some((1_700_000_000, "alice"))
+        );
+        assert_eq!(
+            parse_ephemeral("1700000000"),
+            Some((1_700_000_000, "1700000000"))
+        );
         assert_eq!(parse_ephemeral("alice"), None);
     }
 }

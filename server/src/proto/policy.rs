@@ -56,10 +56,7 @@ pub struct PeerPolicy {
 
 impl PeerPolicy {
     pub fn new(allow: Vec<IpNet>, deny: Vec<IpNet>) -> Self {
-        let defaults = DEFAULT_DENY
-            .iter()
-            .filter_map(|s| s.parse().ok())
-            .collect();
+        let defaults = DEFAULT_DENY.iter().filter_map(|s| s.parse().ok()).collect();
         PeerPolicy {
             allow,
             deny,
@@ -77,11 +74,9 @@ impl PeerPolicy {
     /// defaults; the relay's own listening ports are always refused.
     pub fn check(&self, peer: SocketAddr) -> Result<(), Denied> {
         let ip = normalize(peer.ip());
-        if self
-            .own_service
-            .iter()
-            .any(|s| s.port() == peer.port() && (normalize(s.ip()) == ip || s.ip().is_unspecified()))
-        {
+        if self.own_service.iter().any(|s| {
+            s.port() == peer.port() && (normalize(s.ip()) == ip || s.ip().is_unspecified())
+        }) {
             return Err(Denied::OwnService);
         }
         if self.deny.iter().any(|n| n.contains(&ip)) {
@@ -127,11 +122,29 @@ mod tests {
     fn internal_ranges_are_refused_by_default() {
         let p = PeerPolicy::new(vec![], vec![]);
         for peer in [
-            "127.0.0.1:1", "10.1.2.3:1", "172.16.0.1:1", "192.168.1.1:1", "100.64.0.1:1",
-            "169.254.169.254:80", "0.0.0.0:1", "224.0.0.1:1", "255.255.255.255:1",
-            "198.18.0.1:1", "240.0.0.1:1", "[::1]:1", "[::]:1", "[fc00::1]:1", "[fd00::1]:1",
-            "[fe80::1]:1", "[ff02::1]:1", "[64:ff9b::a00:1]:1", "[2001::1]:1", "[2002::1]:1",
-            "[::ffff:127.0.0.1]:1", "[::ffff:10.0.0.1]:1", "[::10.0.0.1]:1",
+            "127.0.0.1:1",
+            "10.1.2.3:1",
+            "172.16.0.1:1",
+            "192.168.1.1:1",
+            "100.64.0.1:1",
+            "169.254.169.254:80",
+            "0.0.0.0:1",
+            "224.0.0.1:1",
+            "255.255.255.255:1",
+            "198.18.0.1:1",
+            "240.0.0.1:1",
+            "[::1]:1",
+            "[::]:1",
+            "[fc00::1]:1",
+            "[fd00::1]:1",
+            "[fe80::1]:1",
+            "[ff02::1]:1",
+            "[64:ff9b::a00:1]:1",
+            "[2001::1]:1",
+            "[2002::1]:1",
+            "[::ffff:127.0.0.1]:1",
+            "[::ffff:10.0.0.1]:1",
+            "[::10.0.0.1]:1",
             "[::ffff:169.254.169.254]:80",
         ] {
             assert_eq!(p.check(sa(peer)), Err(Denied::Default), "{peer}");
@@ -145,7 +158,10 @@ mod tests {
     fn operator_rules_override_defaults_and_deny_wins() {
         let p = PeerPolicy::new(
             vec!["127.0.0.0/8".parse().expect("net")],
-            vec!["127.0.0.9/32".parse().expect("net"), "8.8.0.0/16".parse().expect("net")],
+            vec![
+                "127.0.0.9/32".parse().expect("net"),
+                "8.8.0.0/16".parse().expect("net"),
+            ],
         );
         assert_eq!(p.check(sa("127.0.0.1:5000")), Ok(()));
         assert_eq!(p.check(sa("[::ffff:127.0.0.1]:5000")), Ok(()));

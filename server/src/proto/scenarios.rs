@@ -31,7 +31,11 @@ fn config(quotas: Quotas, allow_loopback: bool) -> Arc<Shared> {
         vec![]
     };
     let cfg = CoreConfig {
-        credentials: Credentials::new(REALM, [("alice", "wonderland"), ("bob", "builder")], [SECRET.to_owned()]),
+        credentials: Credentials::new(
+            REALM,
+            [("alice", "wonderland"), ("bob", "builder")],
+            [SECRET.to_owned()],
+        ),
         policy: PeerPolicy::new(allow, vec![]),
         default_lifetime: 600,
         max_lifetime: 3600,
@@ -51,7 +55,10 @@ impl Harness {
 
     fn with(quotas: Quotas, allow_loopback: bool) -> Self {
         let now = Instant::now();
-        let clock = Clock { epoch: now, epoch_unix: EPOCH_UNIX };
+        let clock = Clock {
+            epoch: now,
+            epoch_unix: EPOCH_UNIX,
+        };
         Harness {
             core: Core::new(config(quotas, allow_loopback), clock, [1; 32]),
             now,
@@ -87,7 +94,10 @@ impl Harness {
 
 fn client(port: u16, username: &str, password: &str) -> Client {
     Client {
-        id: ClientId { listener: 0, addr: SocketAddr::new("127.0.0.1".parse().expect("ip"), port) },
+        id: ClientId {
+            listener: 0,
+            addr: SocketAddr::new("127.0.0.1".parse().expect("ip"), port),
+        },
         username: username.to_owned(),
         key: long_term_key(username, REALM, password).to_vec(),
         nonce: Vec::new(),
@@ -124,7 +134,12 @@ impl Client {
     }
 
     /// Like `call`, returning the request that got the reply too.
-    fn exchange(&mut self, h: &mut Harness, m: u16, extra: impl Fn(&mut Builder<'_>)) -> (Vec<u8>, Vec<u8>) {
+    fn exchange(
+        &mut self,
+        h: &mut Harness,
+        m: u16,
+        extra: impl Fn(&mut Builder<'_>),
+    ) -> (Vec<u8>, Vec<u8>) {
         let req = self.request(m, &extra);
         let reply = h.send(&req, self.id).expect("reply");
         if code(&reply) != Some(438) {
@@ -180,7 +195,13 @@ fn peer_attr(addr: SocketAddr) -> impl FnOnce(&mut Builder<'_>) {
 }
 
 fn relayed_alloc(h: &Harness) -> AllocId {
-    AllocId(h.core.slots.iter().position(Option::is_some).expect("one allocation") as u32)
+    AllocId(
+        h.core
+            .slots
+            .iter()
+            .position(Option::is_some)
+            .expect("one allocation") as u32,
+    )
 }
 
 #[test]
@@ -190,14 +211,28 @@ fn binding_answers_modern_and_classic_requests_without_credentials() {
     let mut buf = Vec::new();
     let mut tid = [3u8; 16];
     tid[..4].copy_from_slice(&stun::MAGIC_COOKIE.to_be_bytes());
-    Builder::new(&mut buf, Class::Request, method::BINDING, TransactionId(tid)).fingerprint();
+    Builder::new(
+        &mut buf,
+        Class::Request,
+        method::BINDING,
+        TransactionId(tid),
+    )
+    .fingerprint();
     let reply = h.send(&buf, c.id).expect("reply");
     let msg = Message::parse(&reply).expect("parses");
     assert_eq!(msg.class(), Class::Success);
-    assert_eq!(msg.xor_address(msg.get(attr::XOR_MAPPED_ADDRESS).expect("xma")), Some(c.id.addr));
+    assert_eq!(
+        msg.xor_address(msg.get(attr::XOR_MAPPED_ADDRESS).expect("xma")),
+        Some(c.id.addr)
+    );
 
-    Builder::new(&mut buf, Class::Request, method::BINDING, TransactionId([5; 16]))
-        .u32(attr::CHANGE_REQUEST, 0);
+    Builder::new(
+        &mut buf,
+        Class::Request,
+        method::BINDING,
+        TransactionId([5; 16]),
+    )
+    .u32(attr::CHANGE_REQUEST, 0);
     let reply = h.send(&buf, c.id).expect("classic reply");
     let msg = Message::parse(&reply).expect("parses");
     assert_eq!(msg.transaction_id(), TransactionId([5; 16]));
@@ -212,9 +247,14 @@ fn unknown_comprehension_required_attribute_gets_420() {
     let mut buf = Vec::new();
     let mut tid = [3u8; 16];
     tid[..4].copy_from_slice(&stun::MAGIC_COOKIE.to_be_bytes());
-    Builder::new(&mut buf, Class::Request, method::BINDING, TransactionId(tid))
-        .attr(0x0077, b"????")
-        .attr(0x8077, b"fine");
+    Builder::new(
+        &mut buf,
+        Class::Request,
+        method::BINDING,
+        TransactionId(tid),
+    )
+    .attr(0x0077, b"????")
+    .attr(0x8077, b"fine");
     let reply = h.send(&buf, c.id).expect("reply");
     assert_eq!(code(&reply), Some(420));
     let msg = Message::parse(&reply).expect("parses");
@@ -243,7 +283,11 @@ fn wrong_password_and_unknown_user_get_401_and_leave_no_state() {
     let mut c = client(40001, "mallory", "x");
     assert_eq!(code(&c.allocate(&mut h)), Some(401));
     assert_eq!(h.core.allocation_count(), 0);
-    assert_eq!(h.core.responses.len(), 0, "no per-client state before authentication");
+    assert_eq!(
+        h.core.responses.len(),
+        0,
+        "no per-client state before authentication"
+    );
     let stats = h.core.take_stats();
     assert_eq!(stats.auth_failures[7], 1, "bad password");
     assert_eq!(stats.auth_failures[5], 1, "unknown user");
@@ -313,23 +357,53 @@ fn allocate_checks_transport_and_families() {
     d.allocate(&mut h);
     let mut d = client(40002, "alice", "wonderland");
     let cases: [(&dyn Fn(&mut Builder<'_>), u16); 5] = [
-        (&|b| { b.u32(attr::REQUESTED_TRANSPORT, 6 << 24); }, 442),
+        (
+            &|b| {
+                b.u32(attr::REQUESTED_TRANSPORT, 6 << 24);
+            },
+            442,
+        ),
         (&|_| {}, 400),
-        (&|b| { b.u32(attr::REQUESTED_TRANSPORT, 17 << 24).u32(attr::REQUESTED_ADDRESS_FAMILY, 0x02 << 24); }, 440),
-        (&|b| { b.u32(attr::REQUESTED_TRANSPORT, 17 << 24).u32(attr::REQUESTED_ADDRESS_FAMILY, 0x01 << 24).u32(attr::ADDITIONAL_ADDRESS_FAMILY, 0x02 << 24); }, 400),
-        (&|b| { b.u32(attr::REQUESTED_TRANSPORT, 17 << 24).u32(attr::EVEN_PORT, 0).attr(attr::RESERVATION_TOKEN, &[1; 8]); }, 400),
+        (
+            &|b| {
+                b.u32(attr::REQUESTED_TRANSPORT, 17 << 24)
+                    .u32(attr::REQUESTED_ADDRESS_FAMILY, 0x02 << 24);
+            },
+            440,
+        ),
+        (
+            &|b| {
+                b.u32(attr::REQUESTED_TRANSPORT, 17 << 24)
+                    .u32(attr::REQUESTED_ADDRESS_FAMILY, 0x01 << 24)
+                    .u32(attr::ADDITIONAL_ADDRESS_FAMILY, 0x02 << 24);
+            },
+            400,
+        ),
+        (
+            &|b| {
+                b.u32(attr::REQUESTED_TRANSPORT, 17 << 24)
+                    .u32(attr::EVEN_PORT, 0)
+                    .attr(attr::RESERVATION_TOKEN, &[1; 8]);
+            },
+            400,
+        ),
     ];
     for (extra, want) in cases {
         assert_eq!(code(&d.call(&mut h, method::ALLOCATE, extra)), Some(want));
     }
     // Dual-stack asked of an IPv4-only relay: IPv4 granted, IPv6 refused in ADDRESS-ERROR-CODE.
     let req = d.request(method::ALLOCATE, |b| {
-        b.u32(attr::REQUESTED_TRANSPORT, 17 << 24).u32(attr::ADDITIONAL_ADDRESS_FAMILY, 0x02 << 24);
+        b.u32(attr::REQUESTED_TRANSPORT, 17 << 24)
+            .u32(attr::ADDITIONAL_ADDRESS_FAMILY, 0x02 << 24);
     });
     let reply = h.send(&req, d.id).expect("reply");
     assert_eq!(code(&reply), None);
     let msg = Message::parse(&reply).expect("parses");
-    assert_eq!(msg.get(attr::ADDRESS_ERROR_CODE).map(|v| (v[0], v[2], v[3])), Some((2, 4, 40)));
+    assert_eq!(
+        msg.get(attr::ADDRESS_ERROR_CODE)
+            .map(|v| (v[0], v[2], v[3])),
+        Some((2, 4, 40))
+    );
 }
 
 #[test]
@@ -337,18 +411,36 @@ fn denied_peers_get_403_and_are_counted() {
     let mut h = Harness::with(Quotas::default(), false);
     let mut c = client(40000, "alice", "wonderland");
     c.allocate(&mut h);
-    for peer in ["127.0.0.1:9", "10.0.0.1:9", "169.254.169.254:80", "[::ffff:192.168.0.1]:9"] {
-        let req = c.request(method::CREATE_PERMISSION, peer_attr(peer.parse().expect("a")));
-        assert_eq!(code(&h.send(&req, c.id).expect("reply")), Some(403), "{peer}");
+    for peer in [
+        "127.0.0.1:9",
+        "10.0.0.1:9",
+        "169.254.169.254:80",
+        "[::ffff:192.168.0.1]:9",
+    ] {
+        let req = c.request(
+            method::CREATE_PERMISSION,
+            peer_attr(peer.parse().expect("a")),
+        );
+        assert_eq!(
+            code(&h.send(&req, c.id).expect("reply")),
+            Some(403),
+            "{peer}"
+        );
     }
     let req = c.request(method::CHANNEL_BIND, |b| {
         b.u32(attr::CHANNEL_NUMBER, 0x4000 << 16)
             .xor_address(attr::XOR_PEER_ADDRESS, "127.0.0.1:9".parse().expect("a"));
     });
     assert_eq!(code(&h.send(&req, c.id).expect("reply")), Some(403));
-    let req = c.request(method::CREATE_PERMISSION, peer_attr("[2606:4700::1]:9".parse().expect("a")));
+    let req = c.request(
+        method::CREATE_PERMISSION,
+        peer_attr("[2606:4700::1]:9".parse().expect("a")),
+    );
     assert_eq!(code(&h.send(&req, c.id).expect("reply")), Some(443));
-    let req = c.request(method::CREATE_PERMISSION, peer_attr("8.8.8.8:53".parse().expect("a")));
+    let req = c.request(
+        method::CREATE_PERMISSION,
+        peer_attr("8.8.8.8:53".parse().expect("a")),
+    );
     assert_eq!(code(&h.send(&req, c.id).expect("reply")), None);
     assert_eq!(h.core.take_stats().peer_denied, 5);
 }
@@ -364,23 +456,35 @@ fn channels_relay_both_ways_and_data_indications_without_a_channel() {
     // Peer traffic without a permission is dropped.
     let mut buf = [0u8; 64];
     buf[4..9].copy_from_slice(b"hello");
-    assert_eq!(h.core.handle_peer(alloc, peer, &mut buf, 5, h.now), PeerAction::Drop);
+    assert_eq!(
+        h.core.handle_peer(alloc, peer, &mut buf, 5, h.now),
+        PeerAction::Drop
+    );
 
     let req = c.request(method::CHANNEL_BIND, |b| {
-        b.u32(attr::CHANNEL_NUMBER, 0x4001 << 16).xor_address(attr::XOR_PEER_ADDRESS, peer);
+        b.u32(attr::CHANNEL_NUMBER, 0x4001 << 16)
+            .xor_address(attr::XOR_PEER_ADDRESS, peer);
     });
     assert_eq!(code(&h.send(&req, c.id).expect("reply")), None);
 
     let data = [0x40, 0x01, 0, 3, b'a', b'b', b'c', 0];
     match h.core.handle_client(&data, c.id, h.now) {
-        ClientAction::Relay { alloc: a, peer: p, start, end } => {
+        ClientAction::Relay {
+            alloc: a,
+            peer: p,
+            start,
+            end,
+        } => {
             assert_eq!((a, p, &data[start..end]), (alloc, peer, &b"abc"[..]));
         }
         other => panic!("expected relay, got {other:?}"),
     }
     assert_eq!(
         h.core.handle_peer(alloc, peer, &mut buf, 5, h.now),
-        PeerAction::ChannelData { client: c.id, len: 5 }
+        PeerAction::ChannelData {
+            client: c.id,
+            len: 5
+        }
     );
     assert_eq!(&buf[..9], &[0x40, 0x01, 0, 5, b'h', b'e', b'l', b'l', b'o']);
 
@@ -391,17 +495,25 @@ fn channels_relay_both_ways_and_data_indications_without_a_channel() {
         PeerAction::DataIndication { client: c.id }
     );
     let ind = Message::parse(h.core.output()).expect("indication parses");
-    assert_eq!((ind.class(), ind.method()), (Class::Indication, method::DATA));
+    assert_eq!(
+        (ind.class(), ind.method()),
+        (Class::Indication, method::DATA)
+    );
     assert_eq!(ind.get(attr::DATA), Some(&b"hello"[..]));
-    assert_eq!(ind.xor_address(ind.get(attr::XOR_PEER_ADDRESS).expect("peer")), Some(other));
+    assert_eq!(
+        ind.xor_address(ind.get(attr::XOR_PEER_ADDRESS).expect("peer")),
+        Some(other)
+    );
 
     // Rebinding the channel to another peer is refused.
     let req = c.request(method::CHANNEL_BIND, |b| {
-        b.u32(attr::CHANNEL_NUMBER, 0x4001 << 16).xor_address(attr::XOR_PEER_ADDRESS, other);
+        b.u32(attr::CHANNEL_NUMBER, 0x4001 << 16)
+            .xor_address(attr::XOR_PEER_ADDRESS, other);
     });
     assert_eq!(code(&h.send(&req, c.id).expect("reply")), Some(400));
     let req = c.request(method::CHANNEL_BIND, |b| {
-        b.u32(attr::CHANNEL_NUMBER, 0x3FFF << 16).xor_address(attr::XOR_PEER_ADDRESS, other);
+        b.u32(attr::CHANNEL_NUMBER, 0x3FFF << 16)
+            .xor_address(attr::XOR_PEER_ADDRESS, other);
     });
     assert_eq!(code(&h.send(&req, c.id).expect("reply")), Some(400));
 }
@@ -423,21 +535,38 @@ fn send_indications_need_a_permission_and_permissions_expire() {
         buf
     };
     let ind = send(1);
-    assert!(matches!(h.core.handle_client(&ind, c.id, h.now), ClientAction::None));
+    assert!(matches!(
+        h.core.handle_client(&ind, c.id, h.now),
+        ClientAction::None
+    ));
     let req = c.request(method::CREATE_PERMISSION, peer_attr(peer));
     assert_eq!(code(&h.send(&req, c.id).expect("reply")), None);
     match h.core.handle_client(&ind, c.id, h.now) {
-        ClientAction::Relay { peer: p, start, end, .. } => {
+        ClientAction::Relay {
+            peer: p,
+            start,
+            end,
+            ..
+        } => {
             assert_eq!((p, &ind[start..end]), (peer, &b"payload"[..]));
         }
         other => panic!("expected relay, got {other:?}"),
     }
     h.advance(299);
-    assert!(matches!(h.core.handle_client(&ind, c.id, h.now), ClientAction::Relay { .. }));
+    assert!(matches!(
+        h.core.handle_client(&ind, c.id, h.now),
+        ClientAction::Relay { .. }
+    ));
     h.advance(2);
-    assert!(matches!(h.core.handle_client(&ind, c.id, h.now), ClientAction::None));
+    assert!(matches!(
+        h.core.handle_client(&ind, c.id, h.now),
+        ClientAction::None
+    ));
     let mut buf = [0u8; 16];
-    assert_eq!(h.core.handle_peer(alloc, peer, &mut buf, 4, h.now), PeerAction::Drop);
+    assert_eq!(
+        h.core.handle_peer(alloc, peer, &mut buf, 4, h.now),
+        PeerAction::Drop
+    );
 }
 
 #[test]
@@ -451,7 +580,10 @@ fn allocations_expire_and_refresh_zero_frees_consistently() {
     let reply = c.call(&mut h, method::REFRESH, |b| {
         b.u32(attr::LIFETIME, 100_000);
     });
-    assert_eq!(Message::parse(&reply).expect("p").get_u32(attr::LIFETIME), Some(3600));
+    assert_eq!(
+        Message::parse(&reply).expect("p").get_u32(attr::LIFETIME),
+        Some(3600)
+    );
     h.advance(3599);
     assert_eq!(h.core.allocation_count(), 1);
     let (bye, first) = c.exchange(&mut h, method::REFRESH, |b| {
@@ -484,34 +616,65 @@ fn another_username_on_the_same_five_tuple_gets_441() {
 #[test]
 fn quotas_refuse_with_486_and_508() {
     let mut h = Harness::with(
-        Quotas { total_allocations: Some(2), user_allocations: Some(1), ..Default::default() },
+        Quotas {
+            total_allocations: Some(2),
+            user_allocations: Some(1),
+            ..Default::default()
+        },
         true,
     );
-    assert_eq!(code(&client(40000, "alice", "wonderland").allocate(&mut h)), None);
-    assert_eq!(code(&client(40001, "alice", "wonderland").allocate(&mut h)), Some(486));
-    assert_eq!(code(&client(40002, "bob", "builder").allocate(&mut h)), None);
+    assert_eq!(
+        code(&client(40000, "alice", "wonderland").allocate(&mut h)),
+        None
+    );
+    assert_eq!(
+        code(&client(40001, "alice", "wonderland").allocate(&mut h)),
+        Some(486)
+    );
+    assert_eq!(
+        code(&client(40002, "bob", "builder").allocate(&mut h)),
+        None
+    );
     let u = ephemeral_username(EPOCH_UNIX + 60, Some("carol"));
-    assert_eq!(code(&client(40003, &u, &ephemeral_password(SECRET, &u)).allocate(&mut h)), Some(508));
+    assert_eq!(
+        code(&client(40003, &u, &ephemeral_password(SECRET, &u)).allocate(&mut h)),
+        Some(508)
+    );
 }
 
 #[test]
 fn bandwidth_quota_drops_excess_packets() {
-    let mut h = Harness::with(Quotas { allocation_bandwidth: Some(1000), ..Default::default() }, true);
+    let mut h = Harness::with(
+        Quotas {
+            allocation_bandwidth: Some(1000),
+            ..Default::default()
+        },
+        true,
+    );
     let mut c = client(40000, "alice", "wonderland");
     c.allocate(&mut h);
     let peer: SocketAddr = "127.0.0.1:7000".parse().expect("a");
     let req = c.request(method::CHANNEL_BIND, |b| {
-        b.u32(attr::CHANNEL_NUMBER, 0x4000 << 16).xor_address(attr::XOR_PEER_ADDRESS, peer);
+        b.u32(attr::CHANNEL_NUMBER, 0x4000 << 16)
+            .xor_address(attr::XOR_PEER_ADDRESS, peer);
     });
     h.send(&req, c.id);
     let mut data = vec![0x40, 0x00, 0x01, 0xf4];
     data.resize(4 + 500, 7);
     let relayed = (0..5)
-        .filter(|_| matches!(h.core.handle_client(&data, c.id, h.now), ClientAction::Relay { .. }))
+        .filter(|_| {
+            matches!(
+                h.core.handle_client(&data, c.id, h.now),
+                ClientAction::Relay { .. }
+            )
+        })
         .count();
     assert_eq!(relayed, 2);
     h.now += Duration::from_millis(500);
-    assert!(matches!(h.core.handle_client(&data, c.id, h.now), ClientAction::Relay { .. }));
+    assert!(matches!(
+        h.core.handle_client(&data, c.id, h.now),
+        ClientAction::Relay { .. }
+    ));
 }
 
 #[test]
@@ -524,7 +687,10 @@ fn sha256_integrity_with_userhash_and_password_algorithm() {
     Builder::new(&mut buf, Class::Request, method::ALLOCATE, TransactionId(t)).fingerprint();
     let challenge = h.send(&buf, c.id).expect("401");
     let msg = Message::parse(&challenge).expect("p");
-    assert_eq!(msg.get(attr::PASSWORD_ALGORITHMS), Some(&PASSWORD_ALGORITHMS[..]));
+    assert_eq!(
+        msg.get(attr::PASSWORD_ALGORITHMS),
+        Some(&PASSWORD_ALGORITHMS[..])
+    );
     let nonce = msg.get(attr::NONCE).expect("nonce").to_vec();
     assert!(nonce.starts_with(b"obMatJos2"));
     let key = crate::proto::auth::long_term_key_sha256("alice", REALM, "wonderland");
@@ -532,22 +698,34 @@ fn sha256_integrity_with_userhash_and_password_algorithm() {
         let mut buf = Vec::new();
         let mut tid = [t; 16];
         tid[..4].copy_from_slice(&stun::MAGIC_COOKIE.to_be_bytes());
-        Builder::new(&mut buf, Class::Request, method::ALLOCATE, TransactionId(tid))
-            .u32(attr::REQUESTED_TRANSPORT, 17 << 24)
-            .attr(attr::USERHASH, &userhash("alice", REALM))
-            .attr(attr::REALM, REALM.as_bytes())
-            .attr(attr::NONCE, &nonce)
-            .attr(attr::PASSWORD_ALGORITHMS, algos)
-            .u32(attr::PASSWORD_ALGORITHM, 0x0002_0000)
-            .integrity_sha256(&key)
-            .fingerprint();
+        Builder::new(
+            &mut buf,
+            Class::Request,
+            method::ALLOCATE,
+            TransactionId(tid),
+        )
+        .u32(attr::REQUESTED_TRANSPORT, 17 << 24)
+        .attr(attr::USERHASH, &userhash("alice", REALM))
+        .attr(attr::REALM, REALM.as_bytes())
+        .attr(attr::NONCE, &nonce)
+        .attr(attr::PASSWORD_ALGORITHMS, algos)
+        .u32(attr::PASSWORD_ALGORITHM, 0x0002_0000)
+        .integrity_sha256(&key)
+        .fingerprint();
         buf
     };
     // A bid-down (the offered list altered) is refused.
-    assert_eq!(code(&h.send(&request(&[0, 2, 0, 0], 9), c.id).expect("reply")), Some(400));
-    let reply = h.send(&request(&PASSWORD_ALGORITHMS, 10), c.id).expect("reply");
+    assert_eq!(
+        code(&h.send(&request(&[0, 2, 0, 0], 9), c.id).expect("reply")),
+        Some(400)
+    );
+    let reply = h
+        .send(&request(&PASSWORD_ALGORITHMS, 10), c.id)
+        .expect("reply");
     assert_eq!(code(&reply), None);
-    assert!(Message::parse(&reply).expect("p").check_integrity_sha256(&key));
+    assert!(Message::parse(&reply)
+        .expect("p")
+        .check_integrity_sha256(&key));
 }
 
 #[test]
@@ -557,7 +735,8 @@ fn malformed_datagrams_never_disturb_an_allocation() {
     c.allocate(&mut h);
     let peer: SocketAddr = "127.0.0.1:7000".parse().expect("a");
     let req = c.request(method::CHANNEL_BIND, |b| {
-        b.u32(attr::CHANNEL_NUMBER, 0x4000 << 16).xor_address(attr::XOR_PEER_ADDRESS, peer);
+        b.u32(attr::CHANNEL_NUMBER, 0x4000 << 16)
+            .xor_address(attr::XOR_PEER_ADDRESS, peer);
     });
     let good = h.send(&req, c.id).expect("reply");
     let mut rng = StdRng::from_seed([4; 32]);
@@ -573,8 +752,18 @@ fn malformed_datagrams_never_disturb_an_allocation() {
             junk[0] = 0x40 | (junk[0] & 0x0f);
         }
         let _ = h.core.handle_client(&junk, c.id, h.now);
-        let _ = h.core.handle_client(&junk, ClientId { listener: 0, addr: "127.0.0.1:1".parse().expect("a") }, h.now);
+        let _ = h.core.handle_client(
+            &junk,
+            ClientId {
+                listener: 0,
+                addr: "127.0.0.1:1".parse().expect("a"),
+            },
+            h.now,
+        );
     }
     let data = [0x40, 0x00, 0, 1, b'x'];
-    assert!(matches!(h.core.handle_client(&data, c.id, h.now), ClientAction::Relay { .. }));
+    assert!(matches!(
+        h.core.handle_client(&data, c.id, h.now),
+        ClientAction::Relay { .. }
+    ));
 }

@@ -119,9 +119,14 @@ pub enum PeerAction {
     Drop,
     /// A ChannelData header was written into the 4 bytes in front of the payload: send
     /// `buf[..4 + len]` to the client.
-    ChannelData { client: ClientId, len: usize },
+    ChannelData {
+        client: ClientId,
+        len: usize,
+    },
     /// Send `Core::output()` (a Data indication) to the client.
-    DataIndication { client: ClientId },
+    DataIndication {
+        client: ClientId,
+    },
 }
 
 /// Side effects the IO layer picks up with `Core::poll_event`.
@@ -185,8 +190,8 @@ pub const METHODS: [&str; 6] = [
     "other",
 ];
 pub const RESULTS: [&str; 14] = [
-    "success", "400", "401", "403", "420", "437", "438", "440", "441", "442", "443", "486",
-    "508", "other",
+    "success", "400", "401", "403", "420", "437", "438", "440", "441", "442", "443", "486", "508",
+    "other",
 ];
 
 fn method_index(m: u16) -> usize {
@@ -260,7 +265,9 @@ struct Allocation {
 
 impl Allocation {
     fn has_permission(&self, ip: IpAddr, now: Instant) -> bool {
-        self.permissions.iter().any(|(p, exp)| *p == ip && *exp > now)
+        self.permissions
+            .iter()
+            .any(|(p, exp)| *p == ip && *exp > now)
     }
 
     fn family_ok(&self, peer: SocketAddr) -> bool {
@@ -359,7 +366,9 @@ impl Core {
         };
         match msg.class() {
             Class::Request => self.request(&msg, client, now),
-            Class::Indication if msg.method() == method::SEND => self.send_indication(&msg, client, now),
+            Class::Indication if msg.method() == method::SEND => {
+                self.send_indication(&msg, client, now)
+            }
             Class::Indication | Class::Success | Class::Error => {
                 self.stats.dropped_packets += 1;
                 ClientAction::None
@@ -368,7 +377,12 @@ impl Core {
     }
 
     #[inline]
-    fn client_channel_data(&mut self, packet: &[u8], client: ClientId, now: Instant) -> ClientAction {
+    fn client_channel_data(
+        &mut self,
+        packet: &[u8],
+        client: ClientId,
+        now: Instant,
+    ) -> ClientAction {
         let Some((number, len)) = channel_data_header(packet) else {
             self.stats.malformed += 1;
             return ClientAction::None;
@@ -381,7 +395,11 @@ impl Core {
         let Some(Some(a)) = self.slots.get_mut(id.0 as usize) else {
             return ClientAction::None;
         };
-        let Some(ch) = a.channels.iter().find(|c| c.number == number && c.expires > now) else {
+        let Some(ch) = a
+            .channels
+            .iter()
+            .find(|c| c.number == number && c.expires > now)
+        else {
             self.stats.dropped_packets += 1;
             return ClientAction::None;
         };
@@ -405,19 +423,28 @@ impl Core {
         a.bucket.as_mut().is_none_or(|b| b.allow(now_ms, len)) && a.user.allow(now_ms, len)
     }
 
-    fn send_indication(&mut self, msg: &Message<'_>, client: ClientId, now: Instant) -> ClientAction {
+    fn send_indication(
+        &mut self,
+        msg: &Message<'_>,
+        client: ClientId,
+        now: Instant,
+    ) -> ClientAction {
         let Some(&id) = self.by_client.get(&client) else {
             self.stats.dropped_packets += 1;
             return ClientAction::None;
         };
         let (Some(peer), Some(data)) = (
-            msg.get(attr::XOR_PEER_ADDRESS).and_then(|v| msg.xor_address(v)),
+            msg.get(attr::XOR_PEER_ADDRESS)
+                .and_then(|v| msg.xor_address(v)),
             msg.get(attr::DATA),
         ) else {
             self.stats.malformed += 1;
             return ClientAction::None;
         };
-        if msg.attribute_types().any(|t| t < 0x8000 && !attr::is_known_required(t)) {
+        if msg
+            .attribute_types()
+            .any(|t| t < 0x8000 && !attr::is_known_required(t))
+        {
             self.stats.dropped_packets += 1;
             return ClientAction::None;
         }
@@ -472,7 +499,11 @@ impl Core {
         self.stats.relayed_packets[1] += 1;
         self.stats.relayed_bytes[1] += len as u64;
         let client = a.client;
-        if let Some(ch) = a.channels.iter().find(|c| c.peer == peer && c.expires > now) {
+        if let Some(ch) = a
+            .channels
+            .iter()
+            .find(|c| c.peer == peer && c.expires > now)
+        {
             if len > usize::from(u16::MAX) || buf.len() < 4 + len {
                 return PeerAction::Drop;
             }
@@ -483,9 +514,14 @@ impl Core {
         let mut tid = [0u8; 16];
         tid[..4].copy_from_slice(&stun::MAGIC_COOKIE.to_be_bytes());
         self.rng.fill_bytes(&mut tid[4..]);
-        Builder::new(&mut self.out, Class::Indication, method::DATA, TransactionId(tid))
-            .xor_address(attr::XOR_PEER_ADDRESS, peer)
-            .attr(attr::DATA, &buf[4..4 + len]);
+        Builder::new(
+            &mut self.out,
+            Class::Indication,
+            method::DATA,
+            TransactionId(tid),
+        )
+        .xor_address(attr::XOR_PEER_ADDRESS, peer)
+        .attr(attr::DATA, &buf[4..4 + len]);
         PeerAction::DataIndication { client }
     }
 
@@ -562,7 +598,12 @@ impl Core {
             return None;
         }
         let software = self.shared.config.software.clone();
-        let mut b = Builder::new(&mut self.out, Class::Error, msg.method(), msg.transaction_id());
+        let mut b = Builder::new(
+            &mut self.out,
+            Class::Error,
+            msg.method(),
+            msg.transaction_id(),
+        );
         b.error(420, reason(420)).unknown_attributes(&unknown[..n]);
         if let Some(s) = &software {
             b.attr(attr::SOFTWARE, s.as_bytes());
@@ -591,7 +632,13 @@ impl Core {
         ClientAction::Reply
     }
 
-    fn auth_failure(&mut self, msg: &Message<'_>, client: ClientId, e: AuthError, unix: u64) -> ClientAction {
+    fn auth_failure(
+        &mut self,
+        msg: &Message<'_>,
+        client: ClientId,
+        e: AuthError,
+        unix: u64,
+    ) -> ClientAction {
         let code = e.code();
         self.count(msg.method(), code);
         if let Some(i) = AuthError::ALL.iter().position(|x| *x == e) {
@@ -600,7 +647,12 @@ impl Core {
         let mut nonce = [0u8; 37];
         let nonce = self.shared.nonces.issue(client.addr, unix, &mut nonce);
         let shared = &self.shared;
-        let mut b = Builder::new(&mut self.out, Class::Error, msg.method(), msg.transaction_id());
+        let mut b = Builder::new(
+            &mut self.out,
+            Class::Error,
+            msg.method(),
+            msg.transaction_id(),
+        );
         b.error(code, reason(code));
         if code != 400 {
             b.attr(attr::REALM, shared.config.credentials.realm().as_bytes())
@@ -615,7 +667,12 @@ impl Core {
     }
 
     fn error_unsigned(&mut self, msg: &Message<'_>, code: u16) {
-        let mut b = Builder::new(&mut self.out, Class::Error, msg.method(), msg.transaction_id());
+        let mut b = Builder::new(
+            &mut self.out,
+            Class::Error,
+            msg.method(),
+            msg.transaction_id(),
+        );
         b.error(code, reason(code));
         if !msg.transaction_id().is_classic() {
             b.fingerprint();
@@ -634,7 +691,11 @@ impl Core {
     ) -> ClientAction {
         let code = result.err().unwrap_or(0);
         self.count(msg.method(), code);
-        let class = if code == 0 { Class::Success } else { Class::Error };
+        let class = if code == 0 {
+            Class::Success
+        } else {
+            Class::Error
+        };
         let shared = Arc::clone(&self.shared);
         let mut b = Builder::new(&mut self.out, class, msg.method(), msg.transaction_id());
         match result {
@@ -657,7 +718,8 @@ impl Core {
                 self.responses.remove(&k);
             }
         }
-        self.responses.insert((client, tid), (now, self.out.clone()));
+        self.responses
+            .insert((client, tid), (now, self.out.clone()));
         self.response_order.push_back((client, tid));
     }
 
@@ -724,10 +786,14 @@ impl Core {
             Some(v) => v.first().is_some_and(|b| b & 0x80 != 0),
         };
         let lifetime = self.lifetime(msg);
-        let user = self.shared.quotas.acquire(&auth.user_id).map_err(|e| match e {
-            QuotaError::User => 486u16,
-            QuotaError::Total => 508,
-        })?;
+        let user = self
+            .shared
+            .quotas
+            .acquire(&auth.user_id)
+            .map_err(|e| match e {
+                QuotaError::User => 486u16,
+                QuotaError::Total => 508,
+            })?;
         let new_token = reserve_next.then(|| {
             let mut t = [0u8; 8];
             self.rng.fill_bytes(&mut t);
@@ -760,7 +826,12 @@ impl Core {
 
     /// Finishes an Allocate once the IO layer has bound the relay sockets; the success
     /// response is in `output()`.
-    pub fn complete_allocate(&mut self, p: Box<PendingAllocate>, relayed: RelayAddrs, now: Instant) -> AllocId {
+    pub fn complete_allocate(
+        &mut self,
+        p: Box<PendingAllocate>,
+        relayed: RelayAddrs,
+        now: Instant,
+    ) -> AllocId {
         let id = match self.free_slots.pop() {
             Some(i) => AllocId(i),
             None => {
@@ -816,7 +887,12 @@ impl Core {
         self.cache_response(p.client, p.tid, now);
     }
 
-    fn refresh(&mut self, msg: &Message<'_>, existing: Option<AllocId>, now: Instant) -> Result<u32, u16> {
+    fn refresh(
+        &mut self,
+        msg: &Message<'_>,
+        existing: Option<AllocId>,
+        now: Instant,
+    ) -> Result<u32, u16> {
         let Some(id) = existing else {
             return Err(437);
         };
@@ -832,7 +908,12 @@ impl Core {
     }
 
     /// Checks a peer from XOR-PEER-ADDRESS: the normalized address, or the error code.
-    fn check_peer(&mut self, msg: &Message<'_>, value: &[u8], a: AllocId) -> Result<SocketAddr, u16> {
+    fn check_peer(
+        &mut self,
+        msg: &Message<'_>,
+        value: &[u8],
+        a: AllocId,
+    ) -> Result<SocketAddr, u16> {
         let peer = msg.xor_address(value).ok_or(400u16)?;
         let peer = SocketAddr::new(normalize(peer.ip()), peer.port());
         let Some(alloc) = self.slot(a) else {
@@ -848,7 +929,12 @@ impl Core {
         Ok(peer)
     }
 
-    fn create_permission(&mut self, msg: &Message<'_>, existing: Option<AllocId>, now: Instant) -> Result<(), u16> {
+    fn create_permission(
+        &mut self,
+        msg: &Message<'_>,
+        existing: Option<AllocId>,
+        now: Instant,
+    ) -> Result<(), u16> {
         let Some(id) = existing else {
             return Err(437);
         };
@@ -880,12 +966,19 @@ impl Core {
         Ok(())
     }
 
-    fn channel_bind(&mut self, msg: &Message<'_>, existing: Option<AllocId>, now: Instant) -> Result<(), u16> {
+    fn channel_bind(
+        &mut self,
+        msg: &Message<'_>,
+        existing: Option<AllocId>,
+        now: Instant,
+    ) -> Result<(), u16> {
         let Some(id) = existing else {
             return Err(437);
         };
-        let (Some(number), Some(peer)) = (msg.get(attr::CHANNEL_NUMBER), msg.get(attr::XOR_PEER_ADDRESS))
-        else {
+        let (Some(number), Some(peer)) = (
+            msg.get(attr::CHANNEL_NUMBER),
+            msg.get(attr::XOR_PEER_ADDRESS),
+        ) else {
             return Err(400);
         };
         if number.len() != 4 {
@@ -904,7 +997,10 @@ impl Core {
             return Err(437);
         };
         // RFC 8656 §11.2: a channel stays tied to its peer, and a peer to its channel.
-        if a.channels.iter().any(|c| (c.number == number) != (c.peer == peer)) {
+        if a.channels
+            .iter()
+            .any(|c| (c.number == number) != (c.peer == peer))
+        {
             return Err(400);
         }
         let expires = now + CHANNEL_LIFETIME;
@@ -914,7 +1010,11 @@ impl Core {
             if a.channels.len() >= max {
                 return Err(508);
             }
-            a.channels.push(Channel { number, peer, expires });
+            a.channels.push(Channel {
+                number,
+                peer,
+                expires,
+            });
         }
         if !install_permission(a, peer.ip(), now + PERMISSION_LIFETIME, now, max) {
             return Err(508);
@@ -991,7 +1091,13 @@ fn sign(b: &mut Builder<'_>, shared: &Shared, auth: &Authenticated) {
     b.fingerprint();
 }
 
-fn install_permission(a: &mut Allocation, ip: IpAddr, expires: Instant, now: Instant, max: usize) -> bool {
+fn install_permission(
+    a: &mut Allocation,
+    ip: IpAddr,
+    expires: Instant,
+    now: Instant,
+    max: usize,
+) -> bool {
     if let Some(p) = a.permissions.iter_mut().find(|(p, _)| *p == ip) {
         p.1 = expires;
         return true;

@@ -227,7 +227,11 @@ impl<'a> Message<'a> {
             class,
             method,
             tid: TransactionId(tid),
-            attrs: [AttrRef { ty: 0, start: 0, len: 0 }; MAX_ATTRS],
+            attrs: [AttrRef {
+                ty: 0,
+                start: 0,
+                len: 0,
+            }; MAX_ATTRS],
             n_attrs: 0,
             integrity: None,
             integrity_sha256: None,
@@ -479,7 +483,10 @@ impl<'b> Builder<'b> {
         for (i, t) in types.iter().take(MAX_ATTRS).enumerate() {
             v[2 * i..2 * i + 2].copy_from_slice(&t.to_be_bytes());
         }
-        self.attr(attr::UNKNOWN_ATTRIBUTES, &v[..2 * types.len().min(MAX_ATTRS)])
+        self.attr(
+            attr::UNKNOWN_ATTRIBUTES,
+            &v[..2 * types.len().min(MAX_ATTRS)],
+        )
     }
 
     pub fn integrity_sha1(&mut self, key: &[u8]) -> &mut Self {
@@ -557,13 +564,15 @@ fn encode_address(addr: SocketAddr, tid: Option<&TransactionId>) -> [u8; 20] {
     v
 }
 
-/// ChannelData (RFC 8656 §12.4): channel numbers 0x4000-0x4FFF; first two bits 01.
+/// ChannelData (RFC 8656 §12.4): first two bits 01.
 pub fn is_channel_data(buf: &[u8]) -> bool {
     !buf.is_empty() && buf[0] & 0xC0 == 0x40
 }
 
 pub const CHANNEL_MIN: u16 = 0x4000;
-pub const CHANNEL_MAX: u16 = 0x4FFF;
+/// RFC 8656 narrowed channels to 0x4000-0x4FFF, but RFC 5766 clients (coturn's among them)
+/// still pick numbers up to 0x7FFF, which cannot be mistaken for STUN or DTLS either.
+pub const CHANNEL_MAX: u16 = 0x7FFF;
 
 /// Splits a ChannelData datagram into channel number and payload length; None when malformed.
 /// UDP datagrams may carry up to three bytes of padding after the payload.
@@ -621,7 +630,10 @@ mod tests {
             8c 74 89 f9 2a f9 ba 53 f0 6b e7 d7 80 28 00 04 c0 7d 4c 96");
         let msg = Message::parse(&raw).expect("parses");
         let v = msg.get(attr::XOR_MAPPED_ADDRESS).expect("xor-mapped");
-        assert_eq!(msg.xor_address(v), Some("192.0.2.1:32853".parse().expect("addr")));
+        assert_eq!(
+            msg.xor_address(v),
+            Some("192.0.2.1:32853".parse().expect("addr"))
+        );
         assert!(msg.check_integrity_sha1(b"VOkJxbRl1RmTxUk/WvJxBt"));
     }
 
@@ -637,7 +649,11 @@ mod tests {
         let v = msg.get(attr::XOR_MAPPED_ADDRESS).expect("xor-mapped");
         assert_eq!(
             msg.xor_address(v),
-            Some("[2001:db8:1234:5678:11:2233:4455:6677]:32853".parse().expect("addr"))
+            Some(
+                "[2001:db8:1234:5678:11:2233:4455:6677]:32853"
+                    .parse()
+                    .expect("addr")
+            )
         );
         assert!(msg.check_integrity_sha1(b"VOkJxbRl1RmTxUk/WvJxBt"));
     }
@@ -709,9 +725,17 @@ mod tests {
         let mut buf = Vec::new();
         let mut tid = [0u8; 16];
         tid[..4].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
-        Builder::new(&mut buf, Class::Success, method::BINDING, TransactionId(tid))
-            .xor_address(attr::XOR_MAPPED_ADDRESS, "198.51.100.7:5000".parse().expect("a"))
-            .fingerprint();
+        Builder::new(
+            &mut buf,
+            Class::Success,
+            method::BINDING,
+            TransactionId(tid),
+        )
+        .xor_address(
+            attr::XOR_MAPPED_ADDRESS,
+            "198.51.100.7:5000".parse().expect("a"),
+        )
+        .fingerprint();
         let mut back = StunMessage::new();
         back.unmarshal_binary(&buf).expect("stun crate decodes");
         let mut xor = stun::xoraddr::XorMappedAddress::default();
@@ -731,7 +755,10 @@ mod tests {
         assert_eq!(Message::parse(&bad).err(), Some(ParseError::BadLength));
         let mut flipped = raw.clone();
         flipped[30] ^= 1;
-        assert_eq!(Message::parse(&flipped).err(), Some(ParseError::BadFingerprint));
+        assert_eq!(
+            Message::parse(&flipped).err(),
+            Some(ParseError::BadFingerprint)
+        );
         assert_eq!(Message::parse(&[0x80; 20]).err(), Some(ParseError::NotStun));
     }
 
@@ -746,9 +773,13 @@ mod tests {
 
     #[test]
     fn channel_data_bounds() {
-        assert_eq!(channel_data_header(&[0x40, 0x00, 0, 2, 9, 9]), Some((0x4000, 2)));
+        assert_eq!(
+            channel_data_header(&[0x40, 0x00, 0, 2, 9, 9]),
+            Some((0x4000, 2))
+        );
         assert_eq!(channel_data_header(&[0x40, 0x00, 0, 3, 9, 9]), None);
-        assert_eq!(channel_data_header(&[0x50, 0x00, 0, 0]), None);
+        assert_eq!(channel_data_header(&[0x7f, 0xff, 0, 0]), Some((0x7fff, 0)));
+        assert_eq!(channel_data_header(&[0x80, 0x00, 0, 0]), None);
         assert_eq!(channel_data_header(&[0x40]), None);
     }
 }

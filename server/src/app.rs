@@ -1,0 +1,196 @@
+//! Start-up and shutdown: settings to sockets, shards and the metrics endpoint; SIGTERM drains.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rand::RngCore;
+
+use crate::config::{LogFormat, Settings};
+use crate::io::{self, ShardSetup};
+use crate::metrics::{self, Metrics};
+use crate::proto::auth::{ephemeral_password, ephemeral_username, Credentials};
+use crate::proto::policy::PeerPolicy;
+use crate::proto::quota::QuotaState;
+use crate::proto::{CoreConfig, Shared};
+use crate::Error;
+
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TURNPIKE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Runs the relay until SIGTERM or SIGINT, then drains.
+pub fn run(settings: Settings) -> Result<(), Error> {
+    let shards = match settings.threads {
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        n => n,
+    };
+    let plan = io::relay_plan(&settings);
+    let listeners = io::bind_listeners(&settings.listen, shards, settings.socket_buffer_bytes)?;
+    let bound: Vec<_> = listeners
+        .iter()
+        .filter_map(|g| g[0].local_addr().ok())
+        .collect();
+
+    let mut policy = PeerPolicy::new(settings.allow_peer.clone(), settings.deny_peer.clone());
+    policy.set_service_addresses(bound.clone());
+    let credentials = Credentials::new(
+        &settings.realm,
+        settings
+            .users
+            .iter()
+            .map(|(u, p)| (u.as_str(), p.0.as_str())),
+        settings.secrets.iter().map(|s| s.0.clone()),
+    );
+    let config = CoreConfig {
+        credentials,
+        policy,
+        default_lifetime: settings.default_lifetime,
+        max_lifetime: settings.max_lifetime,
+        nonce_lifetime: settings.nonce_lifetime_secs,
+        max_permissions: settings.max_permissions,
+        relay_v4: plan.v4.is_some(),
+        relay_v6: plan.v6.is_some(),
+        software: settings.software.clone(),
+    };
+    let mut nonce_key = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut nonce_key);
+    let shared = Arc::new(Shared::new(
+        config,
+        QuotaState::new(settings.quotas.clone()),
+        nonce_key,
+    ));
+    let metrics = Arc::new(Metrics::new());
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let metrics_listener = match settings.metrics_listen {
+        Some(addr) => Some(rt.block_on(metrics::bind(addr))?),
+        None => None,
+    };
+
+    tracing::info!(config = %settings.source, shards, realm = %settings.realm, "turnpike {} starting", env!("CARGO_PKG_VERSION"));
+    for addr in &bound {
+        tracing::info!("listening on udp://{addr}");
+    }
+    if let Some((bind, public)) = plan.v4 {
+        tracing::info!(%bind, advertised = %public, ports = ?plan.ports, "relaying IPv4");
+    }
+    if let Some((bind, public)) = plan.v6 {
+        tracing::info!(%bind, advertised = %public, ports = ?plan.ports, "relaying IPv6");
+    }
+    if let Some(l) = &metrics_listener {
+        if let Ok(a) = l.local_addr() {
+            tracing::info!("metrics on http://{a}/metrics");
+        }
+    }
+    if settings.generated_secret {
+        print_credential(&settings, &bound);
+    }
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let reservations = io::new_reservations();
+    let mut per_shard: Vec<Vec<_>> = (0..shards).map(|_| Vec::new()).collect();
+    for group in listeners {
+        for (i, s) in group.into_iter().enumerate() {
+            per_shard[i].push(s);
+        }
+    }
+    let mut threads = Vec::new();
+    for (i, sockets) in per_shard.into_iter().enumerate() {
+        let setup = ShardSetup {
+            shared: Arc::clone(&shared),
+            sockets,
+            plan: plan.clone(),
+            reservations: Arc::clone(&reservations),
+            metrics: Arc::clone(&metrics),
+        };
+        let stop = stop_rx.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("turnpike-shard-{i}"))
+                .spawn(move || {
+                    if let Err(e) = io::run_shard(setup, stop) {
+                        tracing::error!(error = %e, "shard stopped");
+                    }
+                })?,
+        );
+    }
+
+    let grace = Duration::from_secs(settings.drain_grace_secs);
+    rt.block_on(async {
+        if let Some(l) = metrics_listener {
+            tokio::spawn(metrics::serve(l, Arc::clone(&metrics), Arc::clone(&shared)));
+        }
+        wait_for_signal().await;
+        shared.start_draining();
+        let active = shared.quotas.active();
+        tracing::info!(
+            active,
+            grace_secs = grace.as_secs(),
+            "draining: new allocations refused"
+        );
+        let deadline = Instant::now() + grace;
+        let mut poll = tokio::time::interval(Duration::from_millis(200));
+        while shared.quotas.active() > 0 && Instant::now() < deadline {
+            tokio::select! {
+                _ = poll.tick() => {}
+                _ = wait_for_signal() => break,
+            }
+        }
+        tracing::info!(active = shared.quotas.active(), "stopping");
+    });
+    let _ = stop_tx.send(true);
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// With no credentials configured, prints a ready-to-use one minted from the generated secret
+/// (on stdout, not in the log; the secret itself is never shown).
+fn print_credential(settings: &Settings, bound: &[std::net::SocketAddr]) {
+    let Some(secret) = settings.secrets.first() else {
+        return;
+    };
+    let expiry = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        + 86_400;
+    let username = ephemeral_username(expiry, Some("turnpike"));
+    let password = ephemeral_password(&secret.0, &username);
+    let port = bound.first().map(|a| a.port()).unwrap_or(3478);
+    println!("No credentials configured: generated a shared secret for this run.");
+    println!("Credential valid for 24 hours:");
+    println!("  url:      turn:<this host>:{port}?transport=udp");
+    println!("  username: {username}");
+    println!("  password: {password}");
+    println!("  realm:    {}", settings.realm);
+}

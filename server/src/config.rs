@@ -1,0 +1,655 @@
+//! Configuration: a TOML file with every key documented (see `config/turnpike.example.toml`),
+//! command-line flags for the common keys, and the embedded default used when neither names a
+//! file. Errors name the file, the key and the reason.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::Error;
+
+/// The embedded default: UDP 3478 on every interface, peer policy on, and (since it names no
+/// credentials) a random shared secret generated at start.
+pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
+
+/// Command-line flags. Flags override the file; repeatable flags add to the file's lists.
+#[derive(Debug, Parser, Default)]
+#[command(name = "turnpike", version, about = "TURN/STUN relay", long_about = None)]
+pub struct Cli {
+    /// TOML configuration file; without it the embedded default is used.
+    #[arg(long, short = 'c', value_name = "FILE", env = "TURNPIKE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Listener, `udp://IP:PORT` (repeatable; port 0 binds an ephemeral port).
+    #[arg(long, value_name = "URL")]
+    pub listen: Vec<String>,
+    /// Realm of the long-term credentials.
+    #[arg(long, short = 'r')]
+    pub realm: Option<String>,
+    /// Static user `NAME:PASSWORD` (repeatable).
+    #[arg(long = "user", short = 'u', value_name = "NAME:PASSWORD")]
+    pub users: Vec<String>,
+    /// Shared secret for ephemeral credentials (repeatable, to rotate).
+    #[arg(
+        long = "auth-secret",
+        alias = "static-auth-secret",
+        value_name = "SECRET",
+        env = "TURNPIKE_AUTH_SECRET",
+        value_delimiter = ','
+    )]
+    pub auth_secrets: Vec<String>,
+    /// Address relay sockets bind to (repeatable: one IPv4, one IPv6).
+    #[arg(long = "relay-ip", value_name = "IP")]
+    pub relay_ips: Vec<IpAddr>,
+    /// Address advertised to clients, `PUBLIC` or `PUBLIC/PRIVATE` as coturn takes it (repeatable).
+    #[arg(long = "external-ip", value_name = "IP[/IP]")]
+    pub external_ips: Vec<String>,
+    /// Relay port range `MIN-MAX`.
+    #[arg(long = "relay-ports", value_name = "MIN-MAX")]
+    pub relay_ports: Option<String>,
+    /// Allow relaying to this network, even if the defaults refuse it (repeatable).
+    #[arg(long = "allow-peer", value_name = "CIDR")]
+    pub allow_peer: Vec<String>,
+    /// Refuse relaying to this network (repeatable).
+    #[arg(long = "deny-peer", value_name = "CIDR")]
+    pub deny_peer: Vec<String>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, `IP:PORT`.
+    #[arg(long = "metrics-listen", value_name = "IP:PORT")]
+    pub metrics_listen: Option<String>,
+    /// Log format: `text` or `json`.
+    #[arg(long = "log-format", value_name = "FORMAT")]
+    pub log_format: Option<String>,
+    /// Most allocations per user (coturn: user-quota).
+    #[arg(long = "user-quota", value_name = "N")]
+    pub user_quota: Option<u32>,
+    /// Most allocations on this relay (coturn: total-quota).
+    #[arg(long = "total-quota", value_name = "N")]
+    pub total_quota: Option<u32>,
+    /// Bytes per second per allocation (coturn: max-bps).
+    #[arg(long = "max-bps", value_name = "BYTES")]
+    pub max_bps: Option<u64>,
+    /// Longest allocation lifetime granted, seconds (coturn: max-allocate-lifetime).
+    #[arg(long = "max-allocate-lifetime", value_name = "SECS")]
+    pub max_lifetime: Option<u32>,
+    /// Worker threads (0: one per core).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Seconds existing allocations are served after SIGTERM.
+    #[arg(long = "drain-grace", value_name = "SECS")]
+    pub drain_grace: Option<u64>,
+    /// Check the configuration, print it (secrets hidden) and exit.
+    #[arg(long = "check-config")]
+    pub check_config: bool,
+}
+
+/// The configuration file. Every key is documented in `config/turnpike.example.toml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default = "default_realm")]
+    pub realm: String,
+    #[serde(default)]
+    pub listen: Vec<String>,
+    #[serde(default)]
+    pub relay_ips: Vec<IpAddr>,
+    #[serde(default)]
+    pub external_ips: Vec<String>,
+    #[serde(default = "default_relay_ports")]
+    pub relay_ports: String,
+    #[serde(default)]
+    pub threads: usize,
+    #[serde(default = "default_software")]
+    pub software: String,
+    #[serde(default = "default_log_format")]
+    pub log_format: String,
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
+    #[serde(default = "default_drain_grace")]
+    pub drain_grace_secs: u64,
+    #[serde(default = "default_socket_buffer")]
+    pub socket_buffer_bytes: usize,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub allocation: AllocationConfig,
+    #[serde(default)]
+    pub peer: PeerConfig,
+    #[serde(default)]
+    pub quota: QuotaConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+    #[serde(default)]
+    pub secrets: Vec<String>,
+    #[serde(default = "default_nonce_lifetime")]
+    pub nonce_lifetime_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            users: Vec::new(),
+            secrets: Vec::new(),
+            nonce_lifetime_secs: default_nonce_lifetime(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for UserConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:<redacted>", self.name)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllocationConfig {
+    #[serde(default = "default_lifetime")]
+    pub default_lifetime_secs: u32,
+    #[serde(default = "default_max_lifetime")]
+    pub max_lifetime_secs: u32,
+    #[serde(default = "default_max_permissions")]
+    pub max_permissions: usize,
+}
+
+impl Default for AllocationConfig {
+    fn default() -> Self {
+        AllocationConfig {
+            default_lifetime_secs: default_lifetime(),
+            max_lifetime_secs: default_max_lifetime(),
+            max_permissions: default_max_permissions(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    #[serde(default)]
+    pub allow: Vec<String>,
+    #[serde(default)]
+    pub deny: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaConfig {
+    #[serde(default)]
+    pub total_allocations: u32,
+    #[serde(default)]
+    pub user_allocations: u32,
+    #[serde(default)]
+    pub allocation_bytes_per_sec: u64,
+    #[serde(default)]
+    pub user_bytes_per_sec: u64,
+}
+
+fn default_realm() -> String {
+    "turnpike".into()
+}
+fn default_relay_ports() -> String {
+    "49152-65535".into()
+}
+fn default_software() -> String {
+    concat!("turnpike/", env!("CARGO_PKG_VERSION")).into()
+}
+fn default_log_format() -> String {
+    "text".into()
+}
+fn default_drain_grace() -> u64 {
+    30
+}
+fn default_socket_buffer() -> usize {
+    4 << 20
+}
+fn default_nonce_lifetime() -> u64 {
+    600
+}
+fn default_lifetime() -> u32 {
+    600
+}
+fn default_max_lifetime() -> u32 {
+    3600
+}
+fn default_max_permissions() -> usize {
+    64
+}
+
+/// A password or shared secret: its `Debug` never shows it, so it cannot reach a log.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A validated configuration, ready to run.
+#[derive(Debug)]
+pub struct Settings {
+    pub realm: String,
+    pub listen: Vec<SocketAddr>,
+    pub relay_ips: Vec<IpAddr>,
+    /// (advertised, bound) pairs.
+    pub external_ips: Vec<(IpAddr, Option<IpAddr>)>,
+    pub relay_ports: (u16, u16),
+    pub threads: usize,
+    pub software: Option<String>,
+    pub log_format: LogFormat,
+    pub metrics_listen: Option<SocketAddr>,
+    pub drain_grace_secs: u64,
+    pub socket_buffer_bytes: usize,
+    pub users: Vec<(String, Secret)>,
+    pub secrets: Vec<Secret>,
+    pub nonce_lifetime_secs: u64,
+    pub default_lifetime: u32,
+    pub max_lifetime: u32,
+    pub max_permissions: usize,
+    pub allow_peer: Vec<IpNet>,
+    pub deny_peer: Vec<IpNet>,
+    pub quotas: crate::proto::quota::Quotas,
+    /// No credentials were configured, so a random secret was generated.
+    pub generated_secret: bool,
+    pub source: String,
+}
+
+impl FileConfig {
+    /// Parses TOML; errors name the key path.
+    pub fn from_toml(source: &str, text: &str) -> Result<Self, Error> {
+        let de = toml::de::Deserializer::parse(text).map_err(|e| Error::Config {
+            file: source.to_owned(),
+            key: String::new(),
+            reason: e.message().trim().to_owned() + &line_of(text, e.span()),
+        })?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            Error::Config {
+                file: source.to_owned(),
+                key: if key == "." { String::new() } else { key },
+                reason: inner.message().trim().to_owned() + &line_of(text, inner.span()),
+            }
+        })
+    }
+}
+
+fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(s) => format!(
+            " (line {})",
+            text[..s.start.min(text.len())].lines().count().max(1)
+        ),
+        None => String::new(),
+    }
+}
+
+impl Settings {
+    /// Reads the file the flags name (or the embedded default) and applies the flags.
+    pub fn load(cli: &Cli) -> Result<Self, Error> {
+        let (source, text) = match &cli.config {
+            Some(p) => (p.display().to_string(), read(p)?),
+            None => ("<embedded default>".to_owned(), DEFAULT_TOML.to_owned()),
+        };
+        let file = FileConfig::from_toml(&source, &text)?;
+        Self::resolve(file, cli, source)
+    }
+
+    fn resolve(f: FileConfig, cli: &Cli, source: String) -> Result<Self, Error> {
+        let file_err = |key: &str, reason: String| Error::Config {
+            file: source.clone(),
+            key: key.to_owned(),
+            reason,
+        };
+        let flag_err = |flag: &str, reason: String| Error::Config {
+            file: "command line".to_owned(),
+            key: flag.to_owned(),
+            reason,
+        };
+        let listen = if cli.listen.is_empty() {
+            parse_all(&f.listen, parse_listen).map_err(|e| file_err("listen", e))?
+        } else {
+            parse_all(&cli.listen, parse_listen).map_err(|e| flag_err("--listen", e))?
+        };
+        if listen.is_empty() {
+            return Err(file_err("listen", "no listener configured".into()));
+        }
+        let relay_ips = if cli.relay_ips.is_empty() {
+            f.relay_ips
+        } else {
+            cli.relay_ips.clone()
+        };
+        let external_ips = if cli.external_ips.is_empty() {
+            parse_all(&f.external_ips, parse_external).map_err(|e| file_err("external_ips", e))?
+        } else {
+            parse_all(&cli.external_ips, parse_external)
+                .map_err(|e| flag_err("--external-ip", e))?
+        };
+        let relay_ports = match &cli.relay_ports {
+            Some(r) => parse_ports(r).map_err(|e| flag_err("--relay-ports", e))?,
+            None => parse_ports(&f.relay_ports).map_err(|e| file_err("relay_ports", e))?,
+        };
+        let log_format = match cli.log_format.as_deref() {
+            Some(l) => parse_log_format(l).map_err(|e| flag_err("--log-format", e))?,
+            None => parse_log_format(&f.log_format).map_err(|e| file_err("log_format", e))?,
+        };
+        let metrics_listen = match &cli.metrics_listen {
+            Some(m) => Some(
+                m.parse()
+                    .map_err(|e| flag_err("--metrics-listen", format!("{e}: {m:?}")))?,
+            ),
+            None => match &f.metrics_listen {
+                Some(m) if !m.is_empty() => Some(
+                    m.parse()
+                        .map_err(|e| file_err("metrics_listen", format!("{e}: {m:?}")))?,
+                ),
+                _ => None,
+            },
+        };
+        let mut users = Vec::new();
+        for (i, u) in f.auth.users.iter().enumerate() {
+            if u.name.is_empty() {
+                return Err(file_err(
+                    &format!("auth.users[{i}].name"),
+                    "empty user name".into(),
+                ));
+            }
+            users.push((u.name.clone(), Secret(u.password.clone())));
+        }
+        for u in &cli.users {
+            let Some((n, p)) = u.split_once(':') else {
+                return Err(flag_err("--user", "expected NAME:PASSWORD".into()));
+            };
+            users.push((n.to_owned(), Secret(p.to_owned())));
+        }
+        if f.auth.secrets.iter().any(String::is_empty) {
+            return Err(file_err("auth.secrets", "empty secret".into()));
+        }
+        let mut secrets: Vec<Secret> = f.auth.secrets.into_iter().map(Secret).collect();
+        secrets.extend(
+            cli.auth_secrets
+                .iter()
+                .filter(|s| !s.is_empty())
+                .cloned()
+                .map(Secret),
+        );
+        let generated_secret = users.is_empty() && secrets.is_empty();
+        if generated_secret {
+            let mut s = [0u8; 24];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut s);
+            secrets.push(Secret(s.iter().map(|b| format!("{b:02x}")).collect()));
+        }
+        let mut allow_peer =
+            parse_all(&f.peer.allow, parse_net).map_err(|e| file_err("peer.allow", e))?;
+        allow_peer.extend(
+            parse_all(&cli.allow_peer, parse_net).map_err(|e| flag_err("--allow-peer", e))?,
+        );
+        let mut deny_peer =
+            parse_all(&f.peer.deny, parse_net).map_err(|e| file_err("peer.deny", e))?;
+        deny_peer
+            .extend(parse_all(&cli.deny_peer, parse_net).map_err(|e| flag_err("--deny-peer", e))?);
+        let nonzero32 = |v: u32| (v != 0).then_some(v);
+        let nonzero64 = |v: u64| (v != 0).then_some(v);
+        let quotas = crate::proto::quota::Quotas {
+            total_allocations: cli
+                .total_quota
+                .or(nonzero32(f.quota.total_allocations))
+                .and_then(nonzero32),
+            user_allocations: cli
+                .user_quota
+                .or(nonzero32(f.quota.user_allocations))
+                .and_then(nonzero32),
+            allocation_bandwidth: cli
+                .max_bps
+                .or(nonzero64(f.quota.allocation_bytes_per_sec))
+                .and_then(nonzero64),
+            user_bandwidth: nonzero64(f.quota.user_bytes_per_sec),
+        };
+        let max_lifetime = cli.max_lifetime.unwrap_or(f.allocation.max_lifetime_secs);
+        if f.allocation.default_lifetime_secs == 0 {
+            return Err(file_err(
+                "allocation.default_lifetime_secs",
+                "must be above 0".into(),
+            ));
+        }
+        if max_lifetime < f.allocation.default_lifetime_secs {
+            return Err(file_err(
+                "allocation.max_lifetime_secs",
+                format!(
+                    "{max_lifetime} is below default_lifetime_secs {}",
+                    f.allocation.default_lifetime_secs
+                ),
+            ));
+        }
+        if f.allocation.max_permissions == 0 {
+            return Err(file_err(
+                "allocation.max_permissions",
+                "must be above 0".into(),
+            ));
+        }
+        Ok(Settings {
+            realm: cli.realm.clone().unwrap_or(f.realm),
+            listen,
+            relay_ips,
+            external_ips,
+            relay_ports,
+            threads: cli.threads.unwrap_or(f.threads),
+            software: (!f.software.is_empty()).then_some(f.software),
+            log_format,
+            metrics_listen,
+            drain_grace_secs: cli.drain_grace.unwrap_or(f.drain_grace_secs),
+            socket_buffer_bytes: f.socket_buffer_bytes,
+            users,
+            secrets,
+            nonce_lifetime_secs: f.auth.nonce_lifetime_secs,
+            default_lifetime: f.allocation.default_lifetime_secs,
+            max_lifetime,
+            max_permissions: f.allocation.max_permissions,
+            allow_peer,
+            deny_peer,
+            quotas,
+            generated_secret,
+            source,
+        })
+    }
+}
+
+fn read(p: &Path) -> Result<String, Error> {
+    std::fs::read_to_string(p).map_err(|e| Error::Config {
+        file: p.display().to_string(),
+        key: String::new(),
+        reason: format!("cannot read: {e}"),
+    })
+}
+
+fn parse_all<T>(items: &[String], f: impl Fn(&str) -> Result<T, String>) -> Result<Vec<T>, String> {
+    items.iter().map(|s| f(s)).collect()
+}
+
+/// `udp://IP:PORT`.
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    let Some((scheme, addr)) = s.split_once("://") else {
+        return Err(format!("{s:?}: expected udp://IP:PORT"));
+    };
+    match scheme {
+        "udp" => addr.parse().map_err(|e| format!("{s:?}: {e}")),
+        other => Err(format!(
+            "{s:?}: unsupported transport {other:?} (supported: udp)"
+        )),
+    }
+}
+
+fn parse_external(s: &str) -> Result<(IpAddr, Option<IpAddr>), String> {
+    let (public, private) = match s.split_once('/') {
+        Some((a, b)) => (a, Some(b)),
+        None => (s, None),
+    };
+    let public = public.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    let private = private
+        .map(|p| p.parse().map_err(|e| format!("{s:?}: {e}")))
+        .transpose()?;
+    Ok((public, private))
+}
+
+fn parse_ports(s: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("{s:?}: expected MIN-MAX, 1024 <= MIN <= MAX <= 65535");
+    let (a, b) = s.split_once('-').ok_or_else(bad)?;
+    let (a, b): (u16, u16) = (
+        a.trim().parse().map_err(|_| bad())?,
+        b.trim().parse().map_err(|_| bad())?,
+    );
+    if a < 1024 || a > b {
+        return Err(bad());
+    }
+    Ok((a, b))
+}
+
+fn parse_net(s: &str) -> Result<IpNet, String> {
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("{s:?}: not a CIDR (e.g. 203.0.113.0/24) or an IP address"))
+}
+
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    match s {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        other => Err(format!("{other:?}: expected text or json")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Settings, Error> {
+        let f = FileConfig::from_toml("test.toml", text)?;
+        Settings::resolve(f, &Cli::default(), "test.toml".into())
+    }
+
+    #[test]
+    fn shipped_configs_parse() {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../config");
+        let mut n = 0;
+        for entry in std::fs::read_dir(root).expect("config dir") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let text = std::fs::read_to_string(&path).expect("read");
+                load(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 2, "default and example configs");
+    }
+
+    #[test]
+    fn embedded_default_is_safe() {
+        let s = load(DEFAULT_TOML).expect("default parses");
+        assert_eq!(
+            s.listen,
+            vec!["0.0.0.0:3478".parse::<SocketAddr>().expect("a")]
+        );
+        assert!(s.allow_peer.is_empty());
+        assert!(s.generated_secret);
+        assert_eq!(s.secrets.len(), 1);
+        assert_eq!(s.secrets[0].0.len(), 48);
+        assert_eq!(
+            format!("{s:?}").matches(&s.secrets[0].0).count(),
+            0,
+            "secret hidden"
+        );
+    }
+
+    #[test]
+    fn errors_name_file_key_and_reason() {
+        let e = load(
+            "realm = \"x\"\nlisten = [\"udp://127.0.0.1:0\"]\n[peer]\nallow = [\"10.0.0.0/33\"]\n",
+        )
+        .expect_err("bad cidr")
+        .to_string();
+        assert!(
+            e.contains("test.toml") && e.contains("peer.allow") && e.contains("10.0.0.0/33"),
+            "{e}"
+        );
+        let e = load("listen = [\"udp://127.0.0.1:0\"]\n[quota]\ntotal = 3\n")
+            .expect_err("unknown")
+            .to_string();
+        assert!(
+            e.contains("test.toml") && e.contains("quota") && e.contains("unknown field `total`"),
+            "{e}"
+        );
+        let e = load("listen = [\"udp://127.0.0.1:0\"]\nthreads = \"many\"\n")
+            .expect_err("type")
+            .to_string();
+        assert!(e.contains("threads") && e.contains("line 2"), "{e}");
+        let e = load("listen = [\"tcp://127.0.0.1:0\"]\n")
+            .expect_err("scheme")
+            .to_string();
+        assert!(
+            e.contains("listen") && e.contains("unsupported transport"),
+            "{e}"
+        );
+        let e = load("listen = [\"udp://127.0.0.1:0\"]\nrelay_ports = \"70000-2\"\n")
+            .expect_err("ports")
+            .to_string();
+        assert!(e.contains("relay_ports"), "{e}");
+    }
+
+    #[test]
+    fn flags_override_and_extend_the_file() {
+        let f = FileConfig::from_toml(
+            "t",
+            "listen = [\"udp://0.0.0.0:3478\"]\n[auth]\nsecrets = [\"a\"]\n",
+        )
+        .expect("parse");
+        let cli = Cli::parse_from([
+            "turnpike",
+            "--listen",
+            "udp://127.0.0.1:0",
+            "--auth-secret",
+            "b",
+            "--allow-peer",
+            "127.0.0.0/8",
+            "--user",
+            "alice:pw",
+            "--user-quota",
+            "3",
+        ]);
+        let s = Settings::resolve(f, &cli, "t".into()).expect("resolve");
+        assert_eq!(
+            s.listen,
+            vec!["127.0.0.1:0".parse::<SocketAddr>().expect("a")]
+        );
+        assert_eq!(s.secrets, vec![Secret("a".into()), Secret("b".into())]);
+        assert_eq!(s.users, vec![("alice".to_owned(), Secret("pw".into()))]);
+        assert_eq!(s.quotas.user_allocations, Some(3));
+        assert!(!s.generated_secret);
+        let e = Settings::resolve(
+            FileConfig::from_toml("t", "").expect("parse"),
+            &Cli::parse_from(["turnpike", "--listen", "udp://nowhere"]),
+            "t".into(),
+        )
+        .expect_err("bad flag")
+        .to_string();
+        assert!(e.contains("--listen"), "{e}");
+    }
+}

@@ -1,0 +1,535 @@
+//! The tokio layer: binds sockets, runs one shard per core and carries out what the core says.
+//!
+//! Each shard is a thread with its own current-thread runtime, its own `Core`, and one socket
+//! per listener bound with SO_REUSEPORT, so the kernel spreads clients over the shards by
+//! 4-tuple hash and a shard owns every allocation made through its sockets. Nothing on the
+//! packet path takes a lock or allocates: the shard's sockets and core live in `Rc`/`RefCell`,
+//! datagrams are read into one shard-wide buffer at an offset of four bytes so a ChannelData
+//! header can be written in front without a copy, and sends are non-blocking (a full socket
+//! buffer drops the datagram, as a router would).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket as StdUdpSocket};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rand::{Rng, RngCore};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::UdpSocket;
+use tokio::task::JoinHandle;
+
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::proto::{
+    AllocId, ClientAction, ClientId, Clock, Core, Event, PeerAction, PendingAllocate, RelayAddrs,
+    Shared,
+};
+use crate::Error;
+
+/// Largest UDP payload plus the ChannelData header room.
+const BUF_LEN: usize = 4 + 65_536;
+/// Datagrams one socket handles before yielding, so a busy socket cannot starve the others.
+const BUDGET: usize = 64;
+/// How long a port reserved by EVEN-PORT's R bit is held (RFC 8656 §7.2: about 30 s).
+const RESERVATION_TTL: Duration = Duration::from_secs(30);
+const RELAY_SOCKET_BUFFER: usize = 1 << 20;
+const TICK: Duration = Duration::from_millis(500);
+
+/// Where relay sockets bind and what clients are told.
+#[derive(Debug, Clone)]
+pub struct RelayPlan {
+    pub v4: Option<(IpAddr, IpAddr)>,
+    pub v6: Option<(IpAddr, IpAddr)>,
+    pub ports: (u16, u16),
+}
+
+/// (bound, advertised) for each family, from the settings.
+pub fn relay_plan(s: &Settings) -> RelayPlan {
+    let mut bind_v4 = s.relay_ips.iter().copied().find(IpAddr::is_ipv4);
+    let mut bind_v6 = s.relay_ips.iter().copied().find(IpAddr::is_ipv6);
+    if s.relay_ips.is_empty() {
+        for l in &s.listen {
+            match l.ip() {
+                ip if ip.is_unspecified() => {}
+                ip @ IpAddr::V4(_) => bind_v4 = bind_v4.or(Some(ip)),
+                ip @ IpAddr::V6(_) => bind_v6 = bind_v6.or(Some(ip)),
+            }
+        }
+        if bind_v4.is_none() && bind_v6.is_none() {
+            bind_v4 = Some(default_route_ip().unwrap_or_else(|| {
+                tracing::warn!("no relay address found; relaying on 127.0.0.1, set relay_ips");
+                IpAddr::V4(Ipv4Addr::LOCALHOST)
+            }));
+        }
+    }
+    let advertise = |bind: IpAddr| {
+        s.external_ips
+            .iter()
+            .find(|(public, private)| match private {
+                Some(p) => *p == bind,
+                None => public.is_ipv4() == bind.is_ipv4(),
+            })
+            .map(|(public, _)| *public)
+            .unwrap_or(bind)
+    };
+    RelayPlan {
+        v4: bind_v4.map(|b| (b, advertise(b))),
+        v6: bind_v6.map(|b| (b, advertise(b))),
+        ports: s.relay_ports,
+    }
+}
+
+/// The source address the kernel would use for the default route. `connect` on a UDP socket
+/// only looks up a route: no datagram is sent.
+fn default_route_ip() -> Option<IpAddr> {
+    let s = StdUdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("192.0.2.1:9").ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_unspecified()).then_some(ip)
+}
+
+fn set_buffers(sock: &Socket, bytes: usize) {
+    // SO_RCVBUFFORCE passes net.core.rmem_max when the relay runs with CAP_NET_ADMIN.
+    let fd = std::os::fd::AsRawFd::as_raw_fd(sock);
+    let v = bytes as libc::c_int;
+    for (opt, fallback) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        // SAFETY: fd is a valid socket for the lifetime of `sock`; the option value is a c_int.
+        let forced = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if forced != 0 {
+            // SAFETY: as above.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    fallback,
+                    (&v as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+        }
+    }
+}
+
+fn udp_socket(addr: SocketAddr, reuse_port: bool, buffer: usize) -> std::io::Result<StdUdpSocket> {
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    if reuse_port {
+        sock.set_reuse_port(true)?;
+    }
+    set_buffers(&sock, buffer);
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    Ok(sock.into())
+}
+
+/// Listener sockets: `[listener][shard]`, all shards of a listener bound to the same address.
+pub fn bind_listeners(
+    listen: &[SocketAddr],
+    shards: usize,
+    buffer: usize,
+) -> Result<Vec<Vec<StdUdpSocket>>, Error> {
+    let mut out = Vec::new();
+    for addr in listen {
+        let first = udp_socket(*addr, true, buffer).map_err(|source| Error::Bind {
+            what: "udp listener",
+            addr: *addr,
+            source,
+        })?;
+        let bound = first.local_addr()?;
+        let mut group = vec![first];
+        for _ in 1..shards {
+            group.push(
+                udp_socket(bound, true, buffer).map_err(|source| Error::Bind {
+                    what: "udp listener",
+                    addr: bound,
+                    source,
+                })?,
+            );
+        }
+        out.push(group);
+    }
+    Ok(out)
+}
+
+/// Sockets held for EVEN-PORT reservations, shared by the shards because the second Allocate
+/// usually comes from another client port, which may hash to another shard.
+type Reservations = Arc<Mutex<HashMap<[u8; 8], (StdUdpSocket, Instant)>>>;
+
+struct RelaySlot {
+    v4: Option<Rc<UdpSocket>>,
+    v6: Option<Rc<UdpSocket>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for RelaySlot {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+struct Shard {
+    core: RefCell<Core>,
+    listeners: Vec<Rc<UdpSocket>>,
+    relays: RefCell<Vec<Option<RelaySlot>>>,
+    buf: RefCell<Box<[u8]>>,
+    plan: RelayPlan,
+    reservations: Reservations,
+    metrics: Arc<Metrics>,
+}
+
+/// Everything a shard thread needs.
+pub struct ShardSetup {
+    pub shared: Arc<Shared>,
+    pub sockets: Vec<StdUdpSocket>,
+    pub plan: RelayPlan,
+    pub reservations: Reservations,
+    pub metrics: Arc<Metrics>,
+}
+
+pub fn new_reservations() -> Reservations {
+    Arc::new(Mutex::new(HashMap::new()))
+}
+
+/// Runs one shard on the calling thread until `stop` resolves.
+pub fn run_shard(setup: ShardSetup, stop: tokio::sync::watch::Receiver<bool>) -> Result<(), Error> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let now = Instant::now();
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut seed = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut seed);
+        let listeners = setup
+            .sockets
+            .into_iter()
+            .map(|s| UdpSocket::from_std(s).map(Rc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let shard = Rc::new(Shard {
+            core: RefCell::new(Core::new(
+                setup.shared,
+                Clock {
+                    epoch: now,
+                    epoch_unix: unix,
+                },
+                seed,
+            )),
+            listeners,
+            relays: RefCell::new(Vec::new()),
+            buf: RefCell::new(vec![0u8; BUF_LEN].into_boxed_slice()),
+            plan: setup.plan,
+            reservations: setup.reservations,
+            metrics: setup.metrics,
+        });
+        for i in 0..shard.listeners.len() {
+            tokio::task::spawn_local(listener_loop(Rc::clone(&shard), i));
+        }
+        let mut stop = stop;
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => shard.tick(),
+                _ = stop.changed() => break,
+            }
+        }
+        shard.core.borrow_mut().free_all();
+        shard.process_events();
+        shard.tick();
+        Ok(())
+    })
+}
+
+async fn listener_loop(shard: Rc<Shard>, index: usize) {
+    let sock = Rc::clone(&shard.listeners[index]);
+    loop {
+        if sock.readable().await.is_err() {
+            return;
+        }
+        for _ in 0..BUDGET {
+            let mut buf = shard.buf.borrow_mut();
+            let (n, from) = match sock.try_recv_from(&mut buf[4..]) {
+                Ok(r) => r,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                // ICMP errors surface on later reads of a UDP socket; they concern one peer.
+                Err(_) => continue,
+            };
+            let client = ClientId {
+                listener: index as u32,
+                addr: from,
+            };
+            let action =
+                shard
+                    .core
+                    .borrow_mut()
+                    .handle_client(&buf[4..4 + n], client, Instant::now());
+            match action {
+                ClientAction::None => {}
+                ClientAction::Reply => {
+                    let _ = sock.try_send_to(shard.core.borrow().output(), from);
+                }
+                ClientAction::Relay {
+                    alloc,
+                    peer,
+                    start,
+                    end,
+                } => {
+                    shard.send_to_peer(alloc, peer, &buf[4 + start..4 + end]);
+                }
+                ClientAction::Allocate(pending) => {
+                    drop(buf);
+                    shard.allocate(pending);
+                    let _ = sock.try_send_to(shard.core.borrow().output(), from);
+                }
+            }
+        }
+        shard.process_events();
+        tokio::task::yield_now().await;
+    }
+}
+
+async fn relay_loop(shard: Rc<Shard>, alloc: AllocId, sock: Rc<UdpSocket>) {
+    loop {
+        if sock.readable().await.is_err() {
+            return;
+        }
+        for _ in 0..BUDGET {
+            let mut buf = shard.buf.borrow_mut();
+            let (n, peer) = match sock.try_recv_from(&mut buf[4..]) {
+                Ok(r) => r,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => continue,
+            };
+            let action =
+                shard
+                    .core
+                    .borrow_mut()
+                    .handle_peer(alloc, peer, &mut buf, n, Instant::now());
+            match action {
+                PeerAction::Drop => {}
+                PeerAction::ChannelData { client, len } => {
+                    if let Some(l) = shard.listeners.get(client.listener as usize) {
+                        let _ = l.try_send_to(&buf[..4 + len], client.addr);
+                    }
+                }
+                PeerAction::DataIndication { client } => {
+                    if let Some(l) = shard.listeners.get(client.listener as usize) {
+                        let _ = l.try_send_to(shard.core.borrow().output(), client.addr);
+                    }
+                }
+            }
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+impl Shard {
+    #[inline]
+    fn send_to_peer(&self, alloc: AllocId, peer: SocketAddr, payload: &[u8]) {
+        let relays = self.relays.borrow();
+        let Some(Some(slot)) = relays.get(alloc.0 as usize) else {
+            return;
+        };
+        let sock = if peer.is_ipv4() { &slot.v4 } else { &slot.v6 };
+        if let Some(s) = sock {
+            let _ = s.try_send_to(payload, peer);
+        }
+    }
+
+    fn tick(&self) {
+        let mut core = self.core.borrow_mut();
+        core.handle_timeout(Instant::now());
+        let stats = core.take_stats();
+        drop(core);
+        self.metrics.record(&stats);
+        self.process_events();
+        let now = Instant::now();
+        if let Ok(mut r) = self.reservations.lock() {
+            r.retain(|_, (_, exp)| *exp > now);
+        }
+    }
+
+    fn process_events(&self) {
+        loop {
+            let event = self.core.borrow_mut().poll_event();
+            match event {
+                None => return,
+                Some(Event::Freed(id)) => {
+                    if let Some(slot) = self.relays.borrow_mut().get_mut(id.0 as usize) {
+                        *slot = None;
+                    }
+                    tracing::debug!(alloc = id.0, "allocation freed");
+                }
+            }
+        }
+    }
+
+    /// Binds the relay sockets a pending Allocate asks for and completes it.
+    fn allocate(self: &Rc<Self>, p: Box<PendingAllocate>) {
+        let now = Instant::now();
+        let bound = self.bind_relay(&p);
+        let (v4, v6, reserved) = match bound {
+            Ok(b) => b,
+            Err(code) => {
+                tracing::warn!(code, "allocation failed: no relay port");
+                self.core.borrow_mut().fail_allocate(p, code, now);
+                return;
+            }
+        };
+        let advertised = |s: &Option<StdUdpSocket>, fam: &Option<(IpAddr, IpAddr)>| {
+            let port = s.as_ref()?.local_addr().ok()?.port();
+            Some(SocketAddr::new(fam.as_ref()?.1, port))
+        };
+        let relayed = RelayAddrs {
+            v4: advertised(&v4, &self.plan.v4),
+            v6: advertised(&v6, &self.plan.v6),
+        };
+        if let (Some(token), Some(sock)) = (p.new_token, reserved) {
+            if let Ok(mut r) = self.reservations.lock() {
+                r.insert(token, (sock, now + RESERVATION_TTL));
+            }
+        }
+        let dont_fragment = p.dont_fragment;
+        let id = self.core.borrow_mut().complete_allocate(p, relayed, now);
+        let register = |s: Option<StdUdpSocket>| -> Option<Rc<UdpSocket>> {
+            let s = s?;
+            if dont_fragment {
+                set_dont_fragment(&s);
+            }
+            UdpSocket::from_std(s).ok().map(Rc::new)
+        };
+        let mut slot = RelaySlot {
+            v4: register(v4),
+            v6: register(v6),
+            tasks: Vec::new(),
+        };
+        for s in [&slot.v4, &slot.v6].into_iter().flatten() {
+            slot.tasks.push(tokio::task::spawn_local(relay_loop(
+                Rc::clone(self),
+                id,
+                Rc::clone(s),
+            )));
+        }
+        let mut relays = self.relays.borrow_mut();
+        if relays.len() <= id.0 as usize {
+            relays.resize_with(id.0 as usize + 1, || None);
+        }
+        relays[id.0 as usize] = Some(slot);
+        tracing::debug!(alloc = id.0, ?relayed, "allocation created");
+    }
+
+    /// Sockets for (v4, v6, reserved next port), or the error code to answer.
+    #[allow(clippy::type_complexity)]
+    fn bind_relay(
+        &self,
+        p: &PendingAllocate,
+    ) -> Result<
+        (
+            Option<StdUdpSocket>,
+            Option<StdUdpSocket>,
+            Option<StdUdpSocket>,
+        ),
+        u16,
+    > {
+        if let Some(token) = p.use_token {
+            let taken = self
+                .reservations
+                .lock()
+                .ok()
+                .and_then(|mut r| r.remove(&token));
+            return match taken {
+                Some((s, _)) if s.local_addr().is_ok_and(|a| a.is_ipv4()) => {
+                    Ok((Some(s), None, None))
+                }
+                Some((s, _)) => Ok((None, Some(s), None)),
+                None => Err(508),
+            };
+        }
+        let (lo, hi) = self.plan.ports;
+        let mut rng = rand::thread_rng();
+        let mut family = |fam: &Option<(IpAddr, IpAddr)>,
+                          want: bool|
+         -> Result<Option<(StdUdpSocket, Option<StdUdpSocket>)>, u16> {
+            if !want {
+                return Ok(None);
+            }
+            let Some((bind, _)) = fam else {
+                return Err(440);
+            };
+            for _ in 0..64 {
+                let mut port = rng.gen_range(lo..=hi);
+                if p.even_port {
+                    port &= !1;
+                    if port < lo || port == u16::MAX {
+                        continue;
+                    }
+                }
+                let Ok(s) = udp_socket(SocketAddr::new(*bind, port), false, RELAY_SOCKET_BUFFER)
+                else {
+                    continue;
+                };
+                if p.new_token.is_none() {
+                    return Ok(Some((s, None)));
+                }
+                if port < hi {
+                    if let Ok(next) =
+                        udp_socket(SocketAddr::new(*bind, port + 1), false, RELAY_SOCKET_BUFFER)
+                    {
+                        return Ok(Some((s, Some(next))));
+                    }
+                }
+            }
+            Err(508)
+        };
+        let v4 = family(&self.plan.v4, p.want_v4)?;
+        let v6 = family(&self.plan.v6, p.want_v6)?;
+        let reserved = v4.as_ref().and_then(|(_, r)| r.as_ref()).is_some();
+        let (v4, r4) = v4.map_or((None, None), |(s, r)| (Some(s), r));
+        let (v6, r6) = v6.map_or((None, None), |(s, r)| (Some(s), r));
+        Ok((v4, v6, if reserved { r4 } else { r6 }))
+    }
+}
+
+fn set_dont_fragment(s: &StdUdpSocket) {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(s);
+    let is_v4 = s.local_addr().is_ok_and(|a| a.is_ipv4());
+    let (level, opt, val) = if is_v4 {
+        (
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DO,
+        )
+    } else {
+        (libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 1)
+    };
+    // SAFETY: fd is a valid socket owned by `s`; the option value is a c_int.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            (&val as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}

@@ -1,0 +1,217 @@
+//! Prometheus metrics and the health endpoints. Label values come from fixed lists (methods,
+//! result codes, failure reasons, directions): never a username or an address.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::proto::auth::AuthError;
+use crate::proto::server::{CoreStats, METHODS, RESULTS};
+use crate::proto::Shared;
+
+pub const ALLOCATIONS_ACTIVE: &str = "turnpike_allocations_active";
+pub const ALLOCATIONS_TOTAL: &str = "turnpike_allocations_total";
+pub const REQUESTS_TOTAL: &str = "turnpike_requests_total";
+pub const AUTH_FAILURES_TOTAL: &str = "turnpike_auth_failures_total";
+pub const PEER_DENIED_TOTAL: &str = "turnpike_peer_denied_total";
+pub const RELAYED_PACKETS_TOTAL: &str = "turnpike_relayed_packets_total";
+pub const RELAYED_BYTES_TOTAL: &str = "turnpike_relayed_bytes_total";
+pub const DROPPED_PACKETS_TOTAL: &str = "turnpike_dropped_packets_total";
+pub const DRAINING: &str = "turnpike_draining";
+pub const BUILD_INFO: &str = "turnpike_build_info";
+
+const DIRECTIONS: [&str; 2] = ["client_to_peer", "peer_to_client"];
+
+pub struct Metrics {
+    registry: Registry,
+    allocations_active: IntGauge,
+    allocations_total: IntCounter,
+    requests: Vec<Vec<IntCounter>>,
+    auth_failures: Vec<IntCounter>,
+    peer_denied: IntCounter,
+    relayed_packets: [IntCounter; 2],
+    relayed_bytes: [IntCounter; 2],
+    dropped: [IntCounter; 3],
+    draining: IntGauge,
+}
+
+fn must<T>(r: prometheus::Result<T>) -> T {
+    // Registration fails only for duplicate or malformed names, which are constants here.
+    r.unwrap_or_else(|e| panic!("metric definition: {e}"))
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let reg = |c: Box<dyn prometheus::core::Collector>| must(registry.register(c));
+        let allocations_active = must(IntGauge::new(ALLOCATIONS_ACTIVE, "Allocations held now."));
+        reg(Box::new(allocations_active.clone()));
+        let allocations_total = must(IntCounter::new(ALLOCATIONS_TOTAL, "Allocations created."));
+        reg(Box::new(allocations_total.clone()));
+        let requests_vec = must(IntCounterVec::new(
+            Opts::new(
+                REQUESTS_TOTAL,
+                "STUN/TURN requests answered, by method and result.",
+            ),
+            &["method", "result"],
+        ));
+        reg(Box::new(requests_vec.clone()));
+        let requests = METHODS
+            .iter()
+            .map(|m| {
+                RESULTS
+                    .iter()
+                    .map(|r| requests_vec.with_label_values(&[*m, *r]))
+                    .collect()
+            })
+            .collect();
+        let auth_vec = must(IntCounterVec::new(
+            Opts::new(
+                AUTH_FAILURES_TOTAL,
+                "Requests that did not authenticate, by reason.",
+            ),
+            &["reason"],
+        ));
+        reg(Box::new(auth_vec.clone()));
+        let auth_failures = AuthError::ALL
+            .iter()
+            .map(|e| auth_vec.with_label_values(&[e.label()]))
+            .collect();
+        let peer_denied = must(IntCounter::new(
+            PEER_DENIED_TOTAL,
+            "CreatePermission and ChannelBind refused by the peer policy.",
+        ));
+        reg(Box::new(peer_denied.clone()));
+        let packets_vec = must(IntCounterVec::new(
+            Opts::new(RELAYED_PACKETS_TOTAL, "Packets relayed, by direction."),
+            &["direction"],
+        ));
+        reg(Box::new(packets_vec.clone()));
+        let bytes_vec = must(IntCounterVec::new(
+            Opts::new(RELAYED_BYTES_TOTAL, "Payload bytes relayed, by direction."),
+            &["direction"],
+        ));
+        reg(Box::new(bytes_vec.clone()));
+        let dropped_vec = must(IntCounterVec::new(
+            Opts::new(DROPPED_PACKETS_TOTAL, "Datagrams not relayed, by reason."),
+            &["reason"],
+        ));
+        reg(Box::new(dropped_vec.clone()));
+        let draining = must(IntGauge::new(
+            DRAINING,
+            "1 while the relay drains after SIGTERM.",
+        ));
+        reg(Box::new(draining.clone()));
+        let build = must(IntGaugeVec::new(
+            Opts::new(BUILD_INFO, "Build information; always 1."),
+            &["version"],
+        ));
+        reg(Box::new(build.clone()));
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        Metrics {
+            registry,
+            allocations_active,
+            allocations_total,
+            requests,
+            auth_failures,
+            peer_denied,
+            relayed_packets: DIRECTIONS.map(|d| packets_vec.with_label_values(&[d])),
+            relayed_bytes: DIRECTIONS.map(|d| bytes_vec.with_label_values(&[d])),
+            dropped: ["no_route", "malformed", "quota"]
+                .map(|r| dropped_vec.with_label_values(&[r])),
+            draining,
+        }
+    }
+
+    /// Adds a shard's counters (taken with `Core::take_stats`).
+    pub fn record(&self, s: &CoreStats) {
+        for (m, row) in s.requests.iter().enumerate() {
+            for (r, n) in row.iter().enumerate() {
+                if *n > 0 {
+                    self.requests[m][r].inc_by(*n);
+                }
+            }
+        }
+        for (i, n) in s.auth_failures.iter().enumerate() {
+            self.auth_failures[i].inc_by(*n);
+        }
+        self.peer_denied.inc_by(s.peer_denied);
+        self.allocations_total.inc_by(s.allocations_created);
+        for d in 0..2 {
+            self.relayed_packets[d].inc_by(s.relayed_packets[d]);
+            self.relayed_bytes[d].inc_by(s.relayed_bytes[d]);
+        }
+        self.dropped[0].inc_by(s.dropped_packets);
+        self.dropped[1].inc_by(s.malformed);
+        self.dropped[2].inc_by(s.quota_dropped);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self, shared: &Shared) -> String {
+        self.allocations_active
+            .set(i64::from(shared.quotas.active()));
+        self.draining.set(i64::from(shared.is_draining()));
+        let mut out = Vec::new();
+        if TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .is_err()
+        {
+            return String::new();
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on a bound listener until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, shared: Arc<Shared>) {
+    let ready = Arc::clone(&shared);
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let body = metrics.render(&shared);
+                async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body) }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let draining = ready.is_draining();
+                async move {
+                    if draining {
+                        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+                    } else {
+                        (StatusCode::OK, "ready\n").into_response()
+                    }
+                }
+            }),
+        );
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "metrics server stopped");
+    }
+}
+
+/// Binds the metrics listener.
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, crate::Error> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| crate::Error::Bind {
+            what: "metrics",
+            addr,
+            source,
+        })
+}
