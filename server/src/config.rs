@@ -284,13 +284,30 @@ impl FileConfig {
         serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
             let inner = e.into_inner();
+            let line = line_of_key(text, &key).map(|l| format!(" (line {l})"));
             Error::Config {
                 file: source.to_owned(),
+                reason: inner.message().trim().to_owned()
+                    + &line.unwrap_or_else(|| line_of(text, inner.span())),
                 key: if key == "." { String::new() } else { key },
-                reason: inner.message().trim().to_owned() + &line_of(text, inner.span()),
             }
         })
     }
+}
+
+/// The line where the last segment of a key path is assigned, if it is written `key = …`.
+fn line_of_key(text: &str, path: &str) -> Option<usize> {
+    let last = path.rsplit('.').next()?.split('[').next()?;
+    if last.is_empty() {
+        return None;
+    }
+    text.lines()
+        .position(|l| {
+            l.trim_start()
+                .strip_prefix(last)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map(|i| i + 1)
 }
 
 fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> String {

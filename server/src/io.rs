@@ -392,7 +392,7 @@ impl Shard {
             Ok(b) => b,
             Err(code) => {
                 tracing::warn!(code, "allocation failed: no relay port");
-                self.core.borrow_mut().fail_allocate(p, code, now);
+                self.core.borrow_mut().fail_allocate(*p, code, now);
                 return;
             }
         };
@@ -410,7 +410,7 @@ impl Shard {
             }
         }
         let dont_fragment = p.dont_fragment;
-        let id = self.core.borrow_mut().complete_allocate(p, relayed, now);
+        let id = self.core.borrow_mut().complete_allocate(*p, relayed, now);
         let register = |s: Option<StdUdpSocket>| -> Option<Rc<UdpSocket>> {
             let s = s?;
             if dont_fragment {

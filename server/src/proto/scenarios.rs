@@ -85,7 +85,7 @@ impl Harness {
                     v4: p.want_v4.then(|| SocketAddr::new(self.relay_ip, port)),
                     v6: None,
                 };
-                let _ = self.core.complete_allocate(p, relayed, self.now);
+                let _ = self.core.complete_allocate(*p, relayed, self.now);
                 Some(self.core.output().to_vec())
             }
         }
@@ -356,7 +356,8 @@ fn allocate_checks_transport_and_families() {
     let mut d = client(40001, "alice", "wonderland");
     d.allocate(&mut h);
     let mut d = client(40002, "alice", "wonderland");
-    let cases: [(&dyn Fn(&mut Builder<'_>), u16); 5] = [
+    type Extra<'f> = &'f dyn Fn(&mut Builder<'_>);
+    let cases: [(Extra<'_>, u16); 5] = [
         (
             &|b| {
                 b.u32(attr::REQUESTED_TRANSPORT, 6 << 24);

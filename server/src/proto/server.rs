@@ -828,7 +828,7 @@ impl Core {
     /// response is in `output()`.
     pub fn complete_allocate(
         &mut self,
-        p: Box<PendingAllocate>,
+        p: PendingAllocate,
         relayed: RelayAddrs,
         now: Instant,
     ) -> AllocId {
@@ -877,7 +877,7 @@ impl Core {
     }
 
     /// Refuses a pending Allocate (no port free: 508; unknown reservation token: 508).
-    pub fn fail_allocate(&mut self, p: Box<PendingAllocate>, code: u16, now: Instant) {
+    pub fn fail_allocate(&mut self, p: PendingAllocate, code: u16, now: Instant) {
         self.shared.quotas.release(&p.auth.user_id, &p.user);
         self.count(method::ALLOCATE, code);
         let shared = Arc::clone(&self.shared);
@@ -988,10 +988,7 @@ impl Core {
         if !(stun::CHANNEL_MIN..=stun::CHANNEL_MAX).contains(&number) {
             return Err(400);
         }
-        let peer = match self.check_peer(msg, peer, id) {
-            Ok(p) => p,
-            Err(code) => return Err(code),
-        };
+        let peer = self.check_peer(msg, peer, id)?;
         let max = self.shared.config.max_permissions;
         let Some(Some(a)) = self.slots.get_mut(id.0 as usize) else {
             return Err(437);

@@ -1,0 +1,331 @@
+//! Test harness: starts the real `turnpike` binary on ephemeral loopback ports, learns the bound
+//! ports from its start-up log, and talks to it as clients do.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use turnpike::proto::stun::{attr, method, Builder, Class, Message, TransactionId, MAGIC_COOKIE};
+
+pub const REALM: &str = "turnpike.test";
+
+/// A running relay; killed when dropped.
+pub struct Relay {
+    child: Option<Child>,
+    pub udp: SocketAddr,
+    pub metrics: SocketAddr,
+    log: Arc<(Mutex<Vec<String>>, Condvar)>,
+}
+
+impl Relay {
+    /// Starts the relay on loopback with `extra` flags added to the harness's own.
+    pub fn start(extra: &[&str]) -> Relay {
+        let mut args = vec![
+            "--listen",
+            "udp://127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--relay-ip",
+            "127.0.0.1",
+            "--realm",
+            REALM,
+            "--threads",
+            "2",
+            "--drain-grace",
+            "5",
+        ];
+        args.extend_from_slice(extra);
+        Self::spawn(&args)
+    }
+
+    pub fn spawn(args: &[&str]) -> Relay {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+            .args(args)
+            .env("TURNPIKE_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start turnpike");
+        let log = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        for stream in [
+            Box::new(child.stderr.take().expect("stderr")) as Box<dyn Read + Send>,
+            Box::new(child.stdout.take().expect("stdout")),
+        ] {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let (lines, cv) = &*log;
+                    lines.lock().expect("log").push(line);
+                    cv.notify_all();
+                }
+            });
+        }
+        let mut relay = Relay {
+            child: Some(child),
+            udp: "0.0.0.0:0".parse().expect("addr"),
+            metrics: "0.0.0.0:0".parse().expect("addr"),
+            log,
+        };
+        let line = relay.wait_for_log("listening on udp://");
+        relay.udp = line
+            .rsplit("udp://")
+            .next()
+            .expect("addr")
+            .trim()
+            .parse()
+            .expect("udp addr");
+        if args.contains(&"--metrics-listen") {
+            let line = relay.wait_for_log("metrics on http://");
+            let addr = line.rsplit("http://").next().expect("addr");
+            relay.metrics = addr
+                .trim_end_matches("/metrics")
+                .trim()
+                .parse()
+                .expect("metrics addr");
+        }
+        relay
+    }
+
+    /// Waits (up to 20 s) for a log line containing `needle` and returns it.
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        let (lines, cv) = &*self.log;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut guard = lines.lock().expect("log");
+        loop {
+            if let Some(l) = guard.iter().find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no log line with {needle:?}; log:\n{}",
+                guard.join("\n")
+            );
+            guard = cv.wait_timeout(guard, left).expect("log").0;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.0.lock().expect("log").join("\n")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("child").id()
+    }
+
+    /// Waits for the process to exit by itself (up to `secs`); returns its status.
+    pub fn wait_exit(&mut self, secs: u64) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let child = self.child.as_mut().expect("child");
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "relay did not exit in {secs} s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        http_get(self.metrics, path)
+    }
+
+    /// The value of one metric line (`name{labels}` exactly as exposed), 0 when absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        let (_, body) = self.http_get("/metrics");
+        body.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .map(|v| v.trim().parse().expect("number"))
+            .unwrap_or(0.0)
+    }
+
+    /// Polls `/metrics` until `series` reaches `at_least` (up to 10 s); returns the value.
+    pub fn wait_metric(&self, series: &str, at_least: f64) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = self.metric(series);
+            if v >= at_least || Instant::now() > deadline {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.pid() as i32, sig);
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A minimal HTTP/1.0 GET for the metrics endpoint.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect metrics");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Runs a command to completion (bounded by `timeout` seconds) and returns stdout+stderr.
+pub fn run_tool(program: &str, args: &[&str], timeout: u64) -> String {
+    let out = Command::new("timeout")
+        .arg(timeout.to_string())
+        .arg(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} could not run ({e}); .ci/run installs it"));
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    text
+}
+
+/// A STUN/TURN client built on the codec, for exact checks of response codes.
+pub struct RawClient {
+    pub sock: UdpSocket,
+    pub server: SocketAddr,
+    pub username: String,
+    pub password: String,
+    pub nonce: Vec<u8>,
+    next: u32,
+}
+
+pub struct Response {
+    pub raw: Vec<u8>,
+}
+
+impl Response {
+    pub fn msg(&self) -> Message<'_> {
+        Message::parse(&self.raw).expect("response parses")
+    }
+    /// None for success, else the error code.
+    pub fn code(&self) -> Option<u16> {
+        let m = self.msg();
+        if m.class() == Class::Success {
+            return None;
+        }
+        let v = m.get(attr::ERROR_CODE).expect("ERROR-CODE");
+        Some(u16::from(v[2] & 7) * 100 + u16::from(v[3]))
+    }
+    pub fn xor_addrs(&self, ty: u16) -> Vec<SocketAddr> {
+        let m = self.msg();
+        m.get_all(ty).filter_map(|v| m.xor_address(v)).collect()
+    }
+}
+
+impl RawClient {
+    pub fn new(server: SocketAddr, username: &str, password: &str) -> Self {
+        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        sock.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        RawClient {
+            sock,
+            server,
+            username: username.to_owned(),
+            password: password.to_owned(),
+            nonce: Vec::new(),
+            next: 0,
+        }
+    }
+
+    pub fn tid(&mut self) -> TransactionId {
+        self.next += 1;
+        let mut t = [0u8; 16];
+        t[..4].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
+        t[4..8].copy_from_slice(&self.next.to_be_bytes());
+        t[8..12].copy_from_slice(&std::process::id().to_be_bytes());
+        TransactionId(t)
+    }
+
+    /// Sends a datagram and waits for the response with the same transaction id.
+    pub fn exchange(&self, packet: &[u8]) -> Response {
+        let want = &packet[4..20];
+        for _attempt in 0..3 {
+            self.sock.send_to(packet, self.server).expect("send");
+            let mut buf = [0u8; 2048];
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < deadline {
+                let Ok((n, _)) = self.sock.recv_from(&mut buf) else {
+                    break;
+                };
+                if n >= 20 && &buf[4..20] == want {
+                    return Response {
+                        raw: buf[..n].to_vec(),
+                    };
+                }
+            }
+        }
+        panic!("no response from the relay");
+    }
+
+    /// A request signed with the long-term key; learns the nonce from a 401/438 and retries.
+    pub fn request(&mut self, m: u16, extra: impl Fn(&mut Builder<'_>)) -> Response {
+        for _ in 0..3 {
+            let tid = self.tid();
+            let mut buf = Vec::new();
+            let mut b = Builder::new(&mut buf, Class::Request, m, tid);
+            extra(&mut b);
+            if !self.nonce.is_empty() {
+                let key =
+                    turnpike::proto::auth::long_term_key(&self.username, REALM, &self.password);
+                b.attr(attr::USERNAME, self.username.as_bytes())
+                    .attr(attr::REALM, REALM.as_bytes())
+                    .attr(attr::NONCE, &self.nonce)
+                    .integrity_sha1(&key);
+            }
+            b.fingerprint();
+            let r = self.exchange(&buf);
+            match r.code() {
+                Some(401) | Some(438) if self.nonce.is_empty() || r.code() == Some(438) => {
+                    self.nonce = r.msg().get(attr::NONCE).expect("nonce").to_vec();
+                }
+                _ => return r,
+            }
+        }
+        panic!("could not authenticate");
+    }
+
+    pub fn allocate(&mut self) -> Response {
+        self.request(method::ALLOCATE, |b| {
+            b.u32(attr::REQUESTED_TRANSPORT, 17 << 24);
+        })
+    }
+}
