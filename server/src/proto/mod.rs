@@ -3,6 +3,7 @@
 //! randomness are passed in, so the core is deterministic, testable on virtual time and fuzzable.
 
 pub mod auth;
+pub mod fuzz;
 pub mod policy;
 pub mod quota;
 pub mod server;

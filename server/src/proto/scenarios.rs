@@ -188,7 +188,7 @@ fn relayed_of(reply: &[u8]) -> SocketAddr {
         .expect("address")
 }
 
-fn peer_attr(addr: SocketAddr) -> impl FnOnce(&mut Builder<'_>) {
+fn peer_attr(addr: SocketAddr) -> impl Fn(&mut Builder<'_>) {
     move |b| {
         b.xor_address(attr::XOR_PEER_ADDRESS, addr);
     }
@@ -767,4 +767,21 @@ fn malformed_datagrams_never_disturb_an_allocation() {
         h.core.handle_client(&data, c.id, h.now),
         ClientAction::Relay { .. }
     ));
+}
+
+#[test]
+fn own_relayed_address_is_refused_but_another_allocation_is_reachable() {
+    let mut h = Harness::new();
+    let mut a = client(40000, "alice", "wonderland");
+    let a_relayed = relayed_of(&a.allocate(&mut h));
+    let mut b = client(40001, "bob", "builder");
+    let b_relayed = relayed_of(&b.allocate(&mut h));
+    assert_eq!(
+        code(&a.call(&mut h, method::CREATE_PERMISSION, peer_attr(a_relayed))),
+        Some(403)
+    );
+    assert_eq!(
+        code(&a.call(&mut h, method::CREATE_PERMISSION, peer_attr(b_relayed))),
+        None
+    );
 }

@@ -922,7 +922,13 @@ impl Core {
         if !alloc.family_ok(peer) {
             return Err(443);
         }
-        if self.shared.config.policy.check(peer).is_err() {
+        // The allocation's own relayed address would reflect every packet back into itself.
+        // Other allocations' relayed addresses stay reachable (when the policy allows their
+        // IP): that is how two relay-only clients of one relay reach each other, and it
+        // cannot loop, because a relay socket never sends to a listening port (the policy
+        // refuses those) and so never becomes anyone's client.
+        let own = [alloc.relayed.v4, alloc.relayed.v6];
+        if own.contains(&Some(peer)) || self.shared.config.policy.check(peer).is_err() {
             self.stats.peer_denied += 1;
             return Err(403);
         }

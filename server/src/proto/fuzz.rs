@@ -1,0 +1,206 @@
+//! Entry points for the fuzz targets in `server/fuzz/`, kept here so the unit tests run them
+//! too (on pseudo-random input) and they cannot rot.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::auth::Credentials;
+use super::policy::PeerPolicy;
+use super::quota::{QuotaState, Quotas};
+use super::server::{AllocId, ClientAction, ClientId, Clock, Core, CoreConfig, RelayAddrs, Shared};
+use super::stun::{attr, method, Builder, Class, Message, TransactionId};
+
+/// Parses a datagram and reads every attribute the server reads.
+pub fn decode(data: &[u8]) {
+    let Ok(msg) = Message::parse(data) else {
+        return;
+    };
+    for t in msg.attribute_types() {
+        if let Some(v) = msg.get(t) {
+            let _ = msg.xor_address(v);
+            let _ = super::stun::decode_address(v, None);
+        }
+    }
+    let _ = msg.get_u32(attr::LIFETIME);
+    let _ = msg.check_integrity_sha1(b"key");
+    let _ = msg.check_integrity_sha256(b"key");
+}
+
+/// Drives one core with a byte script. Each step is an operation: a raw datagram from a
+/// client or a peer, or a well-formed request the harness builds and signs (Allocate with
+/// family and EVEN-PORT options, Refresh, CreatePermission, ChannelBind, Send, ChannelData),
+/// since a fuzzer cannot forge MESSAGE-INTEGRITY by itself. Allocations the core asks for are
+/// granted or refused by the script too.
+pub fn core(data: &[u8]) -> super::CoreStats {
+    let config = CoreConfig {
+        credentials: Credentials::new(REALM, [("u", "p")], ["s".to_owned()]),
+        policy: PeerPolicy::new(vec!["127.0.0.0/8".parse().expect("net")], vec![]),
+        default_lifetime: 600,
+        max_lifetime: 3600,
+        nonce_lifetime: 600,
+        max_permissions: 8,
+        relay_v4: true,
+        relay_v6: true,
+        software: None,
+    };
+    let shared = Arc::new(Shared::new(
+        config,
+        QuotaState::new(Quotas::default()),
+        [0; 32],
+    ));
+    let start = Instant::now();
+    let clock = Clock {
+        epoch: start,
+        epoch_unix: 1_800_000_000,
+    };
+    let mut now = start;
+    let mut core = Core::new(Arc::clone(&shared), clock, [0; 32]);
+    let key = super::auth::long_term_key("u", REALM, "p");
+    let mut bytes = data.iter().copied();
+    let mut next = move || bytes.next();
+    let mut buf = vec![0u8; 4 + 2048];
+    let mut packet = Vec::new();
+    let mut port = 50_000u16;
+    let mut tid_counter = 0u32;
+    while let (Some(op), Some(arg)) = (next(), next()) {
+        now += Duration::from_millis(u64::from(op >> 5) * 7_000);
+        let client = ClientId {
+            listener: 0,
+            addr: SocketAddr::from(([127, 0, 0, 1], 40_000 + u16::from(arg & 3))),
+        };
+        let peer = SocketAddr::from((
+            [127, 0, 0, 1 + (arg >> 6)],
+            7_000 + u16::from((arg >> 2) & 3),
+        ));
+        tid_counter += 1;
+        let mut tid = [0u8; 16];
+        tid[..4].copy_from_slice(&super::stun::MAGIC_COOKIE.to_be_bytes());
+        tid[4..8].copy_from_slice(&tid_counter.to_be_bytes());
+        let tid = TransactionId(tid);
+        let mut nonce = [0u8; 37];
+        let nonce = shared
+            .nonces
+            .issue(client.addr, clock.unix(now), &mut nonce)
+            .to_vec();
+        let signed = |packet: &mut Vec<u8>, m: u16, extra: &dyn Fn(&mut Builder<'_>)| {
+            let mut b = Builder::new(packet, Class::Request, m, tid);
+            extra(&mut b);
+            b.attr(attr::USERNAME, b"u")
+                .attr(attr::REALM, REALM.as_bytes())
+                .attr(attr::NONCE, &nonce)
+                .integrity_sha1(&key);
+        };
+        let flags = next().unwrap_or(0);
+        match op & 0x0f {
+            0 | 8 => {
+                let len = usize::from(flags);
+                packet.clear();
+                packet.extend((0..len).map_while(|_| next()));
+            }
+            1 => signed(&mut packet, method::ALLOCATE, &|b| {
+                b.u32(
+                    attr::REQUESTED_TRANSPORT,
+                    if flags & 1 == 0 { 17 << 24 } else { 6 << 24 },
+                );
+                if flags & 2 != 0 {
+                    b.u32(
+                        attr::REQUESTED_ADDRESS_FAMILY,
+                        u32::from(1 + (flags >> 7)) << 24,
+                    );
+                }
+                if flags & 4 != 0 {
+                    b.u32(attr::ADDITIONAL_ADDRESS_FAMILY, 2 << 24);
+                }
+                if flags & 8 != 0 {
+                    b.u32(attr::EVEN_PORT, u32::from(flags & 0x10) << 27);
+                }
+                if flags & 0x20 != 0 {
+                    b.attr(attr::RESERVATION_TOKEN, &[flags; 8]);
+                }
+                if flags & 0x40 != 0 {
+                    b.u32(attr::LIFETIME, u32::from(flags) * 40);
+                }
+            }),
+            2 => signed(&mut packet, method::REFRESH, &|b| {
+                b.u32(attr::LIFETIME, u32::from(flags) * 20);
+            }),
+            3 => signed(&mut packet, method::CREATE_PERMISSION, &|b| {
+                b.xor_address(attr::XOR_PEER_ADDRESS, peer);
+                if flags & 1 != 0 {
+                    b.xor_address(attr::XOR_PEER_ADDRESS, SocketAddr::from(([10, 0, 0, 1], 9)));
+                }
+            }),
+            4 => signed(&mut packet, method::CHANNEL_BIND, &|b| {
+                b.u32(attr::CHANNEL_NUMBER, (0x3ff0 + u32::from(flags)) << 16)
+                    .xor_address(attr::XOR_PEER_ADDRESS, peer);
+            }),
+            5 => {
+                Builder::new(&mut packet, Class::Indication, method::SEND, tid)
+                    .xor_address(attr::XOR_PEER_ADDRESS, peer)
+                    .attr(attr::DATA, &[flags; 40]);
+            }
+            6 => {
+                packet.clear();
+                packet.extend_from_slice(&(0x4000 + u16::from(flags & 0x1f)).to_be_bytes());
+                packet.extend_from_slice(&u16::from(flags >> 3).to_be_bytes());
+                packet.resize(4 + usize::from(flags >> 3), 0xab);
+            }
+            _ => {
+                let len = usize::from(flags);
+                buf[4..4 + len].fill(op);
+                let _ = core.handle_peer(AllocId(u32::from(arg >> 4)), peer, &mut buf, len, now);
+                core.handle_timeout(now);
+                while core.poll_event().is_some() {}
+                continue;
+            }
+        }
+        let action = core.handle_client(&packet, client, now);
+        if let ClientAction::Allocate(p) = action {
+            port = port.wrapping_add(1);
+            let relayed = RelayAddrs {
+                v4: p.want_v4.then(|| SocketAddr::from(([127, 0, 0, 1], port))),
+                v6: p
+                    .want_v6
+                    .then(|| SocketAddr::from(([0, 0, 0, 0, 0, 0, 0, 1], port))),
+            };
+            if op & 0x10 == 0 {
+                let _ = core.complete_allocate(*p, relayed, now);
+            } else {
+                core.fail_allocate(*p, 508, now);
+            }
+        }
+        core.handle_timeout(now);
+        while core.poll_event().is_some() {}
+    }
+    core.take_stats()
+}
+
+const REALM: &str = "fuzz";
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fuzz_entry_points_survive_random_input() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let (mut allocations, mut relayed) = (0, 0);
+        for _ in 0..2000 {
+            let data: Vec<u8> = (0..(next() % 600)).map(|_| next() as u8).collect();
+            super::decode(&data);
+            let stats = super::core(&data);
+            allocations += stats.allocations_created;
+            relayed += stats.relayed_packets[0] + stats.relayed_packets[1];
+        }
+        // The script reaches past authentication into the allocation and relay paths.
+        assert!(
+            allocations > 100 && relayed > 0,
+            "{allocations} allocations, {relayed} relayed"
+        );
+    }
+}
