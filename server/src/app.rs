@@ -44,7 +44,19 @@ pub fn run(settings: Settings) -> Result<(), Error> {
         .collect();
 
     let mut policy = PeerPolicy::new(settings.allow_peer.clone(), settings.deny_peer.clone());
-    policy.set_service_addresses(bound.clone());
+    let own_ips = [plan.v4, plan.v6]
+        .into_iter()
+        .flatten()
+        .flat_map(|(bind, advertised)| [bind, advertised])
+        .chain(
+            settings
+                .external_ips
+                .iter()
+                .flat_map(|(public, private)| [Some(*public), *private])
+                .flatten(),
+        )
+        .collect();
+    policy.set_own_addresses(bound.clone(), own_ips, plan.ports);
     let credentials = Credentials::new(
         &settings.realm,
         settings

@@ -16,7 +16,8 @@ use crate::Error;
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
 
 /// Command-line flags. Flags override the file; repeatable flags add to the file's lists.
-#[derive(Debug, Parser, Default)]
+/// No `Debug`: it would print `--user` passwords and `--auth-secret` values.
+#[derive(Parser, Default)]
 #[command(name = "turnpike", version, about = "TURN/STUN relay", long_about = None)]
 pub struct Cli {
     /// TOML configuration file; without it the embedded default is used.
@@ -455,6 +456,12 @@ impl Settings {
                     "{max_lifetime} is below default_lifetime_secs {}",
                     f.allocation.default_lifetime_secs
                 ),
+            ));
+        }
+        if f.auth.nonce_lifetime_secs < 30 {
+            return Err(file_err(
+                "auth.nonce_lifetime_secs",
+                "below 30 s, clients would loop on 438 Stale Nonce".into(),
             ));
         }
         if f.allocation.max_permissions == 0 {

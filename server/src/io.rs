@@ -35,6 +35,9 @@ const BUDGET: usize = 64;
 /// How long a port reserved by EVEN-PORT's R bit is held (RFC 8656 §7.2: about 30 s).
 const RESERVATION_TTL: Duration = Duration::from_secs(30);
 const RELAY_SOCKET_BUFFER: usize = 1 << 20;
+/// Most ports held for EVEN-PORT reservations at once, so reservations cannot exhaust the port
+/// range or file descriptors; beyond, Allocate with the R bit gets 508.
+const MAX_RESERVATIONS: usize = 1024;
 const TICK: Duration = Duration::from_millis(500);
 
 /// Where relay sockets bind and what clients are told.
@@ -91,6 +94,9 @@ fn default_route_ip() -> Option<IpAddr> {
 }
 
 fn set_buffers(sock: &Socket, bytes: usize) {
+    if bytes == 0 {
+        return;
+    }
     // SO_RCVBUFFORCE passes net.core.rmem_max when the relay runs with CAP_NET_ADMIN.
     let fd = std::os::fd::AsRawFd::as_raw_fd(sock);
     let v = bytes as libc::c_int;
@@ -266,11 +272,15 @@ async fn listener_loop(shard: Rc<Shard>, index: usize) {
         if sock.readable().await.is_err() {
             return;
         }
+        let mut drained = false;
         for _ in 0..BUDGET {
             let mut buf = shard.buf.borrow_mut();
             let (n, from) = match sock.try_recv_from(&mut buf[4..]) {
                 Ok(r) => r,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    drained = true;
+                    break;
+                }
                 // ICMP errors surface on later reads of a UDP socket; they concern one peer.
                 Err(_) => continue,
             };
@@ -304,7 +314,9 @@ async fn listener_loop(shard: Rc<Shard>, index: usize) {
             }
         }
         shard.process_events();
-        tokio::task::yield_now().await;
+        if !drained {
+            tokio::task::yield_now().await;
+        }
     }
 }
 
@@ -313,11 +325,15 @@ async fn relay_loop(shard: Rc<Shard>, alloc: AllocId, sock: Rc<UdpSocket>) {
         if sock.readable().await.is_err() {
             return;
         }
+        let mut drained = false;
         for _ in 0..BUDGET {
             let mut buf = shard.buf.borrow_mut();
             let (n, peer) = match sock.try_recv_from(&mut buf[4..]) {
                 Ok(r) => r,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    drained = true;
+                    break;
+                }
                 Err(_) => continue,
             };
             let action =
@@ -339,7 +355,9 @@ async fn relay_loop(shard: Rc<Shard>, alloc: AllocId, sock: Rc<UdpSocket>) {
                 }
             }
         }
-        tokio::task::yield_now().await;
+        if !drained {
+            tokio::task::yield_now().await;
+        }
     }
 }
 
@@ -386,6 +404,9 @@ impl Shard {
 
     /// Binds the relay sockets a pending Allocate asks for and completes it.
     fn allocate(self: &Rc<Self>, p: Box<PendingAllocate>) {
+        // Close the sockets of allocations freed earlier in this batch first: their slots
+        // may be handed to this allocation.
+        self.process_events();
         let now = Instant::now();
         let bound = self.bind_relay(&p);
         let (v4, v6, reserved) = match bound {
@@ -464,6 +485,14 @@ impl Shard {
                 Some((s, _)) => Ok((None, Some(s), None)),
                 None => Err(508),
             };
+        }
+        if p.new_token.is_some()
+            && self
+                .reservations
+                .lock()
+                .map_or(true, |r| r.len() >= MAX_RESERVATIONS)
+        {
+            return Err(508);
         }
         let (lo, hi) = self.plan.ports;
         let mut rng = rand::thread_rng();

@@ -12,9 +12,11 @@ use sha2::Sha256;
 
 use super::stun::{attr, Message};
 
-/// RFC 8489 §18.3.4 nonce cookie, followed by the security feature set: bits 0 (password
-/// algorithms) and 1 (username anonymity) set, base64 of 0xC00000.
-const NONCE_COOKIE: &str = "obMatJos2wAAA";
+/// RFC 8489 §18.3.4 nonce cookie, followed by the security feature set: bit 0 (password
+/// algorithms), and bit 1 (username anonymity) where static users exist, since USERHASH can
+/// name only them. Base64 of 0xC00000 and 0x800000.
+const NONCE_COOKIE_USERHASH: &str = "obMatJos2wAAA";
+const NONCE_COOKIE: &str = "obMatJos2gAAA";
 pub const ALGORITHM_MD5: u16 = 0x0001;
 pub const ALGORITHM_SHA256: u16 = 0x0002;
 /// The PASSWORD-ALGORITHMS value the server offers: MD5 then SHA-256, no parameters.
@@ -212,6 +214,10 @@ impl Credentials {
         &self.realm
     }
 
+    pub fn has_static_users(&self) -> bool {
+        !self.users.is_empty()
+    }
+
     /// Authenticates a request (RFC 8489 §9.2.4). `unix_now` judges ephemeral expiry.
     pub fn authenticate(
         &self,
@@ -241,6 +247,8 @@ impl Credentials {
             return Err(AuthError::StaleNonce);
         }
         let sha256_algorithm = match msg.get(attr::PASSWORD_ALGORITHM) {
+            // RFC 8489 §9.2.4: the two attributes come together or not at all.
+            None if msg.has(attr::PASSWORD_ALGORITHMS) => return Err(AuthError::BadAlgorithm),
             None => false,
             Some(v) => {
                 // A client choosing an algorithm must echo the list it was offered, so a
@@ -309,13 +317,16 @@ impl Credentials {
     }
 }
 
-/// Splits `<expiry>[:<user>]`; the user id is the whole username when there is no user part.
+/// Splits `<expiry>[:<user>]`, or coturn's other accepted form `<user>:<expiry>`; the user id
+/// is the whole username when there is no user part.
 fn parse_ephemeral(username: &str) -> Option<(u64, &str)> {
-    let (ts, user) = match username.split_once(':') {
-        Some((ts, user)) => (ts, user),
-        None => (username, username),
+    let Some((first, second)) = username.split_once(':') else {
+        return Some((username.parse().ok()?, username));
     };
-    Some((ts.parse().ok()?, user))
+    match first.parse() {
+        Ok(ts) => Some((ts, second)),
+        Err(_) => Some((second.parse().ok()?, first)),
+    }
 }
 
 /// Stateless nonces: a timestamp and a MAC over it and the client address, so the server
@@ -323,11 +334,22 @@ fn parse_ephemeral(username: &str) -> Option<(u64, &str)> {
 pub struct Nonces {
     key: [u8; 32],
     lifetime_secs: u64,
+    cookie: &'static str,
 }
 
 impl Nonces {
-    pub fn new(key: [u8; 32], lifetime_secs: u64) -> Self {
-        Nonces { key, lifetime_secs }
+    /// `userhash`: advertise USERHASH support (only useful with static users).
+    pub fn new(key: [u8; 32], lifetime_secs: u64, userhash: bool) -> Self {
+        let cookie = if userhash {
+            NONCE_COOKIE_USERHASH
+        } else {
+            NONCE_COOKIE
+        };
+        Nonces {
+            key,
+            lifetime_secs,
+            cookie,
+        }
     }
 
     fn mac(&self, ts: u32, client: SocketAddr) -> [u8; 8] {
@@ -348,14 +370,14 @@ impl Nonces {
     /// Writes a fresh nonce into `out` and returns it.
     pub fn issue<'o>(&self, client: SocketAddr, unix_now: u64, out: &'o mut [u8; 37]) -> &'o [u8] {
         let ts = unix_now as u32;
-        out[..13].copy_from_slice(NONCE_COOKIE.as_bytes());
+        out[..13].copy_from_slice(self.cookie.as_bytes());
         write_hex(&ts.to_be_bytes(), &mut out[13..21]);
         write_hex(&self.mac(ts, client), &mut out[21..37]);
         &out[..]
     }
 
     pub fn verify(&self, nonce: &[u8], client: SocketAddr, unix_now: u64) -> bool {
-        if nonce.len() != 37 || &nonce[..13] != NONCE_COOKIE.as_bytes() {
+        if nonce.len() != 37 || &nonce[..13] != self.cookie.as_bytes() {
             return false;
         }
         let (Some(ts), Some(mac)) = (read_hex::<4>(&nonce[13..21]), read_hex::<8>(&nonce[21..37]))
@@ -418,7 +440,7 @@ mod tests {
 
     #[test]
     fn nonces_expire_and_bind_to_the_client() {
-        let n = Nonces::new([7; 32], 600);
+        let n = Nonces::new([7; 32], 600, true);
         let a: SocketAddr = "192.0.2.1:1000".parse().expect("addr");
         let b: SocketAddr = "192.0.2.1:1001".parse().expect("addr");
         let mut buf = [0u8; 37];
@@ -427,7 +449,7 @@ mod tests {
         assert!(n.verify(&nonce, a, 1_000_600));
         assert!(!n.verify(&nonce, a, 1_000_601));
         assert!(!n.verify(&nonce, b, 1_000_000));
-        assert!(!Nonces::new([8; 32], 600).verify(&nonce, a, 1_000_000));
+        assert!(!Nonces::new([8; 32], 600, true).verify(&nonce, a, 1_000_000));
         assert!(!n.verify(b"obMatJos2wAAAzz", a, 1_000_000));
     }
 
@@ -441,6 +463,11 @@ mod tests {
             parse_ephemeral("1700000000"),
             Some((1_700_000_000, "1700000000"))
         );
+        assert_eq!(
+            parse_ephemeral("alice:1700000000"),
+            Some((1_700_000_000, "alice"))
+        );
         assert_eq!(parse_ephemeral("alice"), None);
+        assert_eq!(parse_ephemeral("alice:bob"), None);
     }
 }

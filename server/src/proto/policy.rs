@@ -24,7 +24,8 @@ const DEFAULT_DENY: &[&str] = &[
     "240.0.0.0/4",     // reserved, and 255.255.255.255 broadcast
     "::/128",          // unspecified
     "::1/128",         // loopback
-    "64:ff9b::/96",    // NAT64, reaches IPv4 space behind the back of this policy
+    "::ffff:0:0:0/96", // SIIT (RFC 6052), IPv4 space behind the back of this policy
+    "64:ff9b::/96",    // NAT64, likewise
     "64:ff9b:1::/48",  // local-use NAT64
     "100::/64",        // discard-only
     "2001::/32",       // Teredo
@@ -32,6 +33,7 @@ const DEFAULT_DENY: &[&str] = &[
     "2002::/16",       // 6to4
     "fc00::/7",        // unique local
     "fe80::/10",       // link-local
+    "fec0::/10",       // deprecated site-local
     "ff00::/8",        // multicast
 ];
 
@@ -44,6 +46,9 @@ pub enum Denied {
     Default,
     /// One of the relay's own service (listening) addresses: relaying there would loop.
     OwnService,
+    /// The relay's own host outside the relay port range: its other services (DNS, NTP,
+    /// SNMP…) would be reachable from inside, behind any firewall.
+    OwnHost,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -51,7 +56,12 @@ pub struct PeerPolicy {
     allow: Vec<IpNet>,
     deny: Vec<IpNet>,
     defaults: Vec<IpNet>,
+    /// Listening addresses; an unspecified IP stands for every address of the host.
     own_service: Vec<SocketAddr>,
+    /// The host's own non-loopback addresses (relay, advertised, listener) and the relay port
+    /// range: on these IPs only relay ports, that is other allocations, may be peers.
+    own_ips: Vec<IpAddr>,
+    relay_ports: (u16, u16),
 }
 
 impl PeerPolicy {
@@ -62,22 +72,45 @@ impl PeerPolicy {
             deny,
             defaults,
             own_service: Vec::new(),
+            own_ips: Vec::new(),
+            relay_ports: (0, u16::MAX),
         }
     }
 
-    /// Tells the policy the addresses the relay listens on, once they are bound.
-    pub fn set_service_addresses(&mut self, addrs: Vec<SocketAddr>) {
-        self.own_service = addrs;
+    /// Tells the policy where the relay listens and which addresses and ports are its own,
+    /// once the sockets are bound.
+    pub fn set_own_addresses(
+        &mut self,
+        listeners: Vec<SocketAddr>,
+        own_ips: Vec<IpAddr>,
+        relay_ports: (u16, u16),
+    ) {
+        self.own_ips = listeners
+            .iter()
+            .map(SocketAddr::ip)
+            .chain(own_ips)
+            .map(normalize)
+            .filter(|ip| !ip.is_unspecified() && !ip.is_loopback())
+            .collect();
+        self.own_service = listeners;
+        self.relay_ports = relay_ports;
     }
 
-    /// Checks a peer address. Operator denies win over operator allows, which win over the
-    /// defaults; the relay's own listening ports are always refused.
+    /// Checks a peer address. The relay's listening ports, and its own host outside the relay
+    /// port range, are always refused; then operator denies win over operator allows, which
+    /// win over the defaults.
     pub fn check(&self, peer: SocketAddr) -> Result<(), Denied> {
         let ip = normalize(peer.ip());
+        let own_host = self.own_ips.contains(&ip);
         if self.own_service.iter().any(|s| {
-            s.port() == peer.port() && (normalize(s.ip()) == ip || s.ip().is_unspecified())
+            s.port() == peer.port()
+                && (normalize(s.ip()) == ip
+                    || (s.ip().is_unspecified() && (own_host || ip.is_loopback())))
         }) {
             return Err(Denied::OwnService);
+        }
+        if own_host && !(self.relay_ports.0..=self.relay_ports.1).contains(&peer.port()) {
+            return Err(Denied::OwnHost);
         }
         if self.deny.iter().any(|n| n.contains(&ip)) {
             return Err(Denied::Operator);
@@ -173,9 +206,38 @@ mod tests {
     #[test]
     fn own_service_ports_are_refused_even_when_allowed() {
         let mut p = PeerPolicy::new(vec!["127.0.0.0/8".parse().expect("net")], vec![]);
-        p.set_service_addresses(vec![sa("127.0.0.1:3478"), sa("0.0.0.0:5349")]);
+        p.set_own_addresses(
+            vec![sa("127.0.0.1:3478"), sa("0.0.0.0:5349")],
+            vec![],
+            (49152, 65535),
+        );
         assert_eq!(p.check(sa("127.0.0.1:3478")), Err(Denied::OwnService));
         assert_eq!(p.check(sa("127.0.0.2:5349")), Err(Denied::OwnService));
         assert_eq!(p.check(sa("127.0.0.1:50000")), Ok(()));
+        assert_eq!(
+            p.check(sa("127.0.0.1:40000")),
+            Ok(()),
+            "an allowed loopback service"
+        );
+        // An unspecified listener does not make that port refused on other hosts.
+        assert_eq!(p.check(sa("8.8.8.8:5349")), Ok(()));
+    }
+
+    #[test]
+    fn own_host_is_reachable_only_on_relay_ports() {
+        let mut p = PeerPolicy::new(vec![], vec![]);
+        p.set_own_addresses(
+            vec![sa("0.0.0.0:3478")],
+            vec![
+                "198.51.100.7".parse().expect("ip"),
+                "8.8.4.4".parse().expect("ip"),
+            ],
+            (49152, 65535),
+        );
+        assert_eq!(p.check(sa("8.8.4.4:50000")), Ok(()), "another allocation");
+        assert_eq!(p.check(sa("8.8.4.4:53")), Err(Denied::OwnHost));
+        assert_eq!(p.check(sa("[::ffff:8.8.4.4]:161")), Err(Denied::OwnHost));
+        assert_eq!(p.check(sa("8.8.4.4:3478")), Err(Denied::OwnService));
+        assert_eq!(p.check(sa("8.8.8.8:53")), Ok(()));
     }
 }

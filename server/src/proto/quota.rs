@@ -32,6 +32,12 @@ pub struct UserState {
 }
 
 impl UserState {
+    /// Whether a bandwidth quota applies to this user.
+    #[inline]
+    pub fn limited(&self) -> bool {
+        self.bandwidth.is_some()
+    }
+
     /// Takes `bytes` from the user's bandwidth; false means drop the packet.
     #[inline]
     pub fn allow(&self, now_ms: u64, bytes: usize) -> bool {

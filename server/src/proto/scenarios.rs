@@ -30,13 +30,19 @@ fn config(quotas: Quotas, allow_loopback: bool) -> Arc<Shared> {
     } else {
         vec![]
     };
+    let mut policy = PeerPolicy::new(allow, vec![]);
+    policy.set_own_addresses(
+        vec!["127.0.0.1:3478".parse().expect("a")],
+        vec![],
+        (49152, 65535),
+    );
     let cfg = CoreConfig {
         credentials: Credentials::new(
             REALM,
             [("alice", "wonderland"), ("bob", "builder")],
             [SECRET.to_owned()],
         ),
-        policy: PeerPolicy::new(allow, vec![]),
+        policy,
         default_lifetime: 600,
         max_lifetime: 3600,
         nonce_lifetime: 600,
@@ -357,7 +363,7 @@ fn allocate_checks_transport_and_families() {
     d.allocate(&mut h);
     let mut d = client(40002, "alice", "wonderland");
     type Extra<'f> = &'f dyn Fn(&mut Builder<'_>);
-    let cases: [(Extra<'_>, u16); 5] = [
+    let cases: [(Extra<'_>, u16); 7] = [
         (
             &|b| {
                 b.u32(attr::REQUESTED_TRANSPORT, 6 << 24);
@@ -385,6 +391,22 @@ fn allocate_checks_transport_and_families() {
                 b.u32(attr::REQUESTED_TRANSPORT, 17 << 24)
                     .u32(attr::EVEN_PORT, 0)
                     .attr(attr::RESERVATION_TOKEN, &[1; 8]);
+            },
+            400,
+        ),
+        (
+            &|b| {
+                b.u32(attr::REQUESTED_TRANSPORT, 17 << 24)
+                    .attr(attr::RESERVATION_TOKEN, &[1; 8])
+                    .u32(attr::ADDITIONAL_ADDRESS_FAMILY, 0x02 << 24);
+            },
+            400,
+        ),
+        (
+            &|b| {
+                b.u32(attr::REQUESTED_TRANSPORT, 17 << 24)
+                    .u32(attr::EVEN_PORT, 0x8000_0000)
+                    .u32(attr::ADDITIONAL_ADDRESS_FAMILY, 0x02 << 24);
             },
             400,
         ),
@@ -784,4 +806,56 @@ fn own_relayed_address_is_refused_but_another_allocation_is_reachable() {
         code(&a.call(&mut h, method::CREATE_PERMISSION, peer_attr(b_relayed))),
         None
     );
+}
+
+#[test]
+fn send_indications_to_the_relays_own_ports_are_dropped() {
+    let mut h = Harness::new();
+    let mut c = client(40000, "alice", "wonderland");
+    c.allocate(&mut h);
+    // A permission for the relay's IP (another allocation there is a fine peer)…
+    let other: SocketAddr = "127.0.0.1:50002".parse().expect("a");
+    assert_eq!(
+        code(&c.call(&mut h, method::CREATE_PERMISSION, peer_attr(other))),
+        None
+    );
+    // …does not open its listening port to Send indications.
+    for (target, relayed) in [("127.0.0.1:3478", false), ("127.0.0.1:50002", true)] {
+        let mut buf = Vec::new();
+        let tid = c.tid();
+        Builder::new(&mut buf, Class::Indication, method::SEND, tid)
+            .xor_address(attr::XOR_PEER_ADDRESS, target.parse().expect("a"))
+            .attr(attr::DATA, b"x");
+        let action = h.core.handle_client(&buf, c.id, h.now);
+        assert_eq!(
+            matches!(action, ClientAction::Relay { .. }),
+            relayed,
+            "{target}"
+        );
+    }
+}
+
+#[test]
+fn unknown_attributes_in_authenticated_requests_get_a_signed_420() {
+    let mut h = Harness::new();
+    let mut c = client(40000, "alice", "wonderland");
+    c.allocate(&mut h);
+    let reply = c.call(&mut h, method::REFRESH, |b| {
+        b.attr(0x0041, b"huh?");
+    });
+    assert_eq!(code(&reply), Some(420));
+    let msg = Message::parse(&reply).expect("p");
+    assert!(msg.check_integrity_sha1(&c.key));
+    assert_eq!(msg.get(attr::UNKNOWN_ATTRIBUTES), Some(&[0x00, 0x41][..]));
+}
+
+#[test]
+fn password_algorithms_without_a_choice_is_a_bad_request() {
+    let mut h = Harness::new();
+    let mut c = client(40000, "alice", "wonderland");
+    c.allocate(&mut h);
+    let reply = c.call(&mut h, method::REFRESH, |b| {
+        b.attr(attr::PASSWORD_ALGORITHMS, &PASSWORD_ALGORITHMS);
+    });
+    assert_eq!(code(&reply), Some(400));
 }

@@ -62,7 +62,11 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(config: CoreConfig, quotas: QuotaState, nonce_key: [u8; 32]) -> Self {
-        let nonces = Nonces::new(nonce_key, config.nonce_lifetime);
+        let nonces = Nonces::new(
+            nonce_key,
+            config.nonce_lifetime,
+            config.credentials.has_static_users(),
+        );
         Shared {
             config,
             quotas,
@@ -391,7 +395,6 @@ impl Core {
             self.stats.dropped_packets += 1;
             return ClientAction::None;
         };
-        let now_ms = self.clock.millis(now);
         let Some(Some(a)) = self.slots.get_mut(id.0 as usize) else {
             return ClientAction::None;
         };
@@ -404,7 +407,7 @@ impl Core {
             return ClientAction::None;
         };
         let peer = ch.peer;
-        if !Self::within_bandwidth(a, now_ms, len) {
+        if !Self::within_bandwidth(a, &self.clock, now, len) {
             self.stats.quota_dropped += 1;
             return ClientAction::None;
         }
@@ -419,7 +422,11 @@ impl Core {
     }
 
     #[inline]
-    fn within_bandwidth(a: &mut Allocation, now_ms: u64, len: usize) -> bool {
+    fn within_bandwidth(a: &mut Allocation, clock: &Clock, now: Instant, len: usize) -> bool {
+        if a.bucket.is_none() && !a.user.limited() {
+            return true;
+        }
+        let now_ms = clock.millis(now);
         a.bucket.as_mut().is_none_or(|b| b.allow(now_ms, len)) && a.user.allow(now_ms, len)
     }
 
@@ -449,15 +456,21 @@ impl Core {
             return ClientAction::None;
         }
         let peer = SocketAddr::new(normalize(peer.ip()), peer.port());
-        let now_ms = self.clock.millis(now);
         let Some(Some(a)) = self.slots.get_mut(id.0 as usize) else {
             return ClientAction::None;
         };
-        if !a.has_permission(peer.ip(), now) || !a.family_ok(peer) {
+        // Permissions are per IP, so the port-level rules (own relayed address, the relay's
+        // listening ports and host services) are checked on every Send indication too.
+        let own = [a.relayed.v4, a.relayed.v6];
+        if !a.has_permission(peer.ip(), now)
+            || !a.family_ok(peer)
+            || own.contains(&Some(peer))
+            || self.shared.config.policy.check(peer).is_err()
+        {
             self.stats.dropped_packets += 1;
             return ClientAction::None;
         }
-        if !Self::within_bandwidth(a, now_ms, data.len()) {
+        if !Self::within_bandwidth(a, &self.clock, now, data.len()) {
             self.stats.quota_dropped += 1;
             return ClientAction::None;
         }
@@ -483,7 +496,6 @@ impl Core {
         len: usize,
         now: Instant,
     ) -> PeerAction {
-        let now_ms = self.clock.millis(now);
         let Some(Some(a)) = self.slots.get_mut(alloc.0 as usize) else {
             return PeerAction::Drop;
         };
@@ -492,7 +504,7 @@ impl Core {
             self.stats.dropped_packets += 1;
             return PeerAction::Drop;
         }
-        if !Self::within_bandwidth(a, now_ms, len) {
+        if !Self::within_bandwidth(a, &self.clock, now, len) {
             self.stats.quota_dropped += 1;
             return PeerAction::Drop;
         }
@@ -527,11 +539,11 @@ impl Core {
 
     fn request(&mut self, msg: &Message<'_>, client: ClientId, now: Instant) -> ClientAction {
         let m = msg.method();
-        if let Some(action) = self.unknown_attributes(msg) {
-            self.count(m, 420);
-            return action;
-        }
         if m == method::BINDING {
+            if let Some(action) = self.unknown_attributes(msg) {
+                self.count(m, 420);
+                return action;
+            }
             self.count(m, 0);
             return self.binding(msg, client);
         }
@@ -559,6 +571,11 @@ impl Core {
             Ok(a) => a,
             Err(e) => return self.auth_failure(msg, client, e, unix),
         };
+        // Checked after authentication, so the 420 is signed and the client accepts it
+        // (RFC 8489 §9.2.5).
+        if unknown_required(msg).1 > 0 {
+            return self.finish(msg, client, &auth, Err(420), now);
+        }
         let existing = self.by_client.get(&client).copied();
         if let Some(id) = existing {
             if self.slot(id).is_some_and(|a| a.username != auth.username) {
@@ -583,17 +600,7 @@ impl Core {
 
     /// 420 for comprehension-required attributes this server does not know (RFC 8489 §7.3.1).
     fn unknown_attributes(&mut self, msg: &Message<'_>) -> Option<ClientAction> {
-        let mut unknown = [0u16; 8];
-        let mut n = 0;
-        for t in msg.attribute_types() {
-            let known = attr::is_known_required(t)
-                || (t == attr::CHANGE_REQUEST
-                    && msg.get(t).is_some_and(|v| v.iter().all(|b| *b == 0)));
-            if t < 0x8000 && !known && n < unknown.len() {
-                unknown[n] = t;
-                n += 1;
-            }
-        }
+        let (unknown, n) = unknown_required(msg);
         if n == 0 {
             return None;
         }
@@ -619,8 +626,9 @@ impl Core {
         let software = self.shared.config.software.clone();
         let mut b = Builder::new(&mut self.out, Class::Success, method::BINDING, tid);
         if tid.is_classic() {
-            // RFC 3489 §11.2.1: MAPPED-ADDRESS, and SOURCE-/CHANGED-ADDRESS, which classic
-            // clients require; with no alternate address both name the address that answered.
+            // RFC 3489 §11.2.1: MAPPED-ADDRESS. SOURCE-ADDRESS and CHANGED-ADDRESS are left
+            // out: this relay has no alternate address to offer, and a listener on 0.0.0.0
+            // does not know which of its addresses answered.
             b.address(attr::MAPPED_ADDRESS, client.addr);
         } else {
             b.xor_address(attr::XOR_MAPPED_ADDRESS, client.addr);
@@ -659,9 +667,7 @@ impl Core {
                 .attr(attr::NONCE, nonce)
                 .attr(attr::PASSWORD_ALGORITHMS, &PASSWORD_ALGORITHMS);
         }
-        if let Some(s) = &shared.config.software {
-            b.attr(attr::SOFTWARE, s.as_bytes());
-        }
+        // No SOFTWARE here: unauthenticated answers stay small, so they amplify little.
         b.fingerprint();
         ClientAction::Reply
     }
@@ -699,6 +705,10 @@ impl Core {
         let shared = Arc::clone(&self.shared);
         let mut b = Builder::new(&mut self.out, class, msg.method(), msg.transaction_id());
         match result {
+            Err(420) => {
+                let (unknown, n) = unknown_required(msg);
+                b.error(420, reason(420)).unknown_attributes(&unknown[..n]);
+            }
             Err(code) => {
                 b.error(code, reason(code));
             }
@@ -750,8 +760,11 @@ impl Core {
         let token = msg.get(attr::RESERVATION_TOKEN);
         let family = msg.get(attr::REQUESTED_ADDRESS_FAMILY);
         let additional = msg.get(attr::ADDITIONAL_ADDRESS_FAMILY);
-        if (even.is_some() && token.is_some())
-            || (family.is_some() && (token.is_some() || additional.is_some()))
+        let reserve_next = even.is_some_and(|v| v.first().is_some_and(|b| b & 0x80 != 0));
+        // RFC 8656 §7.2 steps 5 and 8: a reservation names one port of one family.
+        if (token.is_some() && (even.is_some() || family.is_some() || additional.is_some()))
+            || (family.is_some() && additional.is_some())
+            || (reserve_next && additional.is_some())
         {
             return Err(400);
         }
@@ -781,10 +794,6 @@ impl Core {
         if (want_v4 && !config.relay_v4) || (want_v6 && !config.relay_v6) {
             return Err(440);
         }
-        let reserve_next = match even {
-            None => false,
-            Some(v) => v.first().is_some_and(|b| b & 0x80 != 0),
-        };
         let lifetime = self.lifetime(msg);
         let user = self
             .shared
@@ -896,6 +905,17 @@ impl Core {
         let Some(id) = existing else {
             return Err(437);
         };
+        if let Some(f) = msg.get(attr::REQUESTED_ADDRESS_FAMILY) {
+            let a = self.slot(id).ok_or(437u16)?;
+            let held = match f.first() {
+                Some(0x01) => a.relayed.v4.is_some(),
+                Some(0x02) => a.relayed.v6.is_some(),
+                _ => false,
+            };
+            if !held {
+                return Err(443);
+            }
+        }
         if msg.get_u32(attr::LIFETIME) == Some(0) {
             self.free(id);
             return Ok(0);
@@ -964,10 +984,17 @@ impl Core {
             return Err(437);
         };
         let expires = now + PERMISSION_LIFETIME;
+        a.permissions.retain(|(_, exp)| *exp > now);
+        let new = peers[..n]
+            .iter()
+            .flatten()
+            .filter(|ip| !a.permissions.iter().any(|(p, _)| p == *ip))
+            .count();
+        if a.permissions.len() + new > max {
+            return Err(508);
+        }
         for ip in peers[..n].iter().flatten() {
-            if !install_permission(a, *ip, expires, now, max) {
-                return Err(508);
-            }
+            install_permission(a, *ip, expires, now, max);
         }
         Ok(())
     }
@@ -1076,6 +1103,22 @@ impl Core {
             }
         }
     }
+}
+
+/// Comprehension-required attributes this server does not know (RFC 8489 §7.3.1), at most 8.
+/// CHANGE-REQUEST with no flags set asks for nothing, so classic clients' requests pass.
+fn unknown_required(msg: &Message<'_>) -> ([u16; 8], usize) {
+    let mut unknown = [0u16; 8];
+    let mut n = 0;
+    for t in msg.attribute_types() {
+        let known = attr::is_known_required(t)
+            || (t == attr::CHANGE_REQUEST && msg.get(t).is_some_and(|v| v.iter().all(|b| *b == 0)));
+        if t < 0x8000 && !known && n < unknown.len() {
+            unknown[n] = t;
+            n += 1;
+        }
+    }
+    (unknown, n)
 }
 
 /// ADDRESS-ERROR-CODE (RFC 8656 §18.13) for a refused IPv6 additional family: 440.

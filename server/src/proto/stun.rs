@@ -175,13 +175,16 @@ pub enum ParseError {
     AfterFingerprint,
     #[error("bad FINGERPRINT")]
     BadFingerprint,
+    #[error("MESSAGE-INTEGRITY is not 20 bytes")]
+    BadIntegrity,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct AttrRef {
     ty: u16,
-    start: u16,
     len: u16,
+    /// u32: a message framed on a stream may reach 20 + 65535 bytes.
+    start: u32,
 }
 
 /// A parsed STUN message borrowing its datagram.
@@ -259,7 +262,12 @@ impl<'a> Message<'a> {
                     }
                     fingerprint = Some(pos);
                 }
-                attr::MESSAGE_INTEGRITY if msg.integrity.is_none() => msg.integrity = Some(pos),
+                attr::MESSAGE_INTEGRITY if msg.integrity.is_none() => {
+                    if alen != 20 {
+                        return Err(ParseError::BadIntegrity);
+                    }
+                    msg.integrity = Some(pos)
+                }
                 attr::MESSAGE_INTEGRITY_SHA256 if msg.integrity_sha256.is_none() => {
                     msg.integrity_sha256 = Some(pos)
                 }
@@ -275,8 +283,8 @@ impl<'a> Message<'a> {
                 }
                 msg.attrs[msg.n_attrs] = AttrRef {
                     ty,
-                    start: start as u16,
                     len: alen as u16,
+                    start: start as u32,
                 };
                 msg.n_attrs += 1;
             }
