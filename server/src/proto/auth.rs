@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 
 use base64::Engine;
 use hmac::{Hmac, Mac};
+use md5::digest;
 use md5::{Digest, Md5};
 use sha1::Sha1;
 use sha2::Sha256;
@@ -22,24 +23,25 @@ pub const ALGORITHM_SHA256: u16 = 0x0002;
 /// The PASSWORD-ALGORITHMS value the server offers: MD5 then SHA-256, no parameters.
 pub const PASSWORD_ALGORITHMS: [u8; 8] = [0, 1, 0, 0, 0, 2, 0, 0];
 
+/// The long-term key for PASSWORD-ALGORITHM MD5 (and every RFC 5389 client):
+/// MD5(username ":" realm ":" password).
 pub fn long_term_key(username: &str, realm: &str, password: &str) -> [u8; 16] {
-    let mut h = Md5::new();
-    h.update(username.as_bytes());
-    h.update(b":");
-    h.update(realm.as_bytes());
-    h.update(b":");
-    h.update(password.as_bytes());
-    h.finalize().into()
+    joined_digest::<Md5>(username, realm, password).into()
 }
 
+/// The long-term key for PASSWORD-ALGORITHM SHA-256 (RFC 8489 §18.5.1.2).
 pub fn long_term_key_sha256(username: &str, realm: &str, password: &str) -> [u8; 32] {
-    let mut h = Sha256::new();
+    joined_digest::<Sha256>(username, realm, password).into()
+}
+
+fn joined_digest<D: Digest>(username: &str, realm: &str, password: &str) -> digest::Output<D> {
+    let mut h = D::new();
     h.update(username.as_bytes());
     h.update(b":");
     h.update(realm.as_bytes());
     h.update(b":");
     h.update(password.as_bytes());
-    h.finalize().into()
+    h.finalize()
 }
 
 /// USERHASH (RFC 8489 §14.4): SHA-256(username ":" realm).
