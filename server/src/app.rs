@@ -37,11 +37,12 @@ pub fn run(settings: Settings) -> Result<(), Error> {
         n => n,
     };
     let plan = io::relay_plan(&settings);
+    let tls = match (&settings.tls_cert, &settings.tls_key) {
+        (Some(c), Some(k)) => Some(io::stream::tls_config(c, k)?),
+        _ => None,
+    };
     let listeners = io::bind_listeners(&settings.listen, shards, settings.socket_buffer_bytes)?;
-    let bound: Vec<_> = listeners
-        .iter()
-        .filter_map(|g| g[0].local_addr().ok())
-        .collect();
+    let bound: Vec<_> = listeners.iter().filter_map(io::Bound::local_addr).collect();
 
     let mut policy = PeerPolicy::new(settings.allow_peer.clone(), settings.deny_peer.clone());
     let own_ips = [plan.v4, plan.v6]
@@ -94,8 +95,14 @@ pub fn run(settings: Settings) -> Result<(), Error> {
     };
 
     tracing::info!(config = %settings.source, shards, realm = %settings.realm, "turnpike {} starting", env!("CARGO_PKG_VERSION"));
-    for addr in &bound {
-        tracing::info!("listening on udp://{addr}");
+    for l in &listeners {
+        let l = l.listener();
+        let proxy = if l.proxy_protocol {
+            " (PROXY protocol)"
+        } else {
+            ""
+        };
+        tracing::info!("listening on {}://{}{proxy}", l.transport.scheme(), l.addr);
     }
     if let Some((bind, public)) = plan.v4 {
         tracing::info!(%bind, advertised = %public, ports = ?plan.ports, "relaying IPv4");
@@ -114,17 +121,42 @@ pub fn run(settings: Settings) -> Result<(), Error> {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let reservations = io::new_reservations();
-    let mut per_shard: Vec<Vec<_>> = (0..shards).map(|_| Vec::new()).collect();
+    let streams = Arc::new(io::stream::StreamContext {
+        tls: arc_swap::ArcSwapOption::new(tls),
+        upstream: settings.https_upstream,
+        web_hostnames: settings.web_hostnames.clone(),
+        max_per_ip: settings.max_connections_per_ip,
+        idle_timeout: Duration::from_secs(settings.tcp_idle_timeout_secs),
+        per_ip: Default::default(),
+        http: metrics::router(
+            Arc::clone(&metrics),
+            Arc::clone(&shared),
+            settings.https_metrics,
+        ),
+    });
+    let mut per_shard: Vec<(Vec<_>, Vec<_>)> =
+        (0..shards).map(|_| (Vec::new(), Vec::new())).collect();
     for group in listeners {
-        for (i, s) in group.into_iter().enumerate() {
-            per_shard[i].push(s);
+        match group {
+            io::Bound::Udp(_, socks) => {
+                for (i, s) in socks.into_iter().enumerate() {
+                    per_shard[i].0.push(s);
+                }
+            }
+            io::Bound::Stream(l, socks) => {
+                for (i, s) in socks.into_iter().enumerate() {
+                    per_shard[i].1.push((s, l));
+                }
+            }
         }
     }
     let mut threads = Vec::new();
-    for (i, sockets) in per_shard.into_iter().enumerate() {
+    for (i, (sockets, tcp)) in per_shard.into_iter().enumerate() {
         let setup = ShardSetup {
             shared: Arc::clone(&shared),
             sockets,
+            tcp,
+            streams: Arc::clone(&streams),
             plan: plan.clone(),
             reservations: Arc::clone(&reservations),
             metrics: Arc::clone(&metrics),

@@ -23,9 +23,19 @@ pub struct Cli {
     /// TOML configuration file; without it the embedded default is used.
     #[arg(long, short = 'c', value_name = "FILE", env = "TURNPIKE_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Listener, `udp://IP:PORT` (repeatable; port 0 binds an ephemeral port).
+    /// Listener, `udp://IP:PORT`, `tcp://IP:PORT` or `tls://IP:PORT`, with `?proxy-protocol` on
+    /// stream listeners behind a load balancer (repeatable; port 0 binds an ephemeral port).
     #[arg(long, value_name = "URL")]
     pub listen: Vec<String>,
+    /// TLS certificate chain (PEM) for `tls://` listeners.
+    #[arg(long, value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// TLS private key (PEM) for `tls://` listeners.
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Existing web server that HTTPS on TLS listeners is passed to, `IP:PORT` (TLS untouched).
+    #[arg(long = "https-upstream", value_name = "IP:PORT")]
+    pub https_upstream: Option<String>,
     /// Realm of the long-term credentials.
     #[arg(long, short = 'r')]
     pub realm: Option<String>,
@@ -119,6 +129,57 @@ pub struct FileConfig {
     pub peer: PeerConfig,
     #[serde(default)]
     pub quota: QuotaConfig,
+    #[serde(default)]
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub https: HttpsConfig,
+    #[serde(default)]
+    pub tcp: TcpConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpsConfig {
+    #[serde(default)]
+    pub upstream: Option<String>,
+    #[serde(default)]
+    pub web_hostnames: Vec<String>,
+    #[serde(default)]
+    pub metrics: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpConfig {
+    #[serde(default = "default_per_ip")]
+    pub max_connections_per_ip: u32,
+    #[serde(default = "default_idle")]
+    pub idle_timeout_secs: u64,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        TcpConfig {
+            max_connections_per_ip: default_per_ip(),
+            idle_timeout_secs: default_idle(),
+        }
+    }
+}
+
+fn default_per_ip() -> u32 {
+    64
+}
+fn default_idle() -> u64 {
+    60
 }
 
 #[derive(Debug, Deserialize)]
@@ -240,6 +301,32 @@ impl std::fmt::Debug for Secret {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Udp,
+    Tcp,
+    Tls,
+}
+
+impl Transport {
+    pub fn scheme(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+        }
+    }
+}
+
+/// One `listen` entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listener {
+    pub transport: Transport,
+    pub addr: SocketAddr,
+    /// Connections start with a PROXY protocol v1 or v2 header naming the real client.
+    pub proxy_protocol: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
     Json,
@@ -249,7 +336,14 @@ pub enum LogFormat {
 #[derive(Debug)]
 pub struct Settings {
     pub realm: String,
-    pub listen: Vec<SocketAddr>,
+    pub listen: Vec<Listener>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub https_upstream: Option<SocketAddr>,
+    pub web_hostnames: Vec<String>,
+    pub https_metrics: bool,
+    pub max_connections_per_ip: u32,
+    pub tcp_idle_timeout_secs: u64,
     pub relay_ips: Vec<IpAddr>,
     /// (advertised, bound) pairs.
     pub external_ips: Vec<(IpAddr, Option<IpAddr>)>,
@@ -356,6 +450,33 @@ impl Settings {
         } else {
             cli.relay_ips.clone()
         };
+        let tls_cert = cli.cert.clone().or(f.tls.cert);
+        let tls_key = cli.key.clone().or(f.tls.key);
+        if listen.iter().any(|l| l.transport == Transport::Tls)
+            && (tls_cert.is_none() || tls_key.is_none())
+        {
+            return Err(file_err(
+                "tls",
+                "tls:// listeners need tls.cert and tls.key (--cert, --key)".into(),
+            ));
+        }
+        let https_upstream = match (&cli.https_upstream, &f.https.upstream) {
+            (Some(u), _) => Some(
+                u.parse()
+                    .map_err(|e| flag_err("--https-upstream", format!("{e}: {u:?}")))?,
+            ),
+            (None, Some(u)) if !u.is_empty() => Some(
+                u.parse()
+                    .map_err(|e| file_err("https.upstream", format!("{e}: {u:?}")))?,
+            ),
+            _ => None,
+        };
+        if f.tcp.max_connections_per_ip == 0 {
+            return Err(file_err(
+                "tcp.max_connections_per_ip",
+                "must be above 0".into(),
+            ));
+        }
         let external_ips = if cli.external_ips.is_empty() {
             parse_all(&f.external_ips, parse_external).map_err(|e| file_err("external_ips", e))?
         } else {
@@ -473,6 +594,13 @@ impl Settings {
         Ok(Settings {
             realm: cli.realm.clone().unwrap_or(f.realm),
             listen,
+            tls_cert,
+            tls_key,
+            https_upstream,
+            web_hostnames: f.https.web_hostnames,
+            https_metrics: f.https.metrics,
+            max_connections_per_ip: f.tcp.max_connections_per_ip,
+            tcp_idle_timeout_secs: f.tcp.idle_timeout_secs,
             relay_ips,
             external_ips,
             relay_ports,
@@ -509,17 +637,38 @@ fn parse_all<T>(items: &[String], f: impl Fn(&str) -> Result<T, String>) -> Resu
     items.iter().map(|s| f(s)).collect()
 }
 
-/// `udp://IP:PORT`.
-pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
-    let Some((scheme, addr)) = s.split_once("://") else {
-        return Err(format!("{s:?}: expected udp://IP:PORT"));
+/// `udp://IP:PORT`, `tcp://IP:PORT` or `tls://IP:PORT`, optionally `?proxy-protocol`.
+pub fn parse_listen(s: &str) -> Result<Listener, String> {
+    let Some((scheme, rest)) = s.split_once("://") else {
+        return Err(format!(
+            "{s:?}: expected udp://IP:PORT, tcp://IP:PORT or tls://IP:PORT"
+        ));
     };
-    match scheme {
-        "udp" => addr.parse().map_err(|e| format!("{s:?}: {e}")),
-        other => Err(format!(
-            "{s:?}: unsupported transport {other:?} (supported: udp)"
-        )),
-    }
+    let transport = match scheme {
+        "udp" => Transport::Udp,
+        "tcp" => Transport::Tcp,
+        "tls" => Transport::Tls,
+        other => {
+            return Err(format!(
+                "{s:?}: unsupported transport {other:?} (supported: udp, tcp, tls)"
+            ))
+        }
+    };
+    let (addr, proxy_protocol) = match rest.split_once('?') {
+        None => (rest, false),
+        Some((a, "proxy-protocol")) if transport != Transport::Udp => (a, true),
+        Some((_, q)) => {
+            return Err(format!(
+                "{s:?}: unknown option {q:?} (stream listeners take ?proxy-protocol)"
+            ))
+        }
+    };
+    let addr = addr.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    Ok(Listener {
+        transport,
+        addr,
+        proxy_protocol,
+    })
 }
 
 fn parse_external(s: &str) -> Result<(IpAddr, Option<IpAddr>), String> {
@@ -589,8 +738,14 @@ mod tests {
     fn embedded_default_is_safe() {
         let s = load(DEFAULT_TOML).expect("default parses");
         assert_eq!(
-            s.listen,
-            vec!["0.0.0.0:3478".parse::<SocketAddr>().expect("a")]
+            s.listen
+                .iter()
+                .map(|l| (l.transport, l.addr))
+                .collect::<Vec<_>>(),
+            vec![(
+                Transport::Udp,
+                "0.0.0.0:3478".parse::<SocketAddr>().expect("a")
+            )]
         );
         assert!(s.allow_peer.is_empty());
         assert!(s.generated_secret);
@@ -625,13 +780,21 @@ mod tests {
             .expect_err("type")
             .to_string();
         assert!(e.contains("threads") && e.contains("line 2"), "{e}");
-        let e = load("listen = [\"tcp://127.0.0.1:0\"]\n")
+        let e = load("listen = [\"sctp://127.0.0.1:0\"]\n")
             .expect_err("scheme")
             .to_string();
         assert!(
             e.contains("listen") && e.contains("unsupported transport"),
             "{e}"
         );
+        let e = load("listen = [\"tls://127.0.0.1:0\"]\n")
+            .expect_err("no cert")
+            .to_string();
+        assert!(e.contains("tls.cert"), "{e}");
+        let e = load("listen = [\"udp://127.0.0.1:0?proxy-protocol\"]\n")
+            .expect_err("proxy on udp")
+            .to_string();
+        assert!(e.contains("proxy-protocol"), "{e}");
         let e = load("listen = [\"udp://127.0.0.1:0\"]\nrelay_ports = \"70000-2\"\n")
             .expect_err("ports")
             .to_string();
@@ -660,7 +823,7 @@ mod tests {
         ]);
         let s = Settings::resolve(f, &cli, "t".into()).expect("resolve");
         assert_eq!(
-            s.listen,
+            s.listen.iter().map(|l| l.addr).collect::<Vec<_>>(),
             vec!["127.0.0.1:0".parse::<SocketAddr>().expect("a")]
         );
         assert_eq!(s.secrets, vec![Secret("a".into()), Secret("b".into())]);

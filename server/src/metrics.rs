@@ -175,17 +175,10 @@ impl Default for Metrics {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on a bound listener until the process ends.
-pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, shared: Arc<Shared>) {
+/// The built-in HTTP endpoints: `/healthz`, `/readyz`, and `/metrics` when `with_metrics`.
+pub fn router(metrics: Arc<Metrics>, shared: Arc<Shared>, with_metrics: bool) -> Router {
     let ready = Arc::clone(&shared);
-    let app = Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let body = metrics.render(&shared);
-                async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body) }
-            }),
-        )
+    let mut app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",
@@ -200,7 +193,21 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, sha
                 }
             }),
         );
-    if let Err(e) = axum::serve(listener, app).await {
+    if with_metrics {
+        app = app.route(
+            "/metrics",
+            get(move || {
+                let body = metrics.render(&shared);
+                async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body) }
+            }),
+        );
+    }
+    app
+}
+
+/// Serves the endpoints, metrics included, on a bound listener until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, shared: Arc<Shared>) {
+    if let Err(e) = axum::serve(listener, router(metrics, shared, true)).await {
         tracing::error!(error = %e, "metrics server stopped");
     }
 }

@@ -1062,6 +1062,17 @@ impl Core {
         self.events.push_back(Event::Freed(id));
     }
 
+    /// A stream client's connection closed: its allocation ends with it (RFC 8656 §2.1).
+    pub fn close_client(&mut self, client: ClientId) {
+        if let Some(id) = self.by_client.get(&client).copied() {
+            self.free(id);
+        }
+    }
+
+    pub fn has_allocation(&self, client: ClientId) -> bool {
+        self.by_client.contains_key(&client)
+    }
+
     /// Frees every allocation (shutdown after the drain grace time).
     pub fn free_all(&mut self) {
         for i in 0..self.slots.len() {

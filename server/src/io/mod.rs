@@ -8,7 +8,9 @@
 //! header can be written in front without a copy, and sends are non-blocking (a full socket
 //! buffer drops the datagram, as a router would).
 
-use std::cell::RefCell;
+pub mod stream;
+
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket as StdUdpSocket};
 use std::rc::Rc;
@@ -20,7 +22,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
-use crate::config::Settings;
+use crate::config::{Listener, Settings, Transport};
 use crate::metrics::Metrics;
 use crate::proto::{
     AllocId, ClientAction, ClientId, Clock, Core, Event, PeerAction, PendingAllocate, RelayAddrs,
@@ -54,7 +56,7 @@ pub fn relay_plan(s: &Settings) -> RelayPlan {
     let mut bind_v6 = s.relay_ips.iter().copied().find(IpAddr::is_ipv6);
     if s.relay_ips.is_empty() {
         for l in &s.listen {
-            match l.ip() {
+            match l.addr.ip() {
                 ip if ip.is_unspecified() => {}
                 ip @ IpAddr::V4(_) => bind_v4 = bind_v4.or(Some(ip)),
                 ip @ IpAddr::V6(_) => bind_v6 = bind_v6.or(Some(ip)),
@@ -143,31 +145,72 @@ fn udp_socket(addr: SocketAddr, reuse_port: bool, buffer: usize) -> std::io::Res
     Ok(sock.into())
 }
 
-/// Listener sockets: `[listener][shard]`, all shards of a listener bound to the same address.
+/// Listener sockets, `[listener][shard]`: every shard of a listener bound to the same address.
+pub enum Bound {
+    Udp(Listener, Vec<StdUdpSocket>),
+    Stream(Listener, Vec<std::net::TcpListener>),
+}
+
+impl Bound {
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Bound::Udp(_, g) => g.first()?.local_addr().ok(),
+            Bound::Stream(_, g) => g.first()?.local_addr().ok(),
+        }
+    }
+    pub fn listener(&self) -> Listener {
+        match self {
+            Bound::Udp(l, _) | Bound::Stream(l, _) => *l,
+        }
+    }
+}
+
+fn tcp_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    Ok(sock.into())
+}
+
+/// Binds every listener once per shard (SO_REUSEPORT); port 0 is resolved by the first bind.
 pub fn bind_listeners(
-    listen: &[SocketAddr],
+    listen: &[Listener],
     shards: usize,
     buffer: usize,
-) -> Result<Vec<Vec<StdUdpSocket>>, Error> {
+) -> Result<Vec<Bound>, Error> {
     let mut out = Vec::new();
-    for addr in listen {
-        let first = udp_socket(*addr, true, buffer).map_err(|source| Error::Bind {
-            what: "udp listener",
-            addr: *addr,
+    for l in listen {
+        let err = |addr, source| Error::Bind {
+            what: l.transport.scheme(),
+            addr,
             source,
-        })?;
-        let bound = first.local_addr()?;
-        let mut group = vec![first];
-        for _ in 1..shards {
-            group.push(
-                udp_socket(bound, true, buffer).map_err(|source| Error::Bind {
-                    what: "udp listener",
-                    addr: bound,
-                    source,
-                })?,
-            );
+        };
+        match l.transport {
+            Transport::Udp => {
+                let first = udp_socket(l.addr, true, buffer).map_err(|e| err(l.addr, e))?;
+                let bound = first.local_addr()?;
+                let mut group = vec![first];
+                for _ in 1..shards {
+                    group.push(udp_socket(bound, true, buffer).map_err(|e| err(bound, e))?);
+                }
+                out.push(Bound::Udp(Listener { addr: bound, ..*l }, group));
+            }
+            Transport::Tcp | Transport::Tls => {
+                let first = tcp_listener(l.addr).map_err(|e| err(l.addr, e))?;
+                let bound = first.local_addr()?;
+                let mut group = vec![first];
+                for _ in 1..shards {
+                    group.push(tcp_listener(bound).map_err(|e| err(bound, e))?);
+                }
+                out.push(Bound::Stream(Listener { addr: bound, ..*l }, group));
+            }
         }
-        out.push(group);
     }
     Ok(out)
 }
@@ -193,6 +236,9 @@ impl Drop for RelaySlot {
 struct Shard {
     core: RefCell<Core>,
     listeners: Vec<Rc<UdpSocket>>,
+    streams: Arc<stream::StreamContext>,
+    conns: RefCell<HashMap<u32, Rc<stream::Outbox>>>,
+    next_conn: Cell<u32>,
     relays: RefCell<Vec<Option<RelaySlot>>>,
     buf: RefCell<Box<[u8]>>,
     plan: RelayPlan,
@@ -204,6 +250,8 @@ struct Shard {
 pub struct ShardSetup {
     pub shared: Arc<Shared>,
     pub sockets: Vec<StdUdpSocket>,
+    pub tcp: Vec<(std::net::TcpListener, Listener)>,
+    pub streams: Arc<stream::StreamContext>,
     pub plan: RelayPlan,
     pub reservations: Reservations,
     pub metrics: Arc<Metrics>,
@@ -242,6 +290,9 @@ pub fn run_shard(setup: ShardSetup, stop: tokio::sync::watch::Receiver<bool>) ->
                 seed,
             )),
             listeners,
+            streams: setup.streams,
+            conns: RefCell::new(HashMap::new()),
+            next_conn: Cell::new(stream::STREAM_BASE),
             relays: RefCell::new(Vec::new()),
             buf: RefCell::new(vec![0u8; BUF_LEN].into_boxed_slice()),
             plan: setup.plan,
@@ -250,6 +301,10 @@ pub fn run_shard(setup: ShardSetup, stop: tokio::sync::watch::Receiver<bool>) ->
         });
         for i in 0..shard.listeners.len() {
             tokio::task::spawn_local(listener_loop(Rc::clone(&shard), i));
+        }
+        for (l, cfg) in setup.tcp {
+            let l = tokio::net::TcpListener::from_std(l)?;
+            tokio::task::spawn_local(stream::accept_loop(Rc::clone(&shard), l, cfg));
         }
         let mut stop = stop;
         let mut tick = tokio::time::interval(TICK);
@@ -344,14 +399,10 @@ async fn relay_loop(shard: Rc<Shard>, alloc: AllocId, sock: Rc<UdpSocket>) {
             match action {
                 PeerAction::Drop => {}
                 PeerAction::ChannelData { client, len } => {
-                    if let Some(l) = shard.listeners.get(client.listener as usize) {
-                        let _ = l.try_send_to(&buf[..4 + len], client.addr);
-                    }
+                    shard.send_to_client(client, &buf[..4 + len])
                 }
                 PeerAction::DataIndication { client } => {
-                    if let Some(l) = shard.listeners.get(client.listener as usize) {
-                        let _ = l.try_send_to(shard.core.borrow().output(), client.addr);
-                    }
+                    shard.send_to_client(client, shard.core.borrow().output());
                 }
             }
         }
@@ -362,6 +413,18 @@ async fn relay_loop(shard: Rc<Shard>, alloc: AllocId, sock: Rc<UdpSocket>) {
 }
 
 impl Shard {
+    /// Sends to a client over its UDP listener or queues it on its stream connection.
+    #[inline]
+    fn send_to_client(&self, client: ClientId, data: &[u8]) {
+        if client.listener < stream::STREAM_BASE {
+            if let Some(l) = self.listeners.get(client.listener as usize) {
+                let _ = l.try_send_to(data, client.addr);
+            }
+        } else if let Some(conn) = self.conns.borrow().get(&client.listener) {
+            conn.push(data);
+        }
+    }
+
     #[inline]
     fn send_to_peer(&self, alloc: AllocId, peer: SocketAddr, payload: &[u8]) {
         let relays = self.relays.borrow();

@@ -1,0 +1,592 @@
+//! TCP and TLS listeners: one port for TURN over TCP, TURN over TLS, HTTPS and plain HTTP.
+//!
+//! A connection is classified from its first bytes without consuming them (`peek`): a PROXY
+//! protocol header is read first where the listener expects one; a TLS record (0x16) on a TLS
+//! listener is a ClientHello, whose ALPN and SNI decide between TURN, the built-in HTTPS
+//! endpoints and the configured upstream web server (which gets the connection untouched, TLS
+//! and all); anything else is STUN/ChannelData framing (RFC 8656 §10.1) or an HTTP request.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+use super::Shard;
+use crate::config::{Listener, Transport};
+use crate::proto::{ClientAction, ClientId};
+
+/// Client ids at or above this are stream connections; below, UDP listener indexes.
+pub const STREAM_BASE: u32 = 0x8000_0000;
+/// Most bytes queued towards one slow stream client before datagrams for it are dropped.
+const OUTBOX_MAX: usize = 1 << 20;
+/// Longest STUN message or ChannelData frame on a stream.
+const MAX_FRAME: usize = 4 + 65_535 + 3;
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// ALPN ids: RFC 7443 for TURN and STUN, then HTTP/1.1 for the built-in endpoints.
+pub const ALPN_TURN: &[u8] = b"stun.turn";
+pub const ALPN_STUN: &[u8] = b"stun.nat-discovery";
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// What every shard's stream listeners share.
+pub struct StreamContext {
+    /// The TLS configuration; replaced on reload.
+    pub tls: arc_swap::ArcSwapOption<rustls::ServerConfig>,
+    /// Existing web server HTTPS is passed to, TLS untouched.
+    pub upstream: Option<SocketAddr>,
+    /// SNI names sent to the upstream; empty means every HTTP client when an upstream is set.
+    pub web_hostnames: Vec<String>,
+    pub max_per_ip: u32,
+    pub idle_timeout: Duration,
+    pub per_ip: Mutex<HashMap<IpAddr, u32>>,
+    pub http: axum::Router,
+}
+
+/// Counts a source's connection for as long as it lives.
+struct PerIpGuard<'a> {
+    ctx: &'a StreamContext,
+    ip: IpAddr,
+}
+
+impl Drop for PerIpGuard<'_> {
+    fn drop(&mut self) {
+        let mut m = self.ctx.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl StreamContext {
+    fn admit(&self, ip: IpAddr) -> Option<PerIpGuard<'_>> {
+        let mut m = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= self.max_per_ip {
+            return None;
+        }
+        *n += 1;
+        Some(PerIpGuard { ctx: self, ip })
+    }
+}
+
+/// Bytes waiting to be written to one stream client, and the writer's wake-up.
+pub struct Outbox {
+    buf: RefCell<Vec<u8>>,
+    notify: Notify,
+    closed: Cell<bool>,
+}
+
+impl Outbox {
+    fn new() -> Self {
+        Outbox {
+            buf: RefCell::new(Vec::new()),
+            notify: Notify::new(),
+            closed: Cell::new(false),
+        }
+    }
+
+    /// Queues one frame, padded to a multiple of four bytes as streams require for
+    /// ChannelData (RFC 8656 §12.5); a frame that does not fit is dropped whole.
+    pub fn push(&self, frame: &[u8]) -> bool {
+        let pad = (4 - frame.len() % 4) % 4;
+        let mut buf = self.buf.borrow_mut();
+        if self.closed.get() || buf.len() + frame.len() + pad > OUTBOX_MAX {
+            return false;
+        }
+        buf.extend_from_slice(frame);
+        buf.extend_from_slice(&[0u8; 3][..pad]);
+        drop(buf);
+        self.notify.notify_one();
+        true
+    }
+}
+
+/// Accepts connections on one of this shard's stream listeners.
+pub(super) async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, cfg: Listener) {
+    loop {
+        let (tcp, from) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let shard = Rc::clone(&shard);
+        tokio::task::spawn_local(async move {
+            if let Err(e) = connection(shard, tcp, from, cfg).await {
+                tracing::debug!(%from, error = %e, "connection ended");
+            }
+        });
+    }
+}
+
+async fn connection(
+    shard: Rc<Shard>,
+    tcp: TcpStream,
+    from: SocketAddr,
+    cfg: Listener,
+) -> std::io::Result<()> {
+    let ctx = Arc::clone(&shard.streams);
+    let client_addr = if cfg.proxy_protocol {
+        match tokio::time::timeout(HELLO_TIMEOUT, read_proxy_header(&tcp)).await {
+            Ok(Ok(Some(a))) => a,
+            Ok(Ok(None)) => from,
+            _ => return Ok(()),
+        }
+    } else {
+        from
+    };
+    let Some(_guard) = ctx.admit(client_addr.ip()) else {
+        tracing::debug!(client = %client_addr, "too many connections from this address");
+        return Ok(());
+    };
+    let mut first = [0u8; 1];
+    let n = tokio::time::timeout(HELLO_TIMEOUT, tcp.peek(&mut first))
+        .await
+        .map_err(timeout)??;
+    if n == 0 {
+        return Ok(());
+    }
+    // A TURN stream opens with a STUN request (first byte 0x00 or 0x01): ChannelData cannot
+    // come first, since channels belong to an allocation made on this connection. So any
+    // other first byte is HTTP, whose methods would collide with ChannelData's 0x40-0x7F.
+    if first[0] != 0x16 || cfg.transport != Transport::Tls {
+        return match first[0] {
+            0x00 | 0x01 => turn_stream(&shard, tcp, client_addr, Vec::new()).await,
+            _ => serve_http(&ctx, tcp).await,
+        };
+    }
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, client_hello(&tcp))
+        .await
+        .map_err(timeout)??;
+    let wants_turn = hello.alpn.iter().any(|p| p == ALPN_TURN || p == ALPN_STUN);
+    let wants_http = hello.alpn.iter().any(|p| p == ALPN_HTTP1 || p == ALPN_H2);
+    if let Some(upstream) = ctx.upstream {
+        let web_name = match &hello.sni {
+            Some(name) => ctx
+                .web_hostnames
+                .iter()
+                .any(|w| w.eq_ignore_ascii_case(name)),
+            None => false,
+        };
+        if !wants_turn && (web_name || (ctx.web_hostnames.is_empty() && wants_http)) {
+            return pass_through(tcp, upstream).await;
+        }
+    }
+    let Some(config) = ctx.tls.load_full() else {
+        return Ok(());
+    };
+    let start =
+        tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
+    let tls = start.into_stream(config).await?;
+    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    match alpn.as_deref() {
+        Some(ALPN_TURN) | Some(ALPN_STUN) => {
+            turn_stream(&shard, tls, client_addr, Vec::new()).await
+        }
+        Some(_) => serve_http(&ctx, tls).await,
+        None => {
+            // No ALPN (most TURN clients, Chromium among them): the first decrypted byte says.
+            let mut tls = tls;
+            let mut head = vec![0u8; 4096];
+            let n = tokio::time::timeout(HELLO_TIMEOUT, tls.read(&mut head))
+                .await
+                .map_err(timeout)??;
+            head.truncate(n);
+            match head.first() {
+                None => Ok(()),
+                Some(0x00 | 0x01) => turn_stream(&shard, tls, client_addr, head).await,
+                Some(_) => {
+                    serve_http(
+                        &ctx,
+                        Prefixed {
+                            head,
+                            pos: 0,
+                            inner: tls,
+                        },
+                    )
+                    .await
+                }
+            }
+        }
+    }
+}
+
+fn timeout(_: tokio::time::error::Elapsed) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, "client too slow")
+}
+
+/// Reads a PROXY protocol v1 or v2 header; returns the client address it names (None for
+/// `LOCAL`/`UNKNOWN`, health checks of the load balancer itself).
+async fn read_proxy_header(tcp: &TcpStream) -> std::io::Result<Option<SocketAddr>> {
+    let mut buf = vec![0u8; 536];
+    loop {
+        let n = tcp.peek(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        match ppp::HeaderResult::parse(&buf[..n]) {
+            ppp::HeaderResult::V1(Ok(h)) => {
+                let len = h.header.len();
+                let addr = match h.addresses {
+                    ppp::v1::Addresses::Tcp4(a) => {
+                        Some(SocketAddr::new(a.source_address.into(), a.source_port))
+                    }
+                    ppp::v1::Addresses::Tcp6(a) => {
+                        Some(SocketAddr::new(a.source_address.into(), a.source_port))
+                    }
+                    ppp::v1::Addresses::Unknown => None,
+                };
+                consume(tcp, len).await?;
+                return Ok(addr);
+            }
+            ppp::HeaderResult::V2(Ok(h)) => {
+                let len = h.len();
+                let addr = match h.addresses {
+                    ppp::v2::Addresses::IPv4(a) => {
+                        Some(SocketAddr::new(a.source_address.into(), a.source_port))
+                    }
+                    ppp::v2::Addresses::IPv6(a) => {
+                        Some(SocketAddr::new(a.source_address.into(), a.source_port))
+                    }
+                    _ => None,
+                };
+                consume(tcp, len).await?;
+                return Ok(addr);
+            }
+            r if ppp::PartialResult::is_incomplete(&r) && n < buf.len() => {
+                tcp.readable().await?;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            _ => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "bad PROXY header",
+                ))
+            }
+        }
+    }
+}
+
+/// Reads and discards exactly `n` bytes the caller has peeked.
+async fn consume(tcp: &TcpStream, mut n: usize) -> std::io::Result<()> {
+    let mut sink = [0u8; 536];
+    while n > 0 {
+        tcp.readable().await?;
+        match tcp.try_read(&mut sink[..n.min(536)]) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(k) => n -= k,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+struct Hello {
+    sni: Option<String>,
+    alpn: Vec<Vec<u8>>,
+}
+
+/// Peeks until a whole ClientHello has arrived and reads its SNI and ALPN, consuming nothing.
+async fn client_hello(tcp: &TcpStream) -> std::io::Result<Hello> {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut seen = 0;
+    loop {
+        let n = tcp.peek(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if n > seen {
+            seen = n;
+            let mut acceptor = rustls::server::Acceptor::default();
+            let mut reader = &buf[..n];
+            while !reader.is_empty() {
+                if acceptor.read_tls(&mut reader).is_err() {
+                    break;
+                }
+            }
+            match acceptor.accept() {
+                Ok(Some(accepted)) => {
+                    let hello = accepted.client_hello();
+                    return Ok(Hello {
+                        sni: hello.server_name().map(str::to_owned),
+                        alpn: hello
+                            .alpn()
+                            .map(|a| a.map(<[u8]>::to_vec).collect())
+                            .unwrap_or_default(),
+                    });
+                }
+                Ok(None) if n < buf.len() => {}
+                Ok(None) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "ClientHello too long",
+                    ))
+                }
+                Err((e, _)) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("bad ClientHello: {e}"),
+                    ))
+                }
+            }
+        }
+        // More of the ClientHello is on its way; peek again shortly.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+async fn pass_through(mut tcp: TcpStream, upstream: SocketAddr) -> std::io::Result<()> {
+    let mut up = TcpStream::connect(upstream).await?;
+    let _ = up.set_nodelay(true);
+    tokio::io::copy_bidirectional(&mut tcp, &mut up).await?;
+    Ok(())
+}
+
+async fn serve_http<S>(ctx: &StreamContext, stream: S) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper_util::service::TowerToHyperService::new(ctx.http.clone());
+    hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+        .await
+        .map_err(std::io::Error::other)
+}
+
+/// Runs TURN over a stream: STUN messages and ChannelData framed back to back.
+async fn turn_stream<S>(
+    shard: &Rc<Shard>,
+    stream: S,
+    client_addr: SocketAddr,
+    head: Vec<u8>,
+) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + 'static,
+{
+    let id = shard.next_conn.get();
+    shard
+        .next_conn
+        .set(if id == u32::MAX { STREAM_BASE } else { id + 1 });
+    let client = ClientId {
+        listener: id,
+        addr: client_addr,
+    };
+    let outbox = Rc::new(Outbox::new());
+    shard.conns.borrow_mut().insert(id, Rc::clone(&outbox));
+    let (mut rd, wr) = tokio::io::split(stream);
+    let writer = tokio::task::spawn_local(write_loop(Rc::clone(&outbox), wr));
+    let result = read_loop(shard, &mut rd, client, &outbox, head).await;
+    outbox.closed.set(true);
+    shard.conns.borrow_mut().remove(&id);
+    shard.core.borrow_mut().close_client(client);
+    shard.process_events();
+    writer.abort();
+    result
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    shard: &Rc<Shard>,
+    rd: &mut R,
+    client: ClientId,
+    outbox: &Outbox,
+    mut buf: Vec<u8>,
+) -> std::io::Result<()> {
+    let idle = shard.streams.idle_timeout;
+    let mut chunk = vec![0u8; 16 * 1024];
+    loop {
+        let mut pos = 0;
+        while let Some(len) = frame_len(&buf[pos..]) {
+            if len > MAX_FRAME {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "frame too long",
+                ));
+            }
+            if buf.len() - pos < len {
+                break;
+            }
+            handle_frame(shard, &buf[pos..pos + len], client, outbox);
+            pos += len;
+        }
+        if pos < buf.len() && frame_len(&buf[pos..]).is_none() && buf.len() - pos >= 4 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "neither STUN nor ChannelData",
+            ));
+        }
+        buf.drain(..pos);
+        // A connection that holds no allocation must show activity; one that does lives as
+        // long as its allocation, which the client refreshes.
+        let n = if shard.core.borrow().has_allocation(client) {
+            rd.read(&mut chunk).await?
+        } else {
+            tokio::time::timeout(idle, rd.read(&mut chunk))
+                .await
+                .map_err(timeout)??
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Length of the frame at the start of `buf` (ChannelData padded to four bytes on streams),
+/// None while the header is incomplete or the bytes are neither STUN nor ChannelData.
+fn frame_len(buf: &[u8]) -> Option<usize> {
+    if buf.len() < 4 {
+        return None;
+    }
+    let len = usize::from(u16::from_be_bytes([buf[2], buf[3]]));
+    match buf[0] & 0xC0 {
+        0x00 => Some(20 + len),
+        0x40 => Some(4 + ((len + 3) & !3)),
+        _ => None,
+    }
+}
+
+fn handle_frame(shard: &Rc<Shard>, frame: &[u8], client: ClientId, outbox: &Outbox) {
+    let action = shard
+        .core
+        .borrow_mut()
+        .handle_client(frame, client, Instant::now());
+    match action {
+        ClientAction::None => {}
+        ClientAction::Reply => {
+            outbox.push(shard.core.borrow().output());
+        }
+        ClientAction::Relay {
+            alloc,
+            peer,
+            start,
+            end,
+        } => shard.send_to_peer(alloc, peer, &frame[start..end]),
+        ClientAction::Allocate(p) => {
+            shard.allocate(p);
+            outbox.push(shard.core.borrow().output());
+        }
+    }
+    shard.process_events();
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(outbox: Rc<Outbox>, mut wr: W) {
+    let mut spare = Vec::new();
+    loop {
+        outbox.notify.notified().await;
+        loop {
+            std::mem::swap(&mut *outbox.buf.borrow_mut(), &mut spare);
+            if spare.is_empty() {
+                break;
+            }
+            if wr.write_all(&spare).await.is_err() || wr.flush().await.is_err() {
+                return;
+            }
+            spare.clear();
+        }
+    }
+}
+
+/// A stream whose first bytes were already read: they are served again before the rest.
+struct Prefixed<S> {
+    head: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.pos < self.head.len() {
+            let n = buf.remaining().min(self.head.len() - self.pos);
+            let start = self.pos;
+            buf.put_slice(&self.head[start..start + n]);
+            self.pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Loads a PEM certificate chain and key into a TLS configuration: TLS 1.2 and 1.3 only, ALPN
+/// for TURN, STUN and HTTP/1.1.
+pub fn tls_config(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<Arc<rustls::ServerConfig>, crate::Error> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |path: &std::path::Path, k: &str, reason: String| crate::Error::Config {
+        file: path.display().to_string(),
+        key: k.to_owned(),
+        reason,
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<_, _>>())
+        .map_err(|e| {
+            bad(
+                cert,
+                "tls.cert",
+                format!("cannot read a PEM certificate chain: {e}"),
+            )
+        })?;
+    if certs.is_empty() {
+        return Err(bad(cert, "tls.cert", "no certificate in the file".into()));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+        bad(
+            key,
+            "tls.key",
+            format!("cannot read a PEM private key: {e}"),
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| bad(cert, "tls", e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)
+        .map_err(|e| {
+            bad(
+                key,
+                "tls.key",
+                format!("does not match the certificate: {e}"),
+            )
+        })?;
+    config.alpn_protocols = vec![ALPN_TURN.to_vec(), ALPN_STUN.to_vec(), ALPN_HTTP1.to_vec()];
+    Ok(Arc::new(config))
+}
