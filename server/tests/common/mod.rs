@@ -108,6 +108,14 @@ impl Relay {
         }
     }
 
+    /// The bound address of the first listener with this scheme (`tcp`, `tls`).
+    pub fn addr_of(&self, scheme: &str) -> SocketAddr {
+        let needle = format!("listening on {scheme}://");
+        let line = self.wait_for_log(&needle);
+        let rest = line.split(&needle).nth(1).expect("addr");
+        rest.split_whitespace().next().expect("addr").parse().expect("socket address")
+    }
+
     pub fn log_text(&self) -> String {
         self.log.0.lock().expect("log").join("\n")
     }
@@ -296,28 +304,56 @@ impl RawClient {
         panic!("no response from the relay");
     }
 
+    /// Builds a request, signed with the long-term key once a nonce is known.
+    pub fn build(&mut self, m: u16, extra: impl Fn(&mut Builder<'_>)) -> Vec<u8> {
+        let tid = self.tid();
+        let mut buf = Vec::new();
+        let mut b = Builder::new(&mut buf, Class::Request, m, tid);
+        extra(&mut b);
+        if !self.nonce.is_empty() {
+            let key = turnpike::proto::auth::long_term_key(&self.username, REALM, &self.password);
+            b.attr(attr::USERNAME, self.username.as_bytes())
+                .attr(attr::REALM, REALM.as_bytes())
+                .attr(attr::NONCE, &self.nonce)
+                .integrity_sha1(&key);
+        }
+        b.fingerprint();
+        buf
+    }
+
+    /// Takes the nonce from the first 401 or any 438; true means: send the request again.
+    pub fn learn(&mut self, r: &Response) -> bool {
+        match r.code() {
+            Some(401) if self.nonce.is_empty() => {}
+            Some(438) => {}
+            _ => return false,
+        }
+        self.nonce = r.msg().get(attr::NONCE).expect("nonce").to_vec();
+        true
+    }
+
     /// A request signed with the long-term key; learns the nonce from a 401/438 and retries.
     pub fn request(&mut self, m: u16, extra: impl Fn(&mut Builder<'_>)) -> Response {
         for _ in 0..3 {
-            let tid = self.tid();
-            let mut buf = Vec::new();
-            let mut b = Builder::new(&mut buf, Class::Request, m, tid);
-            extra(&mut b);
-            if !self.nonce.is_empty() {
-                let key =
-                    turnpike::proto::auth::long_term_key(&self.username, REALM, &self.password);
-                b.attr(attr::USERNAME, self.username.as_bytes())
-                    .attr(attr::REALM, REALM.as_bytes())
-                    .attr(attr::NONCE, &self.nonce)
-                    .integrity_sha1(&key);
+            let packet = self.build(m, &extra);
+            let r = self.exchange(&packet);
+            if !self.learn(&r) {
+                return r;
             }
-            b.fingerprint();
-            let r = self.exchange(&buf);
-            match r.code() {
-                Some(401) | Some(438) if self.nonce.is_empty() || r.code() == Some(438) => {
-                    self.nonce = r.msg().get(attr::NONCE).expect("nonce").to_vec();
-                }
-                _ => return r,
+        }
+        panic!("could not authenticate");
+    }
+
+    /// The same over a stream (TCP or TLS): STUN framing, ChannelData frames skipped.
+    pub async fn request_on<S>(&mut self, s: &mut S, m: u16, extra: impl Fn(&mut Builder<'_>)) -> Response
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        for _ in 0..3 {
+            let packet = self.build(m, &extra);
+            let r = stream_exchange(s, &packet).await;
+            if !self.learn(&r) {
+                return r;
             }
         }
         panic!("could not authenticate");
@@ -327,5 +363,93 @@ impl RawClient {
         self.request(method::ALLOCATE, |b| {
             b.u32(attr::REQUESTED_TRANSPORT, 17 << 24);
         })
+    }
+}
+
+/// Writes a STUN request on a stream and reads frames until its response (bounded to 5 s).
+pub async fn stream_exchange<S>(s: &mut S, packet: &[u8]) -> Response
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(packet).await.expect("write");
+    let read = async {
+        loop {
+            let mut head = [0u8; 4];
+            s.read_exact(&mut head).await.expect("frame header");
+            let len = usize::from(u16::from_be_bytes([head[2], head[3]]));
+            let body_len = if head[0] & 0xC0 == 0x40 { (len + 3) & !3 } else { 16 + len };
+            let mut body = vec![0u8; body_len];
+            s.read_exact(&mut body).await.expect("frame body");
+            if head[0] & 0xC0 == 0 && body[..16] == packet[4..20] {
+                let mut raw = head.to_vec();
+                raw.extend_from_slice(&body);
+                return Response { raw };
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read).await.expect("response on the stream")
+}
+
+/// A self-signed certificate for `turn.test` and 127.0.0.1, written to a fresh folder.
+pub struct TestCert {
+    pub dir: std::path::PathBuf,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub der: Vec<u8>,
+}
+
+impl TestCert {
+    pub fn new(name: &str, names: &[&str]) -> TestCert {
+        let dir = std::env::temp_dir().join(format!("turnpike-{name}-{}-{}", std::process::id(), rand_suffix()));
+        std::fs::create_dir_all(&dir).expect("cert dir");
+        let ck = rcgen::generate_simple_self_signed(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .expect("certificate");
+        let cert = dir.join("cert.pem");
+        let key = dir.join("key.pem");
+        std::fs::write(&cert, ck.cert.pem()).expect("write cert");
+        std::fs::write(&key, ck.key_pair.serialize_pem()).expect("write key");
+        TestCert { dir, cert, key, der: ck.cert.der().to_vec() }
+    }
+
+    /// A TLS client that trusts only this certificate, offering `alpn`.
+    pub fn connector(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(rustls::pki_types::CertificateDer::from(self.der.clone())).expect("root");
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+    }
+}
+
+impl Drop for TestCert {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A port that was free a moment ago, for tools that cannot bind port 0 themselves.
+pub fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A child process killed when dropped.
+pub struct Child2(pub Child);
+
+impl Drop for Child2 {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
