@@ -5,7 +5,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rand::RngCore;
 
-use crate::config::{LogFormat, Settings};
+use std::path::PathBuf;
+
+use crate::config::{Cli, LogFormat, Settings};
 use crate::io::{self, ShardSetup};
 use crate::metrics::{self, Metrics};
 use crate::proto::auth::{ephemeral_password, ephemeral_username, Credentials};
@@ -28,22 +30,12 @@ pub fn init_logging(format: LogFormat) {
     };
 }
 
-/// Runs the relay until SIGTERM or SIGINT, then drains.
-pub fn run(settings: Settings) -> Result<(), Error> {
-    let shards = match settings.threads {
-        0 => std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
-        n => n,
-    };
-    let plan = io::relay_plan(&settings);
-    let tls = match (&settings.tls_cert, &settings.tls_key) {
-        (Some(c), Some(k)) => Some(io::stream::tls_config(c, k)?),
-        _ => None,
-    };
-    let listeners = io::bind_listeners(&settings.listen, shards, settings.socket_buffer_bytes)?;
-    let bound: Vec<_> = listeners.iter().filter_map(io::Bound::local_addr).collect();
-
+/// The core's settings: credentials, policy and limits. Rebuilt on reload.
+fn core_config(
+    settings: &Settings,
+    plan: &io::RelayPlan,
+    bound: &[std::net::SocketAddr],
+) -> CoreConfig {
     let mut policy = PeerPolicy::new(settings.allow_peer.clone(), settings.deny_peer.clone());
     let own_ips = [plan.v4, plan.v6]
         .into_iter()
@@ -57,7 +49,7 @@ pub fn run(settings: Settings) -> Result<(), Error> {
                 .flatten(),
         )
         .collect();
-    policy.set_own_addresses(bound.clone(), own_ips, plan.ports);
+    policy.set_own_addresses(bound.to_vec(), own_ips, plan.ports);
     let credentials = Credentials::new(
         &settings.realm,
         settings
@@ -66,7 +58,7 @@ pub fn run(settings: Settings) -> Result<(), Error> {
             .map(|(u, p)| (u.as_str(), p.0.as_str())),
         settings.secrets.iter().map(|s| s.0.clone()),
     );
-    let config = CoreConfig {
+    CoreConfig {
         credentials,
         policy,
         default_lifetime: settings.default_lifetime,
@@ -76,7 +68,108 @@ pub fn run(settings: Settings) -> Result<(), Error> {
         relay_v4: plan.v4.is_some(),
         relay_v6: plan.v6.is_some(),
         software: settings.software.clone(),
+    }
+}
+
+fn tls_of(settings: &Settings) -> Result<Option<Arc<rustls::ServerConfig>>, Error> {
+    match (&settings.tls_cert, &settings.tls_key) {
+        (Some(c), Some(k)) => Ok(Some(io::stream::tls_config(c, k)?)),
+        _ => Ok(None),
+    }
+}
+
+/// Files whose change triggers a reload: the config file, the certificate and the key.
+fn watched(cli: &Cli, settings: &Settings) -> Vec<(PathBuf, Option<SystemTime>)> {
+    [
+        cli.config.clone(),
+        settings.tls_cert.clone(),
+        settings.tls_key.clone(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|p| {
+        let t = std::fs::metadata(&p).and_then(|m| m.modified()).ok();
+        (p, t)
+    })
+    .collect()
+}
+
+/// Everything a reload touches.
+struct Reloader<'a> {
+    cli: &'a Cli,
+    current: Settings,
+    plan: io::RelayPlan,
+    bound: Vec<std::net::SocketAddr>,
+    shared: Arc<Shared>,
+    streams: Arc<io::stream::StreamContext>,
+    files: Vec<(PathBuf, Option<SystemTime>)>,
+}
+
+impl Reloader<'_> {
+    fn changed(&self) -> bool {
+        self.files
+            .iter()
+            .any(|(p, t)| std::fs::metadata(p).and_then(|m| m.modified()).ok() != *t)
+    }
+
+    /// Re-reads the configuration and certificates; on any error the running configuration
+    /// stays. Existing allocations keep relaying either way.
+    fn reload(&mut self, why: &str) {
+        self.files = watched(self.cli, &self.current);
+        let mut next = match Settings::load(self.cli) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "reload refused; the running configuration stays");
+                return;
+            }
+        };
+        if next.generated_secret {
+            // Keep the secret generated at start, so the printed credential stays valid.
+            next.secrets = self.current.secrets.clone();
+        }
+        let tls = match tls_of(&next) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "reload refused; the running configuration stays");
+                return;
+            }
+        };
+        if next.listen != self.current.listen || next.relay_ips != self.current.relay_ips {
+            tracing::warn!("listeners and relay addresses change only on restart");
+        }
+        self.shared
+            .reload(core_config(&next, &self.plan, &self.bound));
+        if tls.is_some() {
+            self.streams.tls.store(tls);
+        }
+        tracing::info!(
+            trigger = why,
+            users = next.users.len(),
+            secrets = next.secrets.len(),
+            allow_peer = next.allow_peer.len(),
+            deny_peer = next.deny_peer.len(),
+            "configuration reloaded"
+        );
+        self.files = watched(self.cli, &next);
+        self.current = next;
+    }
+}
+
+/// Runs the relay until SIGTERM or SIGINT, then drains. SIGHUP, or a change of the
+/// configuration file or certificate, reloads credentials, peer policy and certificates.
+pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
+    let shards = match settings.threads {
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        n => n,
     };
+    let plan = io::relay_plan(&settings);
+    let tls = tls_of(&settings)?;
+    let listeners = io::bind_listeners(&settings.listen, shards, settings.socket_buffer_bytes)?;
+    let bound: Vec<_> = listeners.iter().filter_map(io::Bound::local_addr).collect();
+
+    let config = core_config(&settings, &plan, &bound);
     let mut nonce_key = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut nonce_key);
     let shared = Arc::new(Shared::new(
@@ -174,11 +267,33 @@ pub fn run(settings: Settings) -> Result<(), Error> {
     }
 
     let grace = Duration::from_secs(settings.drain_grace_secs);
+    let mut reloader = Reloader {
+        cli,
+        files: watched(cli, &settings),
+        current: settings,
+        plan: plan.clone(),
+        bound: bound.clone(),
+        shared: Arc::clone(&shared),
+        streams: Arc::clone(&streams),
+    };
     rt.block_on(async {
         if let Some(l) = metrics_listener {
             tokio::spawn(metrics::serve(l, Arc::clone(&metrics), Arc::clone(&shared)));
         }
-        wait_for_signal().await;
+        let mut hangup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut poll_files = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                _ = wait_for_signal() => break,
+                Some(_) = async { hangup.as_mut()?.recv().await } => reloader.reload("SIGHUP"),
+                _ = poll_files.tick() => {
+                    if reloader.changed() {
+                        reloader.reload("file changed");
+                    }
+                }
+            }
+        }
         shared.start_draining();
         let active = shared.quotas.active();
         tracing::info!(

@@ -15,7 +15,7 @@ fn main() -> std::process::ExitCode {
         println!("{settings:#?}");
         return std::process::ExitCode::SUCCESS;
     }
-    match turnpike::app::run(settings) {
+    match turnpike::app::run(&cli, settings) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

@@ -62,7 +62,23 @@ fn coturn_uclient_over_tcp_and_tls_loses_nothing() {
     let tls = relay.addr_of("tls").port().to_string();
     let out = run_tool(
         "turnutils_uclient",
-        &["-t", "-y", "-u", "alice", "-w", "wonderland", "-p", &tcp, "-m", "4", "-n", "300", "-l", "120", "127.0.0.1"],
+        &[
+            "-t",
+            "-y",
+            "-u",
+            "alice",
+            "-w",
+            "wonderland",
+            "-p",
+            &tcp,
+            "-m",
+            "4",
+            "-n",
+            "300",
+            "-l",
+            "120",
+            "127.0.0.1",
+        ],
         60,
     );
     assert_eq!(lost_packets(&out), 0, "TCP:\n{out}");
@@ -80,13 +96,35 @@ fn coturn_uclient_over_tcp_and_tls_loses_nothing() {
     let out = run_tool(
         "turnutils_uclient",
         &[
-            "-S", "-t", "-u", "alice", "-w", "wonderland", "-p", &tls, "-e", "127.0.0.1", "-r", &peer_port.to_string(),
-            "-m", "4", "-n", "300", "-l", "120", "127.0.0.1",
+            "-S",
+            "-t",
+            "-u",
+            "alice",
+            "-w",
+            "wonderland",
+            "-p",
+            &tls,
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &peer_port.to_string(),
+            "-m",
+            "4",
+            "-n",
+            "300",
+            "-l",
+            "120",
+            "127.0.0.1",
         ],
         60,
     );
     assert_eq!(lost_packets(&out), 0, "TLS:\n{out}");
-    assert!(relay.wait_metric("turnpike_relayed_packets_total{direction=\"peer_to_client\"}", 2000.0) >= 2000.0);
+    assert!(
+        relay.wait_metric(
+            "turnpike_relayed_packets_total{direction=\"peer_to_client\"}",
+            2000.0
+        ) >= 2000.0
+    );
 }
 
 #[tokio::test]
@@ -98,20 +136,38 @@ async fn https_http_and_turn_share_one_tls_port() {
     // HTTPS as a browser or curl sends it: ALPN http/1.1 and h2.
     let tcp = TcpStream::connect(port).await.expect("connect");
     let name = rustls::pki_types::ServerName::try_from("turn.test").expect("name");
-    let mut tls = cert.connector(&[b"h2", b"http/1.1"]).connect(name.clone(), tcp).await.expect("https handshake");
+    let mut tls = cert
+        .connector(&[b"h2", b"http/1.1"])
+        .connect(name.clone(), tcp)
+        .await
+        .expect("https handshake");
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
-    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: turn.test\r\nConnection: close\r\n\r\n").await.expect("write");
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: turn.test\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
     let mut body = String::new();
     tls.read_to_string(&mut body).await.expect("read");
-    assert!(body.starts_with("HTTP/1.1 200") && body.ends_with("ok\n"), "{body}");
+    assert!(
+        body.starts_with("HTTP/1.1 200") && body.ends_with("ok\n"),
+        "{body}"
+    );
 
     // HTTPS without ALPN, and plain HTTP, on the same port.
     let tcp = TcpStream::connect(port).await.expect("connect");
-    let mut tls = cert.connector(&[]).connect(name.clone(), tcp).await.expect("handshake");
-    tls.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").await.expect("write");
+    let mut tls = cert
+        .connector(&[])
+        .connect(name.clone(), tcp)
+        .await
+        .expect("handshake");
+    tls.write_all(b"GET /readyz HTTP/1.0\r\n\r\n")
+        .await
+        .expect("write");
     let mut body = String::new();
     tls.read_to_string(&mut body).await.expect("read");
-    assert!(body.contains("200 OK") && body.ends_with("ready\n"), "{body}");
+    assert!(
+        body.contains("200 OK") && body.ends_with("ready\n"),
+        "{body}"
+    );
     let (status, body) = common::http_get(port, "/healthz");
     assert_eq!((status, body.as_str()), (200, "ok\n"));
     // /metrics stays off the public port unless enabled.
@@ -120,7 +176,11 @@ async fn https_http_and_turn_share_one_tls_port() {
     // TURN over TLS with ALPN stun.turn (RFC 7443) and without ALPN, and plain TURN over TCP.
     for alpn in [&[&b"stun.turn"[..]][..], &[]] {
         let tcp = TcpStream::connect(port).await.expect("connect");
-        let mut tls = cert.connector(alpn).connect(name.clone(), tcp).await.expect("turn handshake");
+        let mut tls = cert
+            .connector(alpn)
+            .connect(name.clone(), tcp)
+            .await
+            .expect("turn handshake");
         let mut c = RawClient::new(relay.udp, "alice", "wonderland");
         let r = c
             .request_on(&mut tls, method::ALLOCATE, |b| {
@@ -128,20 +188,28 @@ async fn https_http_and_turn_share_one_tls_port() {
             })
             .await;
         assert_eq!(r.code(), None, "alpn {alpn:?}");
-        assert_eq!(r.xor_addrs(attr::XOR_RELAYED_ADDRESS)[0].ip(), "127.0.0.1".parse::<std::net::IpAddr>().expect("ip"));
+        assert_eq!(
+            r.xor_addrs(attr::XOR_RELAYED_ADDRESS)[0].ip(),
+            "127.0.0.1".parse::<std::net::IpAddr>().expect("ip")
+        );
     }
     let mut tcp = TcpStream::connect(port).await.expect("connect");
     let (req, _) = binding(7);
     let r = stream_exchange(&mut tcp, &req).await;
     assert_eq!(r.code(), None);
-    assert_eq!(r.xor_addrs(attr::XOR_MAPPED_ADDRESS), vec![tcp.local_addr().expect("addr")]);
+    assert_eq!(
+        r.xor_addrs(attr::XOR_MAPPED_ADDRESS),
+        vec![tcp.local_addr().expect("addr")]
+    );
 }
 
 #[tokio::test]
 async fn tcp_allocation_relays_and_ends_with_its_connection() {
     let cert = TestCert::new("tcpalloc", &["turn.test"]);
     let relay = relay_with_streams(&cert, &[]);
-    let mut tcp = TcpStream::connect(relay.addr_of("tcp")).await.expect("connect");
+    let mut tcp = TcpStream::connect(relay.addr_of("tcp"))
+        .await
+        .expect("connect");
     let mut c = RawClient::new(relay.udp, "alice", "wonderland");
     let r = c
         .request_on(&mut tcp, method::ALLOCATE, |b| {
@@ -151,42 +219,68 @@ async fn tcp_allocation_relays_and_ends_with_its_connection() {
     assert_eq!(r.code(), None);
     let relayed = r.xor_addrs(attr::XOR_RELAYED_ADDRESS)[0];
     let peer = UdpSocket::bind("127.0.0.1:0").expect("peer");
-    peer.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+    peer.set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
     let peer_addr = peer.local_addr().expect("addr");
     let r = c
         .request_on(&mut tcp, method::CHANNEL_BIND, |b| {
-            b.u32(attr::CHANNEL_NUMBER, 0x4001 << 16).xor_address(attr::XOR_PEER_ADDRESS, peer_addr);
+            b.u32(attr::CHANNEL_NUMBER, 0x4001 << 16)
+                .xor_address(attr::XOR_PEER_ADDRESS, peer_addr);
         })
         .await;
     assert_eq!(r.code(), None);
     // ChannelData of 5 bytes, padded to 8 on the stream.
-    tcp.write_all(&[0x40, 0x01, 0, 5, b'h', b'e', b'l', b'l', b'o', 0, 0, 0]).await.expect("write");
+    tcp.write_all(&[0x40, 0x01, 0, 5, b'h', b'e', b'l', b'l', b'o', 0, 0, 0])
+        .await
+        .expect("write");
     let mut buf = [0u8; 64];
     let (n, from) = peer.recv_from(&mut buf).expect("peer receives");
     assert_eq!((&buf[..n], from), (&b"hello"[..], relayed));
     peer.send_to(b"abc", relayed).expect("answer");
     let mut frame = [0u8; 8];
-    tokio::time::timeout(Duration::from_secs(3), tcp.read_exact(&mut frame)).await.expect("frame").expect("read");
-    assert_eq!(frame, [0x40, 0x01, 0, 3, b'a', b'b', b'c', 0], "padded ChannelData");
+    tokio::time::timeout(Duration::from_secs(3), tcp.read_exact(&mut frame))
+        .await
+        .expect("frame")
+        .expect("read");
+    assert_eq!(
+        frame,
+        [0x40, 0x01, 0, 3, b'a', b'b', b'c', 0],
+        "padded ChannelData"
+    );
     assert_eq!(relay.wait_metric("turnpike_allocations_active", 1.0), 1.0);
     drop(tcp);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while relay.metric("turnpike_allocations_active") > 0.0 && std::time::Instant::now() < deadline {
+    while relay.metric("turnpike_allocations_active") > 0.0 && std::time::Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(relay.metric("turnpike_allocations_active"), 0.0, "closing the connection frees its allocation");
+    assert_eq!(
+        relay.metric("turnpike_allocations_active"),
+        0.0,
+        "closing the connection frees its allocation"
+    );
 }
 
 #[tokio::test]
 async fn proxy_protocol_names_the_real_client() {
-    let relay = Relay::start(&["--listen", "tcp://127.0.0.1:0?proxy-protocol", "--user", "alice:wonderland"]);
+    let relay = Relay::start(&[
+        "--listen",
+        "tcp://127.0.0.1:0?proxy-protocol",
+        "--user",
+        "alice:wonderland",
+    ]);
     let addr = relay.addr_of("tcp");
     // v1
     let mut tcp = TcpStream::connect(addr).await.expect("connect");
-    tcp.write_all(b"PROXY TCP4 198.51.100.9 127.0.0.1 5555 3478\r\n").await.expect("header");
+    tcp.write_all(b"PROXY TCP4 198.51.100.9 127.0.0.1 5555 3478\r\n")
+        .await
+        .expect("header");
     let (req, _) = binding(1);
     let r = stream_exchange(&mut tcp, &req).await;
-    assert_eq!(r.xor_addrs(attr::XOR_MAPPED_ADDRESS), vec!["198.51.100.9:5555".parse::<SocketAddr>().expect("a")]);
+    assert_eq!(
+        r.xor_addrs(attr::XOR_MAPPED_ADDRESS),
+        vec!["198.51.100.9:5555".parse::<SocketAddr>().expect("a")]
+    );
     // v2
     let header = ppp::v2::Builder::with_addresses(
         ppp::v2::Version::Two | ppp::v2::Command::Proxy,
@@ -202,12 +296,18 @@ async fn proxy_protocol_names_the_real_client() {
     tcp.write_all(&header).await.expect("header");
     let (req, _) = binding(2);
     let r = stream_exchange(&mut tcp, &req).await;
-    assert_eq!(r.xor_addrs(attr::XOR_MAPPED_ADDRESS), vec!["[2001:db8::7]:4444".parse::<SocketAddr>().expect("a")]);
+    assert_eq!(
+        r.xor_addrs(attr::XOR_MAPPED_ADDRESS),
+        vec!["[2001:db8::7]:4444".parse::<SocketAddr>().expect("a")]
+    );
     // Without a header the connection is refused.
     let mut tcp = TcpStream::connect(addr).await.expect("connect");
     tcp.write_all(&binding(3).0).await.expect("write");
     let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await.expect("closed").unwrap_or(0);
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+        .await
+        .expect("closed")
+        .unwrap_or(0);
     assert_eq!(n, 0);
 }
 
@@ -222,17 +322,24 @@ async fn sni_routes_web_hostnames_to_the_upstream_untouched() {
         .with_no_client_auth()
         .with_single_cert(
             vec![rustls::pki_types::CertificateDer::from(web.der.clone())],
-            <rustls::pki_types::PrivateKeyDer as rustls::pki_types::pem::PemObject>::from_pem_file(&web.key).expect("key"),
+            <rustls::pki_types::PrivateKeyDer as rustls::pki_types::pem::PemObject>::from_pem_file(
+                &web.key,
+            )
+            .expect("key"),
         )
         .expect("config");
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(web_config));
-    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let upstream_addr = upstream.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((tcp, _)) = upstream.accept().await {
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
                 let mut buf = [0u8; 1024];
                 let _ = tls.read(&mut buf).await;
                 let _ = tls.write_all(b"HTTP/1.0 200 OK\r\n\r\nthe website\n").await;
@@ -252,14 +359,29 @@ async fn sni_routes_web_hostnames_to_the_upstream_untouched() {
         ),
     )
     .expect("config");
-    let relay = Relay::spawn(&["--config", config.to_str().expect("path"), "--listen", "udp://127.0.0.1:0", "--listen", "tls://127.0.0.1:0", "--relay-ip", "127.0.0.1"]);
+    let relay = Relay::spawn(&[
+        "--config",
+        config.to_str().expect("path"),
+        "--listen",
+        "udp://127.0.0.1:0",
+        "--listen",
+        "tls://127.0.0.1:0",
+        "--relay-ip",
+        "127.0.0.1",
+    ]);
     let port = relay.addr_of("tls");
 
     // www.test reaches the website, with the website's certificate.
     let tcp = TcpStream::connect(port).await.expect("connect");
     let name = rustls::pki_types::ServerName::try_from("www.test").expect("name");
-    let mut tls = web.connector(&[b"http/1.1"]).connect(name, tcp).await.expect("website handshake");
-    tls.write_all(b"GET / HTTP/1.0\r\n\r\n").await.expect("write");
+    let mut tls = web
+        .connector(&[b"http/1.1"])
+        .connect(name, tcp)
+        .await
+        .expect("website handshake");
+    tls.write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .await
+        .expect("write");
     let mut body = String::new();
     let _ = tls.read_to_string(&mut body).await;
     assert!(body.ends_with("the website\n"), "{body}");
@@ -267,13 +389,23 @@ async fn sni_routes_web_hostnames_to_the_upstream_untouched() {
     // turn.test on the same port reaches the relay's own endpoints and TURN.
     let tcp = TcpStream::connect(port).await.expect("connect");
     let name = rustls::pki_types::ServerName::try_from("turn.test").expect("name");
-    let mut tls = turn.connector(&[b"http/1.1"]).connect(name.clone(), tcp).await.expect("relay handshake");
-    tls.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").await.expect("write");
+    let mut tls = turn
+        .connector(&[b"http/1.1"])
+        .connect(name.clone(), tcp)
+        .await
+        .expect("relay handshake");
+    tls.write_all(b"GET /healthz HTTP/1.0\r\n\r\n")
+        .await
+        .expect("write");
     let mut body = String::new();
     let _ = tls.read_to_string(&mut body).await;
     assert!(body.ends_with("ok\n"), "{body}");
     let tcp = TcpStream::connect(port).await.expect("connect");
-    let mut tls = turn.connector(&[b"stun.turn"]).connect(name, tcp).await.expect("turn handshake");
+    let mut tls = turn
+        .connector(&[b"stun.turn"])
+        .connect(name, tcp)
+        .await
+        .expect("turn handshake");
     let mut c = RawClient::new(relay.udp, "alice", "wonderland");
     let r = c
         .request_on(&mut tls, method::ALLOCATE, |b| {
@@ -289,7 +421,16 @@ async fn connections_per_ip_are_capped_and_idle_ones_closed() {
     std::fs::create_dir_all(&dir).expect("dir");
     let config = dir.join("relay.toml");
     std::fs::write(&config, "listen = [\"tcp://127.0.0.1:0\"]\n[tcp]\nmax_connections_per_ip = 2\nidle_timeout_secs = 1\n").expect("write");
-    let relay = Relay::spawn(&["--config", config.to_str().expect("path"), "--listen", "udp://127.0.0.1:0", "--listen", "tcp://127.0.0.1:0", "--relay-ip", "127.0.0.1"]);
+    let relay = Relay::spawn(&[
+        "--config",
+        config.to_str().expect("path"),
+        "--listen",
+        "udp://127.0.0.1:0",
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--relay-ip",
+        "127.0.0.1",
+    ]);
     let addr = relay.addr_of("tcp");
     let mut a = TcpStream::connect(addr).await.expect("a");
     let mut b = TcpStream::connect(addr).await.expect("b");
@@ -302,10 +443,16 @@ async fn connections_per_ip_are_capped_and_idle_ones_closed() {
     let mut c = TcpStream::connect(addr).await.expect("c");
     c.write_all(&binding(5).0).await.expect("write");
     let mut buf = [0u8; 64];
-    let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await.expect("closed").unwrap_or(0);
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+        .await
+        .expect("closed")
+        .unwrap_or(0);
     assert_eq!(n, 0, "third connection served");
     // Idle connections without an allocation are closed after idle_timeout_secs.
-    let n = tokio::time::timeout(Duration::from_secs(5), a.read(&mut buf)).await.expect("idle close").unwrap_or(0);
+    let n = tokio::time::timeout(Duration::from_secs(5), a.read(&mut buf))
+        .await
+        .expect("idle close")
+        .unwrap_or(0);
     assert_eq!(n, 0);
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
@@ -341,7 +488,9 @@ async fn turn_over_tls_through_an_http_connect_proxy() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut tcp = tcp.expect("tinyproxy listening");
-    tcp.write_all(format!("CONNECT {tls_addr} HTTP/1.1\r\nHost: {tls_addr}\r\n\r\n").as_bytes()).await.expect("connect");
+    tcp.write_all(format!("CONNECT {tls_addr} HTTP/1.1\r\nHost: {tls_addr}\r\n\r\n").as_bytes())
+        .await
+        .expect("connect");
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         let mut b = [0u8; 1];
@@ -349,9 +498,16 @@ async fn turn_over_tls_through_an_http_connect_proxy() {
         head.push(b[0]);
     }
     let head = String::from_utf8_lossy(&head);
-    assert!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
     let name = rustls::pki_types::ServerName::try_from("turn.test").expect("name");
-    let mut tls = cert.connector(&[]).connect(name, tcp).await.expect("TLS through the proxy");
+    let mut tls = cert
+        .connector(&[])
+        .connect(name, tcp)
+        .await
+        .expect("TLS through the proxy");
     let mut c = RawClient::new(relay.udp, "alice", "wonderland");
     let r = c
         .request_on(&mut tls, method::ALLOCATE, |b| {
@@ -361,7 +517,8 @@ async fn turn_over_tls_through_an_http_connect_proxy() {
     assert_eq!(r.code(), None);
     let relayed = r.xor_addrs(attr::XOR_RELAYED_ADDRESS)[0];
     let peer = UdpSocket::bind("127.0.0.1:0").expect("peer");
-    peer.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+    peer.set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
     let peer_addr = peer.local_addr().expect("addr");
     let r = c
         .request_on(&mut tls, method::CREATE_PERMISSION, |b| {
@@ -378,4 +535,158 @@ async fn turn_over_tls_through_an_http_connect_proxy() {
     let mut buf = [0u8; 64];
     let (n, from) = peer.recv_from(&mut buf).expect("peer receives");
     assert_eq!((&buf[..n], from), (&b"through the proxy"[..], relayed));
+}
+
+#[test]
+fn aioice_relays_over_udp_tcp_and_tls() {
+    let cert = TestCert::new("aioice", &["turn.test", "127.0.0.1"]);
+    let relay = relay_with_streams(&cert, &[]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/aioice_client.py");
+    for (transport, addr) in [
+        ("udp", relay.udp),
+        ("tcp", relay.addr_of("tcp")),
+        ("tls", relay.addr_of("tls")),
+    ] {
+        let port = addr.port().to_string();
+        let out = run_tool(
+            "python3",
+            &[
+                script,
+                "127.0.0.1",
+                &port,
+                transport,
+                "alice",
+                "wonderland",
+                cert.cert.to_str().expect("path"),
+                "50",
+            ],
+            60,
+        );
+        let line = out.lines().find(|l| l.starts_with('{')).unwrap_or_else(|| {
+            panic!("{transport}: aioice failed (.ci/run installs it with pip):\n{out}")
+        });
+        assert!(
+            line.contains("\"sent\": 50, \"received\": 50"),
+            "{transport}: {line}"
+        );
+        assert!(
+            line.contains("\"relayed\": \"127.0.0.1:"),
+            "{transport}: {line}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sighup_and_file_changes_reload_without_dropping_allocations() {
+    let first = TestCert::new("reload1", &["turn.test"]);
+    let second = TestCert::new("reload2", &["turn.test"]);
+    let config = first.dir.join("relay.toml");
+    let cert = first.dir.join("live-cert.pem");
+    let key = first.dir.join("live-key.pem");
+    std::fs::copy(&first.cert, &cert).expect("cert");
+    std::fs::copy(&first.key, &key).expect("key");
+    let write_config = |password: &str, deny: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "realm = \"{REALM}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[auth]\nusers = [{{ name = \"alice\", password = \"{password}\" }}]\n[peer]\nallow = [\"127.0.0.0/8\"]\ndeny = [{deny}]\n",
+                cert.display(),
+                key.display()
+            ),
+        )
+        .expect("config");
+    };
+    write_config("one", "");
+    let relay = Relay::spawn(&[
+        "--config",
+        config.to_str().expect("path"),
+        "--listen",
+        "udp://127.0.0.1:0",
+        "--listen",
+        "tls://127.0.0.1:0",
+        "--relay-ip",
+        "127.0.0.1",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    // A live allocation with a channel to a peer.
+    let mut live = RawClient::new(relay.udp, "alice", "one");
+    let relayed = live.allocate().xor_addrs(attr::XOR_RELAYED_ADDRESS)[0];
+    let peer = UdpSocket::bind("127.0.0.1:0").expect("peer");
+    peer.set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let peer_addr = peer.local_addr().expect("addr");
+    let r = live.request(method::CHANNEL_BIND, |b| {
+        b.u32(attr::CHANNEL_NUMBER, 0x4000 << 16)
+            .xor_address(attr::XOR_PEER_ADDRESS, peer_addr);
+    });
+    assert_eq!(r.code(), None);
+    let live_sock = live.sock.try_clone().expect("clone");
+    let relays = |tag: u8| {
+        live_sock
+            .send_to(&[0x40, 0x00, 0, 1, tag], relay.udp)
+            .expect("send");
+        let mut buf = [0u8; 16];
+        let (n, from) = peer.recv_from(&mut buf).expect("peer receives");
+        (buf[..n].to_vec(), from)
+    };
+    assert_eq!(relays(1), (vec![1], relayed));
+
+    // New password, and the peer's port denied, by SIGHUP.
+    write_config("two", &format!("\"{}/32\"", peer_addr.ip()));
+    relay.signal(libc::SIGHUP);
+    relay.wait_for_log("trigger=\"SIGHUP\"");
+    assert_eq!(
+        RawClient::new(relay.udp, "alice", "one").allocate().code(),
+        Some(401)
+    );
+    assert_eq!(
+        RawClient::new(relay.udp, "alice", "two").allocate().code(),
+        None
+    );
+    // The existing channel keeps relaying (the policy judges new permissions).
+    assert_eq!(relays(2), (vec![2], relayed));
+    // Its owner signs with the new password from now on; the allocation is the same.
+    live.password = "two".into();
+    let r = live.request(method::CREATE_PERMISSION, |b| {
+        b.xor_address(attr::XOR_PEER_ADDRESS, peer_addr);
+    });
+    assert_eq!(
+        r.code(),
+        Some(403),
+        "the reloaded deny rule applies to new permissions"
+    );
+
+    // A new certificate is picked up when the file changes, without a signal.
+    let seen_cert = |c: &TestCert| {
+        let connector = c.connector(&[b"http/1.1"]);
+        let addr = relay.addr_of("tls");
+        async move {
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            let name = rustls::pki_types::ServerName::try_from("turn.test").expect("name");
+            connector.connect(name, tcp).await.is_ok()
+        }
+    };
+    assert!(seen_cert(&first).await && !seen_cert(&second).await);
+    std::fs::copy(&second.cert, &cert).expect("cert");
+    std::fs::copy(&second.key, &key).expect("key");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !seen_cert(&second).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "new certificate not served:\n{}",
+            relay.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(relays(3), (vec![3], relayed));
+
+    // A broken file is refused and the running configuration stays.
+    std::fs::write(&config, "realm = 7\n").expect("config");
+    relay.signal(libc::SIGHUP);
+    relay.wait_for_log("reload refused");
+    assert_eq!(
+        RawClient::new(relay.udp, "alice", "two").allocate().code(),
+        None
+    );
 }

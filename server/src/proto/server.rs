@@ -54,7 +54,7 @@ pub struct CoreConfig {
 
 /// What every shard of one relay shares.
 pub struct Shared {
-    pub config: CoreConfig,
+    config: arc_swap::ArcSwap<CoreConfig>,
     pub quotas: QuotaState,
     pub nonces: Nonces,
     draining: AtomicBool,
@@ -68,11 +68,21 @@ impl Shared {
             config.credentials.has_static_users(),
         );
         Shared {
-            config,
+            config: arc_swap::ArcSwap::from_pointee(config),
             quotas,
             nonces,
             draining: AtomicBool::new(false),
         }
+    }
+
+    /// The current settings; `reload` replaces them between two requests.
+    pub fn config(&self) -> arc_swap::Guard<Arc<CoreConfig>> {
+        self.config.load()
+    }
+
+    /// Replaces credentials, policy and limits (SIGHUP); allocations keep relaying.
+    pub fn reload(&self, config: CoreConfig) {
+        self.config.store(Arc::new(config));
     }
 
     /// From now on Allocate is refused with 508; existing allocations go on.
@@ -465,7 +475,7 @@ impl Core {
         if !a.has_permission(peer.ip(), now)
             || !a.family_ok(peer)
             || own.contains(&Some(peer))
-            || self.shared.config.policy.check(peer).is_err()
+            || self.shared.config().policy.check(peer).is_err()
         {
             self.stats.dropped_packets += 1;
             return ClientAction::None;
@@ -562,7 +572,7 @@ impl Core {
             return ClientAction::Reply;
         }
         let unix = self.clock.unix(now);
-        let auth = match self.shared.config.credentials.authenticate(
+        let auth = match self.shared.config().credentials.authenticate(
             msg,
             &self.shared.nonces,
             client.addr,
@@ -604,7 +614,7 @@ impl Core {
         if n == 0 {
             return None;
         }
-        let software = self.shared.config.software.clone();
+        let software = self.shared.config().software.clone();
         let mut b = Builder::new(
             &mut self.out,
             Class::Error,
@@ -623,7 +633,7 @@ impl Core {
 
     fn binding(&mut self, msg: &Message<'_>, client: ClientId) -> ClientAction {
         let tid = msg.transaction_id();
-        let software = self.shared.config.software.clone();
+        let software = self.shared.config().software.clone();
         let mut b = Builder::new(&mut self.out, Class::Success, method::BINDING, tid);
         if tid.is_classic() {
             // RFC 3489 §11.2.1: MAPPED-ADDRESS. SOURCE-ADDRESS and CHANGED-ADDRESS are left
@@ -663,7 +673,7 @@ impl Core {
         );
         b.error(code, reason(code));
         if code != 400 {
-            b.attr(attr::REALM, shared.config.credentials.realm().as_bytes())
+            b.attr(attr::REALM, shared.config().credentials.realm().as_bytes())
                 .attr(attr::NONCE, nonce)
                 .attr(attr::PASSWORD_ALGORITHMS, &PASSWORD_ALGORITHMS);
         }
@@ -740,7 +750,7 @@ impl Core {
         auth: &Authenticated,
         existing: Option<AllocId>,
     ) -> Result<Box<PendingAllocate>, u16> {
-        let config = &self.shared.config;
+        let config = self.shared.config();
         if existing.is_some() {
             return Err(437);
         }
@@ -826,7 +836,7 @@ impl Core {
 
     /// RFC 8656 §7.2: the requested lifetime, at least the default and at most the maximum.
     fn lifetime(&self, msg: &Message<'_>) -> u32 {
-        let c = &self.shared.config;
+        let c = self.shared.config();
         match msg.get_u32(attr::LIFETIME) {
             None => c.default_lifetime,
             Some(l) => l.max(c.default_lifetime).min(c.max_lifetime),
@@ -948,7 +958,7 @@ impl Core {
         // cannot loop, because a relay socket never sends to a listening port (the policy
         // refuses those) and so never becomes anyone's client.
         let own = [alloc.relayed.v4, alloc.relayed.v6];
-        if own.contains(&Some(peer)) || self.shared.config.policy.check(peer).is_err() {
+        if own.contains(&Some(peer)) || self.shared.config().policy.check(peer).is_err() {
             self.stats.peer_denied += 1;
             return Err(403);
         }
@@ -979,7 +989,7 @@ impl Core {
                 Err(code) => return Err(code),
             }
         }
-        let max = self.shared.config.max_permissions;
+        let max = self.shared.config().max_permissions;
         let Some(Some(a)) = self.slots.get_mut(id.0 as usize) else {
             return Err(437);
         };
@@ -1022,7 +1032,7 @@ impl Core {
             return Err(400);
         }
         let peer = self.check_peer(msg, peer, id)?;
-        let max = self.shared.config.max_permissions;
+        let max = self.shared.config().max_permissions;
         let Some(Some(a)) = self.slots.get_mut(id.0 as usize) else {
             return Err(437);
         };
@@ -1137,7 +1147,7 @@ const ADDRESS_ERROR_V6: [u8; 32] = *b"\x02\x00\x04\x28Address Family not Support
 
 /// Adds SOFTWARE, the integrity the request used, and FINGERPRINT.
 fn sign(b: &mut Builder<'_>, shared: &Shared, auth: &Authenticated) {
-    if let Some(s) = &shared.config.software {
+    if let Some(s) = &shared.config().software {
         b.attr(attr::SOFTWARE, s.as_bytes());
     }
     if auth.sha256 {

@@ -113,7 +113,11 @@ impl Relay {
         let needle = format!("listening on {scheme}://");
         let line = self.wait_for_log(&needle);
         let rest = line.split(&needle).nth(1).expect("addr");
-        rest.split_whitespace().next().expect("addr").parse().expect("socket address")
+        rest.split_whitespace()
+            .next()
+            .expect("addr")
+            .parse()
+            .expect("socket address")
     }
 
     pub fn log_text(&self) -> String {
@@ -345,7 +349,12 @@ impl RawClient {
     }
 
     /// The same over a stream (TCP or TLS): STUN framing, ChannelData frames skipped.
-    pub async fn request_on<S>(&mut self, s: &mut S, m: u16, extra: impl Fn(&mut Builder<'_>)) -> Response
+    pub async fn request_on<S>(
+        &mut self,
+        s: &mut S,
+        m: u16,
+        extra: impl Fn(&mut Builder<'_>),
+    ) -> Response
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
@@ -378,7 +387,11 @@ where
             let mut head = [0u8; 4];
             s.read_exact(&mut head).await.expect("frame header");
             let len = usize::from(u16::from_be_bytes([head[2], head[3]]));
-            let body_len = if head[0] & 0xC0 == 0x40 { (len + 3) & !3 } else { 16 + len };
+            let body_len = if head[0] & 0xC0 == 0x40 {
+                (len + 3) & !3
+            } else {
+                16 + len
+            };
             let mut body = vec![0u8; body_len];
             s.read_exact(&mut body).await.expect("frame body");
             if head[0] & 0xC0 == 0 && body[..16] == packet[4..20] {
@@ -388,7 +401,9 @@ where
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(5), read).await.expect("response on the stream")
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("response on the stream")
 }
 
 /// A self-signed certificate for `turn.test` and 127.0.0.1, written to a fresh folder.
@@ -401,21 +416,34 @@ pub struct TestCert {
 
 impl TestCert {
     pub fn new(name: &str, names: &[&str]) -> TestCert {
-        let dir = std::env::temp_dir().join(format!("turnpike-{name}-{}-{}", std::process::id(), rand_suffix()));
+        let dir = std::env::temp_dir().join(format!(
+            "turnpike-{name}-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
         std::fs::create_dir_all(&dir).expect("cert dir");
-        let ck = rcgen::generate_simple_self_signed(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-            .expect("certificate");
+        let ck = rcgen::generate_simple_self_signed(
+            names.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+        )
+        .expect("certificate");
         let cert = dir.join("cert.pem");
         let key = dir.join("key.pem");
         std::fs::write(&cert, ck.cert.pem()).expect("write cert");
         std::fs::write(&key, ck.key_pair.serialize_pem()).expect("write key");
-        TestCert { dir, cert, key, der: ck.cert.der().to_vec() }
+        TestCert {
+            dir,
+            cert,
+            key,
+            der: ck.cert.der().to_vec(),
+        }
     }
 
     /// A TLS client that trusts only this certificate, offering `alpn`.
     pub fn connector(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(rustls::pki_types::CertificateDer::from(self.der.clone())).expect("root");
+        roots
+            .add(rustls::pki_types::CertificateDer::from(self.der.clone()))
+            .expect("root");
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -441,7 +469,11 @@ fn rand_suffix() -> u64 {
 
 /// A port that was free a moment ago, for tools that cannot bind port 0 themselves.
 pub fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    UdpSocket::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 /// A child process killed when dropped.
