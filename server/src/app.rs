@@ -221,6 +221,7 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
         max_per_ip: settings.max_connections_per_ip,
         idle_timeout: Duration::from_secs(settings.tcp_idle_timeout_secs),
         per_ip: Default::default(),
+        pending: Default::default(),
         http: metrics::router(
             Arc::clone(&metrics),
             Arc::clone(&shared),
@@ -246,6 +247,7 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
     let mut threads = Vec::new();
     for (i, (sockets, tcp)) in per_shard.into_iter().enumerate() {
         let setup = ShardSetup {
+            index: i as u32,
             shared: Arc::clone(&shared),
             sockets,
             tcp,

@@ -690,3 +690,79 @@ async fn sighup_and_file_changes_reload_without_dropping_allocations() {
         None
     );
 }
+
+#[test]
+fn coturn_uclient_over_rfc6062_tcp_allocations_loses_nothing() {
+    let cert = TestCert::new("rfc6062", &["turn.test"]);
+    let relay = relay_with_streams(&cert, &[]);
+    let tcp = relay.addr_of("tcp").port().to_string();
+    // -T: TCP relaying; -y: the two clients Connect to each other's relayed TCP address, so
+    // both Connect and ConnectionAttempt/ConnectionBind are exercised.
+    let out = run_tool(
+        "turnutils_uclient",
+        &[
+            "-T",
+            "-y",
+            "-u",
+            "alice",
+            "-w",
+            "wonderland",
+            "-p",
+            &tcp,
+            "-m",
+            "2",
+            "-n",
+            "100",
+            "-l",
+            "120",
+            "127.0.0.1",
+        ],
+        60,
+    );
+    assert_eq!(lost_packets(&out), 0, "{out}");
+    assert!(out.contains("tot_recv_msgs=200"), "{out}");
+}
+
+#[tokio::test]
+async fn tcp_allocations_obey_the_peer_policy() {
+    let cert = TestCert::new("rfc6062policy", &["turn.test"]);
+    // No --allow-peer here: loopback peers are refused.
+    let relay = Relay::start(&[
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--user",
+        "alice:wonderland",
+    ]);
+    let tcp_transport = |b: &mut Builder<'_>| {
+        b.u32(attr::REQUESTED_TRANSPORT, 6 << 24);
+    };
+    // Over UDP a TCP allocation is a bad request (RFC 6062 §5.1).
+    assert_eq!(
+        RawClient::new(relay.udp, "alice", "wonderland")
+            .request(method::ALLOCATE, tcp_transport)
+            .code(),
+        Some(400)
+    );
+    let mut control = TcpStream::connect(relay.addr_of("tcp"))
+        .await
+        .expect("connect");
+    let mut c = RawClient::new(relay.udp, "alice", "wonderland");
+    let r = c
+        .request_on(&mut control, method::ALLOCATE, tcp_transport)
+        .await;
+    assert_eq!(r.code(), None);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("peer");
+    let peer = listener.local_addr().expect("addr");
+    let r = c
+        .request_on(&mut control, method::CONNECT, |b| {
+            b.xor_address(attr::XOR_PEER_ADDRESS, peer);
+        })
+        .await;
+    assert_eq!(r.code(), Some(403));
+    listener.set_nonblocking(true).expect("nonblocking");
+    assert!(
+        listener.accept().is_err(),
+        "the refused peer was connected to"
+    );
+    drop(cert);
+}

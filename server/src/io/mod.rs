@@ -9,6 +9,7 @@
 //! buffer drops the datagram, as a router would).
 
 pub mod stream;
+mod tcp_relay;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -222,7 +223,12 @@ type Reservations = Arc<Mutex<HashMap<[u8; 8], (StdUdpSocket, Instant)>>>;
 struct RelaySlot {
     v4: Option<Rc<UdpSocket>>,
     v6: Option<Rc<UdpSocket>>,
+    /// RFC 6062: the listening socket's address, which outgoing peer connections use too.
+    tcp: Option<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
+    /// Wakes the byte pipes of a TCP allocation's bound connections (on any shard) when it
+    /// ends.
+    ended: Arc<tokio::sync::Notify>,
 }
 
 impl Drop for RelaySlot {
@@ -230,6 +236,7 @@ impl Drop for RelaySlot {
         for t in &self.tasks {
             t.abort();
         }
+        self.ended.notify_waiters();
     }
 }
 
@@ -248,6 +255,7 @@ struct Shard {
 
 /// Everything a shard thread needs.
 pub struct ShardSetup {
+    pub index: u32,
     pub shared: Arc<Shared>,
     pub sockets: Vec<StdUdpSocket>,
     pub tcp: Vec<(std::net::TcpListener, Listener)>,
@@ -281,14 +289,17 @@ pub fn run_shard(setup: ShardSetup, stop: tokio::sync::watch::Receiver<bool>) ->
             .map(|s| UdpSocket::from_std(s).map(Rc::new))
             .collect::<Result<Vec<_>, _>>()?;
         let shard = Rc::new(Shard {
-            core: RefCell::new(Core::new(
-                setup.shared,
-                Clock {
-                    epoch: now,
-                    epoch_unix: unix,
-                },
-                seed,
-            )),
+            core: RefCell::new(
+                Core::new(
+                    setup.shared,
+                    Clock {
+                        epoch: now,
+                        epoch_unix: unix,
+                    },
+                    seed,
+                )
+                .with_shard(setup.index),
+            ),
             listeners,
             streams: setup.streams,
             conns: RefCell::new(HashMap::new()),
@@ -361,6 +372,8 @@ async fn listener_loop(shard: Rc<Shard>, index: usize) {
                 } => {
                     shard.send_to_peer(alloc, peer, &buf[4 + start..4 + end]);
                 }
+                // TCP allocations, and so Connect and ConnectionBind, exist only on streams.
+                ClientAction::Connect { .. } | ClientAction::Bind { .. } => {}
                 ClientAction::Allocate(pending) => {
                     drop(buf);
                     shard.allocate(pending);
@@ -455,6 +468,9 @@ impl Shard {
             let event = self.core.borrow_mut().poll_event();
             match event {
                 None => return,
+                Some(Event::ConnectionClosed(c)) => {
+                    self.streams.pending_peers().remove(&c);
+                }
                 Some(Event::Freed(id)) => {
                     if let Some(slot) = self.relays.borrow_mut().get_mut(id.0 as usize) {
                         *slot = None;
@@ -470,6 +486,9 @@ impl Shard {
         // Close the sockets of allocations freed earlier in this batch first: their slots
         // may be handed to this allocation.
         self.process_events();
+        if p.tcp {
+            return self.allocate_tcp(p);
+        }
         let now = Instant::now();
         let bound = self.bind_relay(&p);
         let (v4, v6, reserved) = match bound {
@@ -505,7 +524,9 @@ impl Shard {
         let mut slot = RelaySlot {
             v4: register(v4),
             v6: register(v6),
+            tcp: None,
             tasks: Vec::new(),
+            ended: Arc::new(tokio::sync::Notify::new()),
         };
         for s in [&slot.v4, &slot.v6].into_iter().flatten() {
             slot.tasks.push(tokio::task::spawn_local(relay_loop(
@@ -514,12 +535,16 @@ impl Shard {
                 Rc::clone(s),
             )));
         }
+        self.install(id, slot);
+        tracing::debug!(alloc = id.0, ?relayed, "allocation created");
+    }
+
+    fn install(&self, id: AllocId, slot: RelaySlot) {
         let mut relays = self.relays.borrow_mut();
         if relays.len() <= id.0 as usize {
             relays.resize_with(id.0 as usize + 1, || None);
         }
         relays[id.0 as usize] = Some(slot);
-        tracing::debug!(alloc = id.0, ?relayed, "allocation created");
     }
 
     /// Sockets for (v4, v6, reserved next port), or the error code to answer.

@@ -23,8 +23,7 @@ use super::Shard;
 use crate::config::{Listener, Transport};
 use crate::proto::{ClientAction, ClientId};
 
-/// Client ids at or above this are stream connections; below, UDP listener indexes.
-pub const STREAM_BASE: u32 = 0x8000_0000;
+pub use crate::proto::STREAM_BASE;
 /// Most bytes queued towards one slow stream client before datagrams for it are dropped.
 const OUTBOX_MAX: usize = 1 << 20;
 /// Longest STUN message or ChannelData frame on a stream.
@@ -49,6 +48,9 @@ pub struct StreamContext {
     pub idle_timeout: Duration,
     pub per_ip: Mutex<HashMap<IpAddr, u32>>,
     pub http: axum::Router,
+    /// RFC 6062 peer connections waiting for their ConnectionBind, which any shard may get:
+    /// the socket, and the wake-up for when its allocation ends.
+    pub pending: Mutex<HashMap<u32, (std::net::TcpStream, Arc<Notify>)>>,
 }
 
 /// Counts a source's connection for as long as it lives.
@@ -70,6 +72,12 @@ impl Drop for PerIpGuard<'_> {
 }
 
 impl StreamContext {
+    pub(super) fn pending_peers(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<u32, (std::net::TcpStream, Arc<Notify>)>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn admit(&self, ip: IpAddr) -> Option<PerIpGuard<'_>> {
         let mut m = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
         let n = m.entry(ip).or_insert(0);
@@ -377,7 +385,7 @@ async fn turn_stream<S>(
     head: Vec<u8>,
 ) -> std::io::Result<()>
 where
-    S: AsyncRead + AsyncWrite + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
 {
     let id = shard.next_conn.get();
     shard
@@ -396,17 +404,36 @@ where
     shard.conns.borrow_mut().remove(&id);
     shard.core.borrow_mut().close_client(client);
     shard.process_events();
-    writer.abort();
-    result
+    match result {
+        // RFC 6062: this data connection is bound; once the success response is written it
+        // carries the peer's bytes unframed.
+        Ok(Some((connection, early))) => {
+            outbox.notify.notify_one();
+            let Ok(Some(wr)) = writer.await else {
+                return Ok(());
+            };
+            shard.pipe(connection, rd.unsplit(wr), &early).await
+        }
+        Ok(None) => {
+            writer.abort();
+            Ok(())
+        }
+        Err(e) => {
+            writer.abort();
+            Err(e)
+        }
+    }
 }
 
+/// Reads frames until the connection closes (`None`), or until a ConnectionBind made it an
+/// RFC 6062 data connection (the connection id, and any bytes read after the request).
 async fn read_loop<R: AsyncRead + Unpin>(
     shard: &Rc<Shard>,
     rd: &mut R,
     client: ClientId,
     outbox: &Outbox,
     mut buf: Vec<u8>,
-) -> std::io::Result<()> {
+) -> std::io::Result<Option<(u32, Vec<u8>)>> {
     let idle = shard.streams.idle_timeout;
     let mut chunk = vec![0u8; 16 * 1024];
     loop {
@@ -421,8 +448,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
             if buf.len() - pos < len {
                 break;
             }
-            handle_frame(shard, &buf[pos..pos + len], client, outbox);
+            let bound = handle_frame(shard, &buf[pos..pos + len], client, outbox);
             pos += len;
+            if let Some(connection) = bound {
+                return Ok(Some((connection, buf.split_off(pos))));
+            }
         }
         if pos < buf.len() && frame_len(&buf[pos..]).is_none() && buf.len() - pos >= 4 {
             return Err(std::io::Error::new(
@@ -441,7 +471,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 .map_err(timeout)??
         };
         if n == 0 {
-            return Ok(());
+            return Ok(None);
         }
         buf.extend_from_slice(&chunk[..n]);
     }
@@ -461,11 +491,13 @@ fn frame_len(buf: &[u8]) -> Option<usize> {
     }
 }
 
-fn handle_frame(shard: &Rc<Shard>, frame: &[u8], client: ClientId, outbox: &Outbox) {
+/// Handles one frame; returns the connection id when it bound this connection (RFC 6062).
+fn handle_frame(shard: &Rc<Shard>, frame: &[u8], client: ClientId, outbox: &Outbox) -> Option<u32> {
     let action = shard
         .core
         .borrow_mut()
         .handle_client(frame, client, Instant::now());
+    let mut bound = None;
     match action {
         ClientAction::None => {}
         ClientAction::Reply => {
@@ -481,24 +513,39 @@ fn handle_frame(shard: &Rc<Shard>, frame: &[u8], client: ClientId, outbox: &Outb
             shard.allocate(p);
             outbox.push(shard.core.borrow().output());
         }
+        ClientAction::Connect {
+            alloc,
+            peer,
+            connection,
+        } => shard.start_connect(alloc, peer, connection),
+        ClientAction::Bind { connection } => {
+            outbox.push(shard.core.borrow().output());
+            bound = Some(connection);
+        }
     }
     shard.process_events();
+    bound
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(outbox: Rc<Outbox>, mut wr: W) {
+/// Writes what the outbox gathers; once the outbox is closed and empty, hands the write half
+/// back (for an RFC 6062 data connection to go on with).
+async fn write_loop<W: AsyncWrite + Unpin>(outbox: Rc<Outbox>, mut wr: W) -> Option<W> {
     let mut spare = Vec::new();
     loop {
-        outbox.notify.notified().await;
         loop {
             std::mem::swap(&mut *outbox.buf.borrow_mut(), &mut spare);
             if spare.is_empty() {
                 break;
             }
             if wr.write_all(&spare).await.is_err() || wr.flush().await.is_err() {
-                return;
+                return None;
             }
             spare.clear();
         }
+        if outbox.closed.get() {
+            return Some(wr);
+        }
+        outbox.notify.notified().await;
     }
 }
 

@@ -331,8 +331,8 @@ fn parse_ephemeral(username: &str) -> Option<(u64, &str)> {
     }
 }
 
-/// Stateless nonces: a timestamp and a MAC over it and the client address, so the server
-/// keeps nothing per client before a request authenticates.
+/// Stateless nonces: a timestamp and a MAC over it and the client's IP, so the server keeps
+/// nothing per client before a request authenticates.
 pub struct Nonces {
     key: [u8; 32],
     lifetime_secs: u64,
@@ -360,11 +360,12 @@ impl Nonces {
             return out;
         };
         mac.update(&ts.to_be_bytes());
+        // Bound to the client's IP, not its port: an RFC 6062 client signs ConnectionBind on
+        // a new data connection with the nonce its control connection got.
         match client.ip() {
             std::net::IpAddr::V4(ip) => mac.update(&ip.octets()),
             std::net::IpAddr::V6(ip) => mac.update(&ip.octets()),
         }
-        mac.update(&client.port().to_be_bytes());
         out.copy_from_slice(&mac.finalize().into_bytes()[..8]);
         out
     }
@@ -441,10 +442,10 @@ mod tests {
     }
 
     #[test]
-    fn nonces_expire_and_bind_to_the_client() {
+    fn nonces_expire_and_bind_to_the_client_ip() {
         let n = Nonces::new([7; 32], 600, true);
         let a: SocketAddr = "192.0.2.1:1000".parse().expect("addr");
-        let b: SocketAddr = "192.0.2.1:1001".parse().expect("addr");
+        let b: SocketAddr = "192.0.2.2:1000".parse().expect("addr");
         let mut buf = [0u8; 37];
         let nonce = n.issue(a, 1_000_000, &mut buf).to_vec();
         assert!(n.verify(&nonce, a, 1_000_000));

@@ -63,10 +63,15 @@ pub fn core(data: &[u8]) -> super::CoreStats {
     let mut packet = Vec::new();
     let mut port = 50_000u16;
     let mut tid_counter = 0u32;
+    let mut connections: Vec<u32> = Vec::new();
     while let (Some(op), Some(arg)) = (next(), next()) {
         now += Duration::from_millis(u64::from(op >> 5) * 7_000);
         let client = ClientId {
-            listener: 0,
+            listener: if arg & 0x20 == 0 {
+                0
+            } else {
+                super::STREAM_BASE + u32::from(op & 1)
+            },
             addr: SocketAddr::from(([127, 0, 0, 1], 40_000 + u16::from(arg & 3))),
         };
         let peer = SocketAddr::from((
@@ -122,6 +127,25 @@ pub fn core(data: &[u8]) -> super::CoreStats {
                     b.u32(attr::LIFETIME, u32::from(flags) * 40);
                 }
             }),
+            9 => signed(&mut packet, method::CONNECT, &|b| {
+                b.xor_address(attr::XOR_PEER_ADDRESS, peer);
+            }),
+            10 => {
+                let id = connections
+                    .get(usize::from(flags) % connections.len().max(1))
+                    .copied()
+                    .unwrap_or(7);
+                signed(&mut packet, method::CONNECTION_BIND, &|b| {
+                    b.u32(attr::CONNECTION_ID, id);
+                })
+            }
+            11 => {
+                if let Some((_, id)) = core.peer_connected(AllocId(u32::from(arg >> 4)), peer, now)
+                {
+                    connections.push(id);
+                }
+                continue;
+            }
             2 => signed(&mut packet, method::REFRESH, &|b| {
                 b.u32(attr::LIFETIME, u32::from(flags) * 20);
             }),
@@ -156,6 +180,10 @@ pub fn core(data: &[u8]) -> super::CoreStats {
             }
         }
         let action = core.handle_client(&packet, client, now);
+        if let ClientAction::Connect { connection, .. } = action {
+            connections.push(connection);
+            let _ = core.connect_done(connection, flags & 1 == 0, now);
+        }
         if let ClientAction::Allocate(p) = action {
             port = port.wrapping_add(1);
             let relayed = RelayAddrs {
@@ -197,10 +225,15 @@ mod tests {
             allocations += stats.allocations_created;
             relayed += stats.relayed_packets[0] + stats.relayed_packets[1];
         }
-        // The script reaches past authentication into the allocation and relay paths.
         assert!(
-            allocations > 100 && relayed > 0,
+            allocations > 100,
             "{allocations} allocations, {relayed} relayed"
+        );
+        // A script that allocates, permits a peer and sends to it reaches the relay path.
+        let stats = super::core(&[1, 0, 0, 3, 0, 0, 5, 0, 0]);
+        assert_eq!(
+            (stats.allocations_created, stats.relayed_packets[0]),
+            (1, 1)
         );
     }
 }

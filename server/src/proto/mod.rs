@@ -11,5 +11,5 @@ pub mod stun;
 
 pub use server::{
     AllocId, ClientAction, ClientId, Clock, Core, CoreConfig, CoreStats, Event, PeerAction,
-    PendingAllocate, RelayAddrs, Shared,
+    PendingAllocate, RelayAddrs, Shared, STREAM_BASE,
 };

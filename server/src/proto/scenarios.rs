@@ -84,6 +84,9 @@ impl Harness {
             ClientAction::None => None,
             ClientAction::Reply => Some(self.core.output().to_vec()),
             ClientAction::Relay { .. } => panic!("unexpected relay"),
+            ClientAction::Connect { .. } | ClientAction::Bind { .. } => {
+                panic!("unexpected TCP relay action")
+            }
             ClientAction::Allocate(p) => {
                 let port = self.next_port;
                 self.next_port += 2;
@@ -363,10 +366,16 @@ fn allocate_checks_transport_and_families() {
     d.allocate(&mut h);
     let mut d = client(40002, "alice", "wonderland");
     type Extra<'f> = &'f dyn Fn(&mut Builder<'_>);
-    let cases: [(Extra<'_>, u16); 7] = [
+    let cases: [(Extra<'_>, u16); 8] = [
         (
             &|b| {
                 b.u32(attr::REQUESTED_TRANSPORT, 6 << 24);
+            },
+            400,
+        ),
+        (
+            &|b| {
+                b.u32(attr::REQUESTED_TRANSPORT, 132 << 24);
             },
             442,
         ),

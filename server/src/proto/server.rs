@@ -32,6 +32,7 @@ const RESPONSE_CACHE_TTL: Duration = Duration::from_secs(40);
 const RESPONSE_CACHE_MAX: usize = 8192;
 /// Transport protocol number for UDP in REQUESTED-TRANSPORT.
 const PROTO_UDP: u8 = 17;
+const PROTO_TCP: u8 = 6;
 
 /// Settings the core needs; the IO layer builds it from the configuration.
 #[derive(Debug)]
@@ -55,6 +56,10 @@ pub struct CoreConfig {
 /// What every shard of one relay shares.
 pub struct Shared {
     config: arc_swap::ArcSwap<CoreConfig>,
+    /// RFC 6062 connection ids of every shard: a data connection's ConnectionBind may reach
+    /// another shard than the one holding the allocation. Touched only by TCP-allocation
+    /// requests, never per packet.
+    tcp_conns: std::sync::Mutex<HashMap<u32, tcp_alloc::TcpConn>>,
     pub quotas: QuotaState,
     pub nonces: Nonces,
     draining: AtomicBool,
@@ -69,6 +74,7 @@ impl Shared {
         );
         Shared {
             config: arc_swap::ArcSwap::from_pointee(config),
+            tcp_conns: std::sync::Mutex::new(HashMap::new()),
             quotas,
             nonces,
             draining: AtomicBool::new(false),
@@ -103,6 +109,15 @@ pub struct ClientId {
     pub addr: SocketAddr,
 }
 
+/// Client ids at or above this are stream (TCP or TLS) connections; below, UDP listeners.
+pub const STREAM_BASE: u32 = 0x8000_0000;
+
+impl ClientId {
+    pub fn is_stream(&self) -> bool {
+        self.listener >= STREAM_BASE
+    }
+}
+
 /// Index of an allocation; the IO layer keeps its relay sockets under the same index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AllocId(pub u32);
@@ -124,6 +139,16 @@ pub enum ClientAction {
     },
     /// Bind relay sockets as described, then call `complete_allocate` or `fail_allocate`.
     Allocate(Box<PendingAllocate>),
+    /// RFC 6062 Connect: open a TCP connection from the allocation's relayed address to
+    /// `peer`, then call `connect_done`.
+    Connect {
+        alloc: AllocId,
+        peer: SocketAddr,
+        connection: u32,
+    },
+    /// RFC 6062 ConnectionBind succeeded: send `output()`, then join this client connection
+    /// with the peer connection `connection`, byte for byte.
+    Bind { connection: u32 },
 }
 
 /// What the IO layer must do with a datagram a peer sent to a relay socket.
@@ -148,6 +173,8 @@ pub enum PeerAction {
 pub enum Event {
     /// The allocation ended (expired, refreshed to 0, or revoked): close its relay sockets.
     Freed(AllocId),
+    /// An RFC 6062 peer connection was never bound, or its allocation ended: close it.
+    ConnectionClosed(u32),
 }
 
 /// An Allocate request that passed every check; the IO layer binds what it asks for.
@@ -169,6 +196,8 @@ pub struct PendingAllocate {
     /// RESERVATION-TOKEN: use the port reserved under this token.
     pub use_token: Option<[u8; 8]>,
     pub dont_fragment: bool,
+    /// RFC 6062: relay TCP, so bind a listening TCP socket.
+    pub tcp: bool,
 }
 
 /// Relay addresses the IO layer bound for a pending allocation, as advertised to the client.
@@ -251,6 +280,8 @@ fn reason(code: u16) -> &'static str {
         441 => "Wrong Credentials",
         442 => "Unsupported Transport Protocol",
         443 => "Peer Address Family Mismatch",
+        446 => "Connection Already Exists",
+        447 => "Connection Timeout or Failure",
         486 => "Allocation Quota Reached",
         508 => "Insufficient Capacity",
         _ => "Server Error",
@@ -275,6 +306,7 @@ struct Allocation {
     permissions: Vec<(IpAddr, Instant)>,
     channels: Vec<Channel>,
     bucket: Option<TokenBucket>,
+    tcp: bool,
 }
 
 impl Allocation {
@@ -321,9 +353,18 @@ pub struct Core {
     events: VecDeque<Event>,
     out: Vec<u8>,
     stats: CoreStats,
+    /// Which shard this core is, so RFC 6062 connection ids shared by all shards name
+    /// their owner.
+    shard: u32,
 }
 
 impl Core {
+    /// Tells a core which shard it is (0 by default).
+    pub fn with_shard(mut self, shard: u32) -> Self {
+        self.shard = shard;
+        self
+    }
+
     pub fn new(shared: Arc<Shared>, clock: Clock, seed: [u8; 32]) -> Self {
         Core {
             shared,
@@ -337,6 +378,7 @@ impl Core {
             events: VecDeque::new(),
             out: Vec::with_capacity(1500),
             stats: CoreStats::default(),
+            shard: 0,
         }
     }
 
@@ -559,7 +601,12 @@ impl Core {
         }
         if !matches!(
             m,
-            method::ALLOCATE | method::REFRESH | method::CREATE_PERMISSION | method::CHANNEL_BIND
+            method::ALLOCATE
+                | method::REFRESH
+                | method::CREATE_PERMISSION
+                | method::CHANNEL_BIND
+                | method::CONNECT
+                | method::CONNECTION_BIND
         ) {
             self.count(m, 400);
             self.error_unsigned(msg, 400);
@@ -595,6 +642,17 @@ impl Core {
         let result = match m {
             method::ALLOCATE => match self.allocate(msg, client, &auth, existing) {
                 Ok(pending) => return ClientAction::Allocate(pending),
+                Err(code) => Err(code),
+            },
+            method::CONNECT => match self.connect(msg, client, &auth, existing, now) {
+                Ok(action) => return action,
+                Err(code) => Err(code),
+            },
+            method::CONNECTION_BIND => match self.connection_bind(msg, &auth, existing) {
+                Ok(connection) => {
+                    let _ = self.finish(msg, client, &auth, Ok(None), now);
+                    return ClientAction::Bind { connection };
+                }
                 Err(code) => Err(code),
             },
             method::REFRESH => self.refresh(msg, existing, now).map(Some),
@@ -763,10 +821,22 @@ impl Core {
         if transport.len() != 4 {
             return Err(400);
         }
-        if transport[0] != PROTO_UDP {
-            return Err(442);
-        }
+        let tcp = match transport[0] {
+            PROTO_UDP => false,
+            // RFC 6062 §5.1: TCP relaying for clients that reach the relay over TCP or TLS.
+            PROTO_TCP if client.is_stream() => true,
+            PROTO_TCP => return Err(400),
+            _ => return Err(442),
+        };
         let even = msg.get(attr::EVEN_PORT);
+        if tcp
+            && (even.is_some()
+                || msg.has(attr::RESERVATION_TOKEN)
+                || msg.has(attr::DONT_FRAGMENT)
+                || msg.has(attr::ADDITIONAL_ADDRESS_FAMILY))
+        {
+            return Err(400);
+        }
         let token = msg.get(attr::RESERVATION_TOKEN);
         let family = msg.get(attr::REQUESTED_ADDRESS_FAMILY);
         let additional = msg.get(attr::ADDITIONAL_ADDRESS_FAMILY);
@@ -831,6 +901,7 @@ impl Core {
             new_token,
             use_token,
             dont_fragment: msg.has(attr::DONT_FRAGMENT),
+            tcp,
         }))
     }
 
@@ -870,6 +941,7 @@ impl Core {
             permissions: Vec::new(),
             channels: Vec::new(),
             bucket: quotas.allocation_bandwidth.map(TokenBucket::new),
+            tcp: p.tcp,
         });
         self.by_client.insert(p.client, id);
         self.stats.allocations_created += 1;
@@ -1069,6 +1141,7 @@ impl Core {
         self.by_client.remove(&a.client);
         self.shared.quotas.release(&a.user_id, &a.user);
         self.free_slots.push(id.0);
+        self.forget_tcp_connections(|conn| conn.alloc == id);
         self.events.push_back(Event::Freed(id));
     }
 
@@ -1113,6 +1186,7 @@ impl Core {
                 self.free(AllocId(i as u32));
             }
         }
+        self.expire_tcp_connections(now);
         while let Some(k) = self.response_order.front() {
             match self.responses.get(k) {
                 Some((t, _)) if now.saturating_duration_since(*t) < RESPONSE_CACHE_TTL => break,
@@ -1176,6 +1250,9 @@ fn install_permission(
     a.permissions.push((ip, expires));
     true
 }
+
+#[path = "tcp_alloc.rs"]
+mod tcp_alloc;
 
 #[cfg(test)]
 #[path = "scenarios.rs"]
