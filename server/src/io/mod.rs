@@ -487,7 +487,7 @@ impl Shard {
         // may be handed to this allocation.
         self.process_events();
         if p.tcp {
-            return self.allocate_tcp(p);
+            return self.allocate_tcp(*p);
         }
         let now = Instant::now();
         let bound = self.bind_relay(&p);

@@ -33,7 +33,7 @@ fn relay_tcp_socket(addr: SocketAddr) -> std::io::Result<Socket> {
 
 impl Shard {
     /// Binds the listening socket of a TCP allocation and completes it.
-    pub(super) fn allocate_tcp(self: &Rc<Self>, p: Box<PendingAllocate>) {
+    pub(super) fn allocate_tcp(self: &Rc<Self>, p: PendingAllocate) {
         let now = Instant::now();
         let fam = if p.want_v6 {
             self.plan.v6
@@ -52,7 +52,7 @@ impl Shard {
             })
         });
         let Some((listener, local, advertised)) = bound else {
-            self.core.borrow_mut().fail_allocate(*p, 508, now);
+            self.core.borrow_mut().fail_allocate(p, 508, now);
             return;
         };
         let relayed = if local.is_ipv4() {
@@ -66,7 +66,7 @@ impl Shard {
                 v6: Some(advertised),
             }
         };
-        let id = self.core.borrow_mut().complete_allocate(*p, relayed, now);
+        let id = self.core.borrow_mut().complete_allocate(p, relayed, now);
         let slot = RelaySlot {
             v4: None,
             v6: None,
