@@ -766,3 +766,26 @@ async fn tcp_allocations_obey_the_peer_policy() {
     );
     drop(cert);
 }
+
+#[test]
+fn tls_listeners_speak_tls_1_2_and_1_3_only() {
+    let cert = TestCert::new("versions", &["turn.test", "127.0.0.1"]);
+    let relay = relay_with_streams(&cert, &[]);
+    let addr = relay.addr_of("tls").to_string();
+    let handshake = |version: &str| {
+        // `openssl s_client` reads stdin; give it none so it ends after the handshake.
+        let out = Command::new("timeout")
+            .args(["10", "openssl", "s_client", "-connect", &addr, version])
+            .stdin(Stdio::null())
+            .output()
+            .expect("openssl");
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    assert!(handshake("-tls1_3").contains("TLSv1.3"));
+    assert!(handshake("-tls1_2").contains("TLSv1.2"));
+    let old = handshake("-tls1_1");
+    assert!(
+        old.contains("no peer certificate available") && old.contains("Cipher is (NONE)"),
+        "{old}"
+    );
+}

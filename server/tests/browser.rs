@@ -1,0 +1,54 @@
+//! Headless Chromium opens a relay-only WebRTC data channel through the relay over UDP, TCP,
+//! TLS on 5349 and TLS on 443, in a network namespace the test creates; HTTPS answers on the
+//! same 443. Needs root (unshare), Debian's chromium and `npm ci` in tests/browser (.ci/run).
+
+mod common;
+
+use common::{run_tool, TestCert};
+
+#[test]
+fn chromium_relay_only_data_channels_over_every_transport() {
+    let cert = TestCert::new("browser", &["turn.test", "10.99.0.1", "127.0.0.1"]);
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    assert!(
+        std::path::Path::new(&format!(
+            "{root}/tests/browser/node_modules/playwright-core"
+        ))
+        .exists(),
+        "run `npm ci` in tests/browser (.ci/run does)"
+    );
+    let out = run_tool(
+        "unshare",
+        &[
+            "--net",
+            "--fork",
+            &format!("{root}/tests/browser/run-in-netns.sh"),
+            env!("CARGO_BIN_EXE_turnpike"),
+            cert.cert.to_str().expect("path"),
+            cert.key.to_str().expect("path"),
+        ],
+        180,
+    );
+    assert!(out.contains("healthz: ok"), "HTTPS on 443:\n{out}");
+    let results: Vec<&str> = out.lines().filter(|l| l.starts_with('{')).collect();
+    assert_eq!(results.len(), 5, "{out}");
+    for (line, protocol) in results[..4].iter().zip(["udp", "tcp", "tls", "tls"]) {
+        assert!(
+            line.contains("\"open\":true") && line.contains("\"echo\":\"echo:hello\""),
+            "{line}"
+        );
+        let pair = format!(
+            "{{\"local\":\"relay\",\"remote\":\"relay\",\"relayProtocol\":\"{protocol}\"}}"
+        );
+        assert_eq!(
+            line.matches(&pair).count(),
+            2,
+            "both ends relay candidates over {protocol}: {line}"
+        );
+    }
+    let refused = results[4];
+    assert!(
+        refused.contains("\"open\":false") && refused.contains("401"),
+        "{refused}"
+    );
+}
