@@ -1,0 +1,584 @@
+//! Probing one region over every path it offers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+use crate::regions::Region;
+use crate::select::PathResult;
+use crate::turn::{Conn, Failure, Stream, TurnClient};
+
+/// How to probe.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Samples per path.
+    pub samples: usize,
+    /// Pause between samples.
+    pub interval: Duration,
+    /// Longest wait for one answer, or one connection.
+    pub timeout: Duration,
+    /// HTTP CONNECT proxy for the `turn-tls-proxy` path.
+    pub proxy: Option<Proxy>,
+}
+
+/// `http://[user:pass@]host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proxy {
+    pub host: String,
+    pub port: u16,
+    pub auth: Option<String>,
+}
+
+impl std::str::FromStr for Proxy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let rest = s
+            .strip_prefix("http://")
+            .ok_or_else(|| format!("{s:?}: expected http://[user:pass@]host:port"))?;
+        let rest = rest.trim_end_matches('/');
+        let (auth, hostport) = match rest.rsplit_once('@') {
+            Some((a, h)) => (Some(a.to_owned()), h),
+            None => (None, rest),
+        };
+        let (host, port) = hostport
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{s:?}: missing port"))?;
+        let port = port.parse().map_err(|_| format!("{s:?}: bad port"))?;
+        Ok(Proxy {
+            host: host.trim_matches(['[', ']']).to_owned(),
+            port,
+            auth,
+        })
+    }
+}
+
+/// The credentials to use: static, or minted now from the shared secret (valid one hour).
+pub fn credentials(region: &Region) -> (String, String) {
+    match (&region.secret, &region.username, &region.password) {
+        (Some(secret), user, _) => {
+            let expiry = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+                + 3600;
+            let username = turnpike::proto::auth::ephemeral_username(
+                expiry,
+                Some(user.as_deref().unwrap_or("probe")),
+            );
+            let password = turnpike::proto::auth::ephemeral_password(secret, &username);
+            (username, password)
+        }
+        (None, Some(u), Some(p)) => (u.clone(), p.clone()),
+        _ => (String::new(), String::new()),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+async fn resolve(host: &str, port: u16) -> Result<SocketAddr, Failure> {
+    let mut addrs = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| Failure::Dns(format!("{host}: {e}")))?;
+    addrs
+        .next()
+        .ok_or_else(|| Failure::Dns(format!("{host}: no address")))
+}
+
+async fn udp_to(addr: SocketAddr) -> Result<UdpSocket, Failure> {
+    let local: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .map_err(|_| Failure::Other("addr".into()))?;
+    let s = UdpSocket::bind(local)
+        .await
+        .map_err(|e| Failure::io("bind", e))?;
+    s.connect(addr)
+        .await
+        .map_err(|e| Failure::io("connect", e))?;
+    Ok(s)
+}
+
+async fn tcp_to(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, Failure> {
+    let s = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| Failure::Timeout(format!("TCP connect to {addr}")))?
+        .map_err(|e| Failure::io(&format!("TCP connect to {addr}"), e))?;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+/// A TLS client for the region: its own CA when given, else the public web roots.
+pub fn tls_connector(region: &Region) -> Result<tokio_rustls::TlsConnector, Failure> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match &region.ca_file {
+        Some(path) => {
+            for cert in rustls::pki_types::CertificateDer::pem_file_iter(path)
+                .map_err(|e| Failure::Tls(format!("ca_file {}: {e}", path.display())))?
+            {
+                let cert =
+                    cert.map_err(|e| Failure::Tls(format!("ca_file {}: {e}", path.display())))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| Failure::Tls(format!("ca_file {}: {e}", path.display())))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Failure::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+}
+
+/// TLS over an established stream; returns the stream and the handshake time.
+async fn tls_over<S>(
+    region: &Region,
+    tcp: S,
+    alpn: &[&[u8]],
+    timeout: Duration,
+) -> Result<(Box<dyn Stream>, f64), Failure>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let connector = tls_connector(region)?;
+    let connector = if alpn.is_empty() {
+        connector
+    } else {
+        let mut config = rustls::ClientConfig::clone(connector.config());
+        config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    };
+    let name = rustls::pki_types::ServerName::try_from(region.tls_name().to_owned())
+        .map_err(|e| Failure::Tls(format!("{}: {e}", region.tls_name())))?;
+    let start = Instant::now();
+    let tls = tokio::time::timeout(timeout, connector.connect(name, tcp))
+        .await
+        .map_err(|_| Failure::Timeout("TLS handshake".into()))?
+        .map_err(|e| Failure::Tls(e.to_string()))?;
+    Ok((Box::new(tls), ms(start.elapsed())))
+}
+
+/// A TCP connection to `host:port` through an HTTP CONNECT proxy.
+pub async fn connect_via_proxy(
+    proxy: &Proxy,
+    host: &str,
+    port: u16,
+    timeout: Duration,
+) -> Result<TcpStream, Failure> {
+    let addr = resolve(&proxy.host, proxy.port)
+        .await
+        .map_err(|e| Failure::Proxy(format!("proxy {}: {e}", proxy.host)))?;
+    let mut tcp = tcp_to(addr, timeout)
+        .await
+        .map_err(|e| Failure::Proxy(format!("proxy {}:{}: {e}", proxy.host, proxy.port)))?;
+    let mut request = format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n");
+    if let Some(auth) = &proxy.auth {
+        use base64::Engine;
+        request += &format!(
+            "Proxy-Authorization: Basic {}\r\n",
+            base64::engine::general_purpose::STANDARD.encode(auth)
+        );
+    }
+    request += "\r\n";
+    tcp.write_all(request.as_bytes())
+        .await
+        .map_err(|e| Failure::Proxy(e.to_string()))?;
+    let mut head = Vec::new();
+    let read = async {
+        while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+            let mut b = [0u8; 1];
+            if tcp
+                .read(&mut b)
+                .await
+                .map_err(|e| Failure::Proxy(e.to_string()))?
+                == 0
+            {
+                return Err(Failure::Proxy("closed the connection".into()));
+            }
+            head.push(b[0]);
+        }
+        Ok(())
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| Failure::Proxy("no answer to CONNECT".into()))??;
+    let head = String::from_utf8_lossy(&head);
+    let status = head.lines().next().unwrap_or("").to_owned();
+    if status.split_whitespace().nth(1) != Some("200") {
+        return Err(Failure::Proxy(format!(
+            "CONNECT {host}:{port} refused: {status}"
+        )));
+    }
+    Ok(tcp)
+}
+
+/// Every path of one region, in a fixed order.
+pub async fn probe_region(region: &Region, opts: &Options) -> Vec<PathResult> {
+    let mut out = Vec::new();
+    if region.udp_port != 0 {
+        out.push(stun_udp(region, opts).await);
+        out.push(turn_path(region, opts, "turn-udp").await);
+    }
+    if region.tcp_port != 0 {
+        out.push(turn_path(region, opts, "turn-tcp").await);
+    }
+    if region.tls_port != 0 {
+        out.push(turn_path(region, opts, "turn-tls").await);
+        if opts.proxy.is_some() {
+            out.push(turn_path(region, opts, "turn-tls-proxy").await);
+        }
+        if region.websocket {
+            out.push(websocket(region, opts).await);
+        }
+    }
+    for spec in &region.echo_udp {
+        for port in spec.ports().unwrap_or_default() {
+            out.push(echo_udp(region, opts, port).await);
+        }
+    }
+    for spec in &region.echo_tcp {
+        for port in spec.ports().unwrap_or_default() {
+            out.push(echo_tcp(region, opts, port).await);
+        }
+    }
+    out
+}
+
+async fn stun_udp(region: &Region, opts: &Options) -> PathResult {
+    let result = PathResult::new(&region.name, "stun-udp");
+    let run = async {
+        let addr = resolve(&region.host, region.udp_port).await?;
+        let mut client = TurnClient::new(Conn::Udp(udp_to(addr).await?), "", "");
+        let mut samples = Vec::new();
+        let mut mapped = None;
+        let mut last_error = None;
+        for i in 0..opts.samples {
+            if i > 0 {
+                tokio::time::sleep(opts.interval).await;
+            }
+            let start = Instant::now();
+            match client.binding(opts.timeout).await {
+                Ok(m) => {
+                    samples.push(ms(start.elapsed()));
+                    mapped = Some(m.to_string());
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Ok::<_, Failure>((samples, mapped, last_error))
+    };
+    match run.await {
+        Ok((samples, mapped, last_error)) => {
+            let mut r = result;
+            r.mapped = mapped;
+            if samples.is_empty() {
+                r.error = last_error.map(|e| e.to_string());
+            }
+            r.with_samples(&samples, opts.samples)
+        }
+        Err(e) => result.failed(e.to_string()),
+    }
+}
+
+/// Opens the control connection a TURN path uses; returns it and the TLS handshake time.
+async fn turn_conn(
+    region: &Region,
+    opts: &Options,
+    path: &str,
+) -> Result<(Conn, Option<f64>), Failure> {
+    match path {
+        "turn-udp" => Ok((
+            Conn::Udp(udp_to(resolve(&region.host, region.udp_port).await?).await?),
+            None,
+        )),
+        "turn-tcp" => {
+            let tcp = tcp_to(resolve(&region.host, region.tcp_port).await?, opts.timeout).await?;
+            Ok((Conn::Stream(Box::new(tcp)), None))
+        }
+        "turn-tls" => {
+            let tcp = tcp_to(resolve(&region.host, region.tls_port).await?, opts.timeout).await?;
+            let (tls, t) = tls_over(region, tcp, &[b"stun.turn"], opts.timeout).await?;
+            Ok((Conn::Stream(tls), Some(t)))
+        }
+        _ => {
+            let proxy = opts
+                .proxy
+                .as_ref()
+                .ok_or_else(|| Failure::Other("no proxy".into()))?;
+            let tcp = connect_via_proxy(proxy, &region.host, region.tls_port, opts.timeout).await?;
+            let (tls, t) = tls_over(region, tcp, &[b"stun.turn"], opts.timeout).await?;
+            Ok((Conn::Stream(tls), Some(t)))
+        }
+    }
+}
+
+/// A TURN path: allocation time, then the relayed round trip between two allocations of the
+/// same relay (the first sends to the second's relayed address, through the relay).
+async fn turn_path(region: &Region, opts: &Options, path: &str) -> PathResult {
+    let mut result = PathResult::new(&region.name, path);
+    let (user, pass) = credentials(region);
+    let run = async {
+        let (conn_a, tls_ms) = turn_conn(region, opts, path).await?;
+        let mut a = TurnClient::new(conn_a, &user, &pass);
+        let start = Instant::now();
+        let (relayed_a, mapped) = a.allocate(opts.timeout).await?;
+        let alloc_ms = ms(start.elapsed());
+        let (conn_b, _) = turn_conn(region, opts, path).await?;
+        let mut b = TurnClient::new(conn_b, &user, &pass);
+        let relayed_b = match b.allocate(opts.timeout).await {
+            Ok((r, _)) => r,
+            Err(e) => {
+                a.release().await;
+                return Err(e);
+            }
+        };
+        let permitted = async {
+            a.permit(relayed_b, opts.timeout).await?;
+            b.permit(relayed_a, opts.timeout).await
+        };
+        let outcome = match permitted.await {
+            Ok(()) => {
+                let mut samples = Vec::new();
+                for i in 0..opts.samples {
+                    if i > 0 {
+                        tokio::time::sleep(opts.interval).await;
+                    }
+                    let payload = (i as u64).to_be_bytes();
+                    let start = Instant::now();
+                    a.send_to(relayed_b, &payload).await?;
+                    let deadline = start + opts.timeout;
+                    while let Ok(data) = b.recv_data(deadline).await {
+                        if data == payload {
+                            samples.push(ms(start.elapsed()));
+                            break;
+                        }
+                    }
+                }
+                Ok(samples)
+            }
+            Err(e) => Err(e),
+        };
+        a.release().await;
+        b.release().await;
+        Ok::<_, Failure>((tls_ms, alloc_ms, mapped, outcome?))
+    };
+    match run.await {
+        Ok((tls_ms, alloc_ms, mapped, samples)) => {
+            result.tls_handshake_ms = tls_ms;
+            result.allocation_ms = Some(alloc_ms);
+            result.mapped = mapped.map(|m| m.to_string());
+            let r = result.with_samples(&samples, opts.samples);
+            let median = r.rtt_ms.map(|x| x.median);
+            PathResult {
+                relay_rtt_ms: median,
+                ..r
+            }
+        }
+        Err(e) => result.failed(e.to_string()),
+    }
+}
+
+/// A 64-byte echo request: `TPEQ`, sequence number, then padding the echo overwrites.
+fn echo_request(seq: u32) -> [u8; 64] {
+    let mut b = [0u8; 64];
+    b[..4].copy_from_slice(b"TPEQ");
+    b[4..8].copy_from_slice(&seq.to_be_bytes());
+    b
+}
+
+/// The address text an echo wrote into its reply, if it did.
+fn echo_mapped(reply: &[u8]) -> Option<String> {
+    if reply.len() < 17 || &reply[..4] != b"TPER" {
+        return None;
+    }
+    let text = &reply[16..];
+    let end = text.iter().position(|b| *b == 0).unwrap_or(text.len());
+    std::str::from_utf8(&text[..end]).ok().map(str::to_owned)
+}
+
+async fn echo_udp(region: &Region, opts: &Options, port: u16) -> PathResult {
+    let result = PathResult::new(&region.name, &format!("echo-udp:{port}"));
+    let run = async {
+        let sock = udp_to(resolve(&region.host, port).await?).await?;
+        let mut samples = Vec::new();
+        let mut mapped = None;
+        let mut last_error = None;
+        for i in 0..opts.samples {
+            if i > 0 {
+                tokio::time::sleep(opts.interval).await;
+            }
+            let req = echo_request(i as u32);
+            let start = Instant::now();
+            sock.send(&req).await.map_err(|e| Failure::io("send", e))?;
+            let deadline = start + opts.timeout;
+            loop {
+                let mut buf = [0u8; 128];
+                let left = deadline.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(left, sock.recv(&mut buf)).await {
+                    Err(_) => {
+                        last_error = Some(Failure::Timeout(
+                            "no echo: UDP blocked, or replies do not get back in".into(),
+                        ));
+                        break;
+                    }
+                    Ok(Err(e)) => {
+                        last_error = Some(Failure::io("echo", e));
+                        break;
+                    }
+                    Ok(Ok(n)) if n >= 8 && buf[4..8] == req[4..8] => {
+                        samples.push(ms(start.elapsed()));
+                        mapped = echo_mapped(&buf[..n]);
+                        break;
+                    }
+                    Ok(Ok(_)) => {}
+                }
+            }
+        }
+        Ok::<_, Failure>((samples, mapped, last_error))
+    };
+    match run.await {
+        Ok((samples, mapped, last_error)) => {
+            let mut r = result;
+            r.mapped = mapped;
+            if samples.is_empty() {
+                r.error = last_error.map(|e| e.to_string());
+            }
+            r.with_samples(&samples, opts.samples)
+        }
+        Err(e) => result.failed(e.to_string()),
+    }
+}
+
+async fn echo_tcp(region: &Region, opts: &Options, port: u16) -> PathResult {
+    let result = PathResult::new(&region.name, &format!("echo-tcp:{port}"));
+    let run = async {
+        let mut tcp = tcp_to(resolve(&region.host, port).await?, opts.timeout).await?;
+        let mut samples = Vec::new();
+        let mut mapped = None;
+        for i in 0..opts.samples {
+            if i > 0 {
+                tokio::time::sleep(opts.interval).await;
+            }
+            let req = echo_request(i as u32);
+            let start = Instant::now();
+            tcp.write_all(&req)
+                .await
+                .map_err(|e| Failure::io("write", e))?;
+            let mut reply = [0u8; 64];
+            tokio::time::timeout(opts.timeout, tcp.read_exact(&mut reply))
+                .await
+                .map_err(|_| Failure::Timeout("no echo".into()))?
+                .map_err(|e| Failure::io("read", e))?;
+            samples.push(ms(start.elapsed()));
+            mapped = echo_mapped(&reply);
+        }
+        Ok::<_, Failure>((samples, mapped))
+    };
+    match run.await {
+        Ok((samples, mapped)) => {
+            let mut r = result;
+            r.mapped = mapped;
+            r.with_samples(&samples, opts.samples)
+        }
+        Err(e) => result.failed(e.to_string()),
+    }
+}
+
+/// The WebSocket echo at `/echo/ws` over TLS on the TLS port (through the proxy when one is
+/// given, as a browser behind it would go).
+async fn websocket(region: &Region, opts: &Options) -> PathResult {
+    let mut result = PathResult::new(&region.name, "websocket");
+    let run = async {
+        let tcp = match &opts.proxy {
+            Some(p) => connect_via_proxy(p, &region.host, region.tls_port, opts.timeout).await?,
+            None => tcp_to(resolve(&region.host, region.tls_port).await?, opts.timeout).await?,
+        };
+        let (tls, tls_ms) = tls_over(region, tcp, &[b"http/1.1"], opts.timeout).await?;
+        let url = format!("wss://{}:{}/echo/ws", region.tls_name(), region.tls_port);
+        let (mut ws, _) =
+            tokio::time::timeout(opts.timeout, tokio_tungstenite::client_async(url, tls))
+                .await
+                .map_err(|_| Failure::Timeout("WebSocket upgrade".into()))?
+                .map_err(|e| Failure::Other(format!("WebSocket upgrade refused: {e}")))?;
+        let mut samples = Vec::new();
+        for i in 0..opts.samples {
+            if i > 0 {
+                tokio::time::sleep(opts.interval).await;
+            }
+            let text = format!("probe {i}");
+            let start = Instant::now();
+            ws.send(WsMessage::text(text.clone()))
+                .await
+                .map_err(|e| Failure::Other(e.to_string()))?;
+            let reply = tokio::time::timeout(opts.timeout, ws.next())
+                .await
+                .map_err(|_| Failure::Timeout("no WebSocket echo".into()))?;
+            match reply {
+                Some(Ok(WsMessage::Text(t))) if t.as_str() == text => {
+                    samples.push(ms(start.elapsed()))
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(Failure::Other(format!("WebSocket: {e}"))),
+                None => {
+                    return Err(Failure::Other(
+                        "WebSocket closed by the far end (a proxy?)".into(),
+                    ))
+                }
+            }
+        }
+        let _ = ws.close(None).await;
+        Ok::<_, Failure>((samples, tls_ms))
+    };
+    match run.await {
+        Ok((samples, tls_ms)) => {
+            result.tls_handshake_ms = Some(tls_ms);
+            result.with_samples(&samples, opts.samples)
+        }
+        Err(e) => result.failed(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_urls() {
+        assert_eq!(
+            "http://u:p@proxy.corp:3128".parse::<Proxy>(),
+            Ok(Proxy {
+                host: "proxy.corp".into(),
+                port: 3128,
+                auth: Some("u:p".into())
+            })
+        );
+        assert_eq!(
+            "http://127.0.0.1:8080/".parse::<Proxy>().map(|p| p.port),
+            Ok(8080)
+        );
+        assert!("socks5://x:1".parse::<Proxy>().is_err());
+    }
+
+    #[test]
+    fn echo_replies_name_the_mapping() {
+        let mut reply = echo_request(7);
+        reply[..4].copy_from_slice(b"TPER");
+        reply[16..31].copy_from_slice(b"203.0.113.9:443");
+        assert_eq!(echo_mapped(&reply).as_deref(), Some("203.0.113.9:443"));
+        assert_eq!(echo_mapped(&echo_request(1)), None);
+    }
+}

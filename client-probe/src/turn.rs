@@ -1,0 +1,324 @@
+//! A small TURN client over UDP, TCP or TLS (optionally through an HTTP CONNECT proxy), built
+//! on the relay's own codec. It does what a probe needs: Binding, Allocate, CreatePermission,
+//! Send and Data indications, Refresh, with long-term authentication.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::UdpSocket;
+use turnpike::proto::auth::long_term_key;
+use turnpike::proto::stun::{attr, method, Builder, Class, Message, TransactionId, MAGIC_COOKIE};
+
+/// Why a path failed, as the report names it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Failure {
+    #[error("dns: {0}")]
+    Dns(String),
+    #[error("timeout: {0}")]
+    Timeout(String),
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("tls: {0}")]
+    Tls(String),
+    #[error("proxy: {0}")]
+    Proxy(String),
+    /// A STUN error response: 401, 403, 437, 508…
+    #[error("{0} {1}")]
+    Status(u16, String),
+    #[error("error: {0}")]
+    Other(String),
+}
+
+impl Failure {
+    pub fn io(what: &str, e: std::io::Error) -> Failure {
+        match e.kind() {
+            std::io::ErrorKind::ConnectionRefused => {
+                Failure::Refused(format!("{what}: connection refused"))
+            }
+            std::io::ErrorKind::TimedOut => Failure::Timeout(what.to_owned()),
+            _ => Failure::Other(format!("{what}: {e}")),
+        }
+    }
+}
+
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+pub enum Conn {
+    /// A UDP socket connected to the relay.
+    Udp(UdpSocket),
+    Stream(Box<dyn Stream>),
+}
+
+/// Credentials and the state long-term authentication learns (realm, nonce).
+pub struct TurnClient {
+    conn: Conn,
+    username: String,
+    password: String,
+    realm: Option<String>,
+    nonce: Option<Vec<u8>>,
+    rbuf: Vec<u8>,
+    next: u64,
+}
+
+const RETRANSMIT: Duration = Duration::from_millis(250);
+
+impl TurnClient {
+    pub fn new(conn: Conn, username: &str, password: &str) -> Self {
+        TurnClient {
+            conn,
+            username: username.to_owned(),
+            password: password.to_owned(),
+            realm: None,
+            nonce: None,
+            rbuf: Vec::new(),
+            next: rand::random(),
+        }
+    }
+
+    fn tid(&mut self) -> TransactionId {
+        self.next = self.next.wrapping_add(1);
+        let mut t = [0u8; 16];
+        t[..4].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
+        t[4..12].copy_from_slice(&self.next.to_be_bytes());
+        t[12..].copy_from_slice(&rand::random::<[u8; 4]>());
+        TransactionId(t)
+    }
+
+    async fn send(&mut self, packet: &[u8]) -> Result<(), Failure> {
+        match &mut self.conn {
+            Conn::Udp(s) => s
+                .send(packet)
+                .await
+                .map(|_| ())
+                .map_err(|e| Failure::io("send", e)),
+            Conn::Stream(s) => s
+                .write_all(packet)
+                .await
+                .map_err(|e| Failure::io("write", e)),
+        }
+    }
+
+    /// The next datagram or stream frame (STUN message or ChannelData), before `deadline`.
+    async fn recv(&mut self, deadline: Instant) -> Result<Vec<u8>, Failure> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let read = async {
+            match &mut self.conn {
+                Conn::Udp(s) => {
+                    let mut buf = vec![0u8; 2048];
+                    let n = s
+                        .recv(&mut buf)
+                        .await
+                        .map_err(|e| Failure::io("receive", e))?;
+                    buf.truncate(n);
+                    Ok(buf)
+                }
+                Conn::Stream(s) => loop {
+                    if self.rbuf.len() >= 4 {
+                        let len = usize::from(u16::from_be_bytes([self.rbuf[2], self.rbuf[3]]));
+                        let total = if self.rbuf[0] & 0xC0 == 0x40 {
+                            4 + ((len + 3) & !3)
+                        } else {
+                            20 + len
+                        };
+                        if self.rbuf.len() >= total {
+                            let frame: Vec<u8> = self.rbuf.drain(..total).collect();
+                            return Ok(frame);
+                        }
+                    }
+                    let mut chunk = [0u8; 4096];
+                    let n = s
+                        .read(&mut chunk)
+                        .await
+                        .map_err(|e| Failure::io("read", e))?;
+                    if n == 0 {
+                        return Err(Failure::Other("the relay closed the connection".into()));
+                    }
+                    self.rbuf.extend_from_slice(&chunk[..n]);
+                },
+            }
+        };
+        tokio::time::timeout(left, read)
+            .await
+            .map_err(|_| Failure::Timeout("no answer from the relay".into()))?
+    }
+
+    fn build(
+        &mut self,
+        m: u16,
+        class: Class,
+        extra: &dyn Fn(&mut Builder<'_>),
+    ) -> (Vec<u8>, TransactionId) {
+        let tid = self.tid();
+        let mut buf = Vec::new();
+        let mut b = Builder::new(&mut buf, class, m, tid);
+        extra(&mut b);
+        if let (Some(realm), Some(nonce)) = (&self.realm, &self.nonce) {
+            if class == Class::Request && m != method::BINDING {
+                let key = long_term_key(&self.username, realm, &self.password);
+                b.attr(attr::USERNAME, self.username.as_bytes())
+                    .attr(attr::REALM, realm.as_bytes())
+                    .attr(attr::NONCE, nonce)
+                    .integrity_sha1(&key);
+            }
+        }
+        b.fingerprint();
+        (buf, tid)
+    }
+
+    /// One request and its response (retransmitted over UDP), authenticating as needed.
+    pub async fn request(
+        &mut self,
+        m: u16,
+        extra: &dyn Fn(&mut Builder<'_>),
+        timeout: Duration,
+    ) -> Result<Vec<u8>, Failure> {
+        let deadline = Instant::now() + timeout;
+        for _ in 0..3 {
+            let (packet, tid) = self.build(m, Class::Request, extra);
+            let response = self.exchange(&packet, tid, deadline).await?;
+            let msg = Message::parse(&response)
+                .map_err(|e| Failure::Other(format!("bad response: {e}")))?;
+            if msg.class() == Class::Success {
+                return Ok(response);
+            }
+            let (code, reason) = error_code(&msg);
+            let retry = match code {
+                401 if self.nonce.is_none() => true,
+                438 => true,
+                _ => false,
+            };
+            if !retry {
+                return Err(Failure::Status(code, reason));
+            }
+            self.realm = msg
+                .get(attr::REALM)
+                .map(|r| String::from_utf8_lossy(r).into_owned())
+                .or(self.realm.take());
+            self.nonce = msg.get(attr::NONCE).map(<[u8]>::to_vec);
+        }
+        Err(Failure::Status(401, "Unauthorized".into()))
+    }
+
+    async fn exchange(
+        &mut self,
+        packet: &[u8],
+        tid: TransactionId,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, Failure> {
+        let udp = matches!(self.conn, Conn::Udp(_));
+        self.send(packet).await?;
+        // RFC 8489 §6.2.1: retransmit over UDP, doubling the interval.
+        let mut rto = RETRANSMIT;
+        let mut resend = Instant::now() + rto;
+        loop {
+            let until = if udp { resend.min(deadline) } else { deadline };
+            match self.recv(until).await {
+                Ok(frame) => {
+                    if frame.len() >= 20 && frame[0] & 0xC0 == 0 && frame[4..20] == tid.0 {
+                        return Ok(frame);
+                    }
+                }
+                Err(Failure::Timeout(_)) if udp && Instant::now() < deadline => {
+                    self.send(packet).await?;
+                    rto *= 2;
+                    resend = Instant::now() + rto;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Binding: returns the reflexive address.
+    pub async fn binding(&mut self, timeout: Duration) -> Result<SocketAddr, Failure> {
+        let r = self.request(method::BINDING, &|_| {}, timeout).await?;
+        let msg = Message::parse(&r).map_err(|e| Failure::Other(e.to_string()))?;
+        msg.get(attr::XOR_MAPPED_ADDRESS)
+            .and_then(|v| msg.xor_address(v))
+            .ok_or_else(|| Failure::Other("no XOR-MAPPED-ADDRESS".into()))
+    }
+
+    /// Allocate over UDP relaying: the relayed and the mapped address.
+    pub async fn allocate(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<(SocketAddr, Option<SocketAddr>), Failure> {
+        let r = self
+            .request(
+                method::ALLOCATE,
+                &|b| {
+                    b.u32(attr::REQUESTED_TRANSPORT, 17 << 24);
+                },
+                timeout,
+            )
+            .await?;
+        let msg = Message::parse(&r).map_err(|e| Failure::Other(e.to_string()))?;
+        let relayed = msg
+            .get(attr::XOR_RELAYED_ADDRESS)
+            .and_then(|v| msg.xor_address(v))
+            .ok_or_else(|| Failure::Other("no XOR-RELAYED-ADDRESS".into()))?;
+        let mapped = msg
+            .get(attr::XOR_MAPPED_ADDRESS)
+            .and_then(|v| msg.xor_address(v));
+        Ok((relayed, mapped))
+    }
+
+    pub async fn permit(&mut self, peer: SocketAddr, timeout: Duration) -> Result<(), Failure> {
+        self.request(
+            method::CREATE_PERMISSION,
+            &|b| {
+                b.xor_address(attr::XOR_PEER_ADDRESS, peer);
+            },
+            timeout,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn send_to(&mut self, peer: SocketAddr, data: &[u8]) -> Result<(), Failure> {
+        let (packet, _) = self.build(method::SEND, Class::Indication, &|b| {
+            b.xor_address(attr::XOR_PEER_ADDRESS, peer)
+                .attr(attr::DATA, data);
+        });
+        self.send(&packet).await
+    }
+
+    /// The next Data indication's payload, before `deadline`.
+    pub async fn recv_data(&mut self, deadline: Instant) -> Result<Vec<u8>, Failure> {
+        loop {
+            let frame = self.recv(deadline).await?;
+            let Ok(msg) = Message::parse(&frame) else {
+                continue;
+            };
+            if msg.class() == Class::Indication && msg.method() == method::DATA {
+                if let Some(d) = msg.get(attr::DATA) {
+                    return Ok(d.to_vec());
+                }
+            }
+        }
+    }
+
+    /// Releases the allocation (Refresh with LIFETIME 0), best effort.
+    pub async fn release(&mut self) {
+        let _ = self
+            .request(
+                method::REFRESH,
+                &|b| {
+                    b.u32(attr::LIFETIME, 0);
+                },
+                Duration::from_secs(1),
+            )
+            .await;
+    }
+}
+
+fn error_code(msg: &Message<'_>) -> (u16, String) {
+    match msg.get(attr::ERROR_CODE) {
+        Some(v) if v.len() >= 4 => (
+            u16::from(v[2] & 7) * 100 + u16::from(v[3]),
+            String::from_utf8_lossy(&v[4..]).into_owned(),
+        ),
+        _ => (0, "error without ERROR-CODE".into()),
+    }
+}
