@@ -12,6 +12,24 @@ use turnpike::proto::stun::{attr, method, Builder, Class, Message, TransactionId
 
 pub const REALM: &str = "turnpike.test";
 
+/// The relay binary: Cargo's own path in the relay's tests; in other packages' tests (the
+/// probe's), the workspace build, which `cargo test --workspace` has made.
+pub fn relay_binary() -> std::path::PathBuf {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_turnpike") {
+        return p.into();
+    }
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target").into());
+    let path = std::path::PathBuf::from(target).join("debug").join("turnpike");
+    if !path.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "turnpike", "--bin", "turnpike"])
+            .status()
+            .expect("cargo build");
+        assert!(status.success(), "could not build the relay");
+    }
+    path
+}
+
 /// A running relay; killed when dropped.
 pub struct Relay {
     child: Option<Child>,
@@ -42,7 +60,7 @@ impl Relay {
     }
 
     pub fn spawn(args: &[&str]) -> Relay {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_turnpike"))
+        let mut child = Command::new(relay_binary())
             .args(args)
             .env("TURNPIKE_LOG", "info")
             .stdout(Stdio::piped())
