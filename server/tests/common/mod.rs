@@ -18,8 +18,11 @@ pub fn relay_binary() -> std::path::PathBuf {
     if let Some(p) = option_env!("CARGO_BIN_EXE_turnpike") {
         return p.into();
     }
-    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target").into());
-    let path = std::path::PathBuf::from(target).join("debug").join("turnpike");
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target").into());
+    let path = std::path::PathBuf::from(target)
+        .join("debug")
+        .join("turnpike");
     if !path.exists() {
         let status = Command::new(env!("CARGO"))
             .args(["build", "-p", "turnpike", "--bin", "turnpike"])
@@ -87,14 +90,11 @@ impl Relay {
             metrics: "0.0.0.0:0".parse().expect("addr"),
             log,
         };
-        let line = relay.wait_for_log("listening on udp://");
-        relay.udp = line
-            .rsplit("udp://")
-            .next()
-            .expect("addr")
-            .trim()
-            .parse()
-            .expect("udp addr");
+        // Every listener is logged before the relay addresses.
+        relay.wait_for_log("relaying IPv");
+        if relay.log_text().contains("listening on udp://") {
+            relay.udp = relay.addr_of("udp");
+        }
         if args.contains(&"--metrics-listen") {
             let line = relay.wait_for_log("metrics on http://");
             let addr = line.rsplit("http://").next().expect("addr");

@@ -1,0 +1,539 @@
+//! `turnpike-probe` against real relays on loopback, behind delaying UDP and TCP proxies
+//! written for these tests, and through a real HTTP CONNECT proxy (tinyproxy).
+
+#[path = "../../server/tests/common/mod.rs"]
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{free_port, Child2, Relay, TestCert};
+
+/// Forwards UDP datagrams to `target`, delaying the client-to-relay direction by `delay`
+/// (precise to the OS scheduler, not a 1 ms timer wheel); answers come back at once. Each
+/// client gets its own upstream socket, so the relay sees distinct clients.
+fn delay_udp(target: SocketAddr, delay: Duration) -> SocketAddr {
+    let front = Arc::new(UdpSocket::bind("127.0.0.1:0").expect("bind"));
+    let addr = front.local_addr().expect("addr");
+    let (tx, rx) = mpsc::channel::<(Instant, Arc<UdpSocket>, Vec<u8>)>();
+    std::thread::spawn(move || {
+        for (at, sock, data) in rx {
+            let now = Instant::now();
+            if at > now {
+                std::thread::sleep(at - now);
+            }
+            let _ = sock.send(&data);
+        }
+    });
+    std::thread::spawn(move || {
+        let backs: Mutex<HashMap<SocketAddr, Arc<UdpSocket>>> = Mutex::new(HashMap::new());
+        let mut buf = [0u8; 65536];
+        loop {
+            let Ok((n, from)) = front.recv_from(&mut buf) else {
+                return;
+            };
+            let back = {
+                let mut backs = backs.lock().expect("lock");
+                Arc::clone(backs.entry(from).or_insert_with(|| {
+                    let back = Arc::new(UdpSocket::bind("127.0.0.1:0").expect("bind"));
+                    back.connect(target).expect("connect");
+                    let (back2, front2) = (Arc::clone(&back), Arc::clone(&front));
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 65536];
+                        while let Ok(n) = back2.recv(&mut buf) {
+                            let _ = front2.send_to(&buf[..n], from);
+                        }
+                    });
+                    back
+                }))
+            };
+            if tx
+                .send((Instant::now() + delay, back, buf[..n].to_vec()))
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    addr
+}
+
+/// The same for TCP: bytes towards the relay are held back by `delay`.
+fn delay_tcp(target: SocketAddr, delay: Duration) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(upstream) = TcpStream::connect(target) else {
+                continue;
+            };
+            let _ = (client.set_nodelay(true), upstream.set_nodelay(true));
+            let (mut c_read, mut c_write) = (client.try_clone().expect("clone"), client);
+            let (mut u_read, mut u_write) = (upstream.try_clone().expect("clone"), upstream);
+            let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 16384];
+                while let Ok(n) = c_read.read(&mut buf) {
+                    if n == 0
+                        || tx
+                            .send((Instant::now() + delay, buf[..n].to_vec()))
+                            .is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+            std::thread::spawn(move || {
+                for (at, data) in rx {
+                    let now = Instant::now();
+                    if at > now {
+                        std::thread::sleep(at - now);
+                    }
+                    if u_write.write_all(&data).is_err() {
+                        break;
+                    }
+                }
+                let _ = u_write.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut u_read, &mut c_write);
+                let _ = c_write.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+fn probe(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_turnpike-probe"))
+        .args(args)
+        .env_remove("HTTPS_PROXY")
+        .output()
+        .expect("run turnpike-probe");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+fn json(text: &str) -> serde_json::Value {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON:\n{text}"));
+    serde_json::from_str(line).expect("JSON")
+}
+
+fn path<'a>(report: &'a serde_json::Value, region: &str, path: &str) -> &'a serde_json::Value {
+    report["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .find(|r| r["region"] == region && r["path"] == path)
+        .unwrap_or_else(|| panic!("no {region}/{path} in {report}"))
+}
+
+fn relay(extra: &[&str]) -> Relay {
+    let mut args = vec![
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--allow-peer",
+        "127.0.0.0/8",
+        "--user",
+        "alice:wonderland",
+    ];
+    args.extend_from_slice(extra);
+    Relay::start(&args)
+}
+
+#[test]
+fn picks_the_nearest_of_three_relays_with_accurate_rtts() {
+    let delays = [("near", 5u64), ("middle", 25), ("far", 60)];
+    let relays: Vec<Relay> = delays.iter().map(|_| relay(&[])).collect();
+    let dir = TestCert::new("probe-regions", &["unused"]);
+    let mut file = String::new();
+    for ((name, ms), r) in delays.iter().zip(&relays) {
+        let d = Duration::from_millis(*ms);
+        let udp = delay_udp(r.udp, d);
+        let tcp = delay_tcp(r.addr_of("tcp"), d);
+        file += &format!(
+            "[[region]]\nname = \"{name}\"\nhost = \"127.0.0.1\"\nudp_port = {}\ntcp_port = {}\nusername = \"alice\"\npassword = \"wonderland\"\n\n",
+            udp.port(),
+            tcp.port()
+        );
+    }
+    let regions = dir.dir.join("regions.toml");
+    std::fs::write(&regions, file).expect("regions");
+    for round in 0..3 {
+        let (ok, out) = probe(&[
+            "measure",
+            "--regions",
+            regions.to_str().expect("path"),
+            "--json",
+            "--samples",
+            "5",
+        ]);
+        assert!(ok, "{out}");
+        let report = json(&out);
+        assert_eq!(report["selected"], "near", "round {round}: {report}");
+        for (name, ms) in delays {
+            let want = ms as f64;
+            for p in ["stun-udp", "turn-udp", "turn-tcp"] {
+                let r = path(&report, name, p);
+                assert_eq!(r["reachable"], true, "{r}");
+                let median = r["rtt_ms"]["median"].as_f64().expect("median");
+                assert!(
+                    (median - want).abs() <= 1.0 + 0.05 * want,
+                    "round {round}: {name}/{p}: median {median:.2} ms for an injected {want} ms"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_unreachable_path_says_why() {
+    // A relay with no UDP listener (UDP "blocked"), one with a wrong password, one down, one
+    // that does not resolve.
+    let cert = TestCert::new("probe-tls", &["turn.test", "127.0.0.1"]);
+    let tcp_only = Relay::spawn(&[
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--listen",
+        "tls://127.0.0.1:0",
+        "--cert",
+        cert.cert.to_str().expect("p"),
+        "--key",
+        cert.key.to_str().expect("p"),
+        "--relay-ip",
+        "127.0.0.1",
+        "--allow-peer",
+        "127.0.0.0/8",
+        "--user",
+        "alice:wonderland",
+        "--realm",
+        common::REALM,
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    let closed_udp = UdpSocket::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let closed_tcp = free_port();
+    let other = relay(&[]);
+    let file = format!(
+        r#"
+[[region]]
+name = "tcp-only"
+host = "127.0.0.1"
+udp_port = {closed_udp}
+tcp_port = {tcp}
+tls_port = {tls}
+tls_name = "turn.test"
+ca_file = "{ca}"
+username = "alice"
+password = "wonderland"
+
+[[region]]
+name = "wrong-password"
+host = "127.0.0.1"
+udp_port = {other_udp}
+username = "alice"
+password = "not-it"
+
+[[region]]
+name = "down"
+host = "127.0.0.1"
+tcp_port = {closed_tcp}
+username = "alice"
+password = "wonderland"
+
+[[region]]
+name = "nowhere"
+host = "relay.invalid"
+udp_port = 3478
+username = "alice"
+password = "wonderland"
+"#,
+        tcp = tcp_only.addr_of("tcp").port(),
+        tls = tcp_only.addr_of("tls").port(),
+        ca = cert.cert.display(),
+        other_udp = other.udp.port(),
+    );
+    let regions = cert.dir.join("regions.toml");
+    std::fs::write(&regions, file).expect("regions");
+    let (ok, out) = probe(&[
+        "measure",
+        "--regions",
+        regions.to_str().expect("path"),
+        "--json",
+        "--samples",
+        "3",
+        "--timeout-ms",
+        "500",
+    ]);
+    assert!(ok, "{out}");
+    let report = json(&out);
+    assert_eq!(report["selected"], "tcp-only", "{report}");
+    let error = |region: &str, p: &str| {
+        let r = path(&report, region, p);
+        assert_eq!(r["reachable"], false, "{r}");
+        r["error"].as_str().expect("error").to_owned()
+    };
+    assert!(
+        error("tcp-only", "turn-udp").starts_with("refused"),
+        "{report}"
+    );
+    assert!(
+        error("tcp-only", "stun-udp").starts_with("refused"),
+        "{report}"
+    );
+    assert_eq!(path(&report, "tcp-only", "turn-tcp")["reachable"], true);
+    let tls = path(&report, "tcp-only", "turn-tls");
+    assert_eq!(tls["reachable"], true, "{tls}");
+    assert!(tls["tls_handshake_ms"].as_f64().is_some());
+    assert!(
+        error("wrong-password", "turn-udp").starts_with("401"),
+        "{report}"
+    );
+    assert_eq!(
+        path(&report, "wrong-password", "stun-udp")["reachable"],
+        true,
+        "STUN needs no credentials"
+    );
+    assert!(error("down", "turn-tcp").starts_with("refused"), "{report}");
+    assert!(error("nowhere", "stun-udp").starts_with("dns"), "{report}");
+
+    // The table and the firewall report say the same for people.
+    let (_, table) = probe(&[
+        "measure",
+        "--regions",
+        regions.to_str().expect("path"),
+        "--samples",
+        "2",
+        "--timeout-ms",
+        "500",
+        "--firewall",
+    ]);
+    assert!(table.contains("selected: tcp-only via turn-tcp"), "{table}");
+    assert!(table.contains("BLOCKED (refused"), "{table}");
+    assert!(table.contains("TURN over TLS"), "{table}");
+}
+
+#[test]
+fn tls_through_a_real_connect_proxy_and_fresh_ice_servers() {
+    let cert = TestCert::new("probe-proxy", &["turn.test", "127.0.0.1"]);
+    let relay = Relay::spawn(&[
+        "--listen",
+        "udp://127.0.0.1:0",
+        "--listen",
+        "tls://127.0.0.1:0",
+        "--cert",
+        cert.cert.to_str().expect("p"),
+        "--key",
+        cert.key.to_str().expect("p"),
+        "--relay-ip",
+        "127.0.0.1",
+        "--allow-peer",
+        "127.0.0.0/8",
+        "--auth-secret",
+        "fleet-secret",
+        "--realm",
+        common::REALM,
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    let tls = relay.addr_of("tls").port();
+    let proxy_port = free_port();
+    let conf = cert.dir.join("tinyproxy.conf");
+    std::fs::write(&conf, format!("Port {proxy_port}\nListen 127.0.0.1\nAllow 127.0.0.1\nConnectPort {tls}\nMaxClients 10\n")).expect("conf");
+    let _proxy = Child2(
+        Command::new("tinyproxy")
+            .args(["-d", "-c", conf.to_str().expect("path")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tinyproxy (.ci/run installs it)"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", proxy_port)).is_err() {
+        assert!(Instant::now() < deadline, "tinyproxy did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let regions = cert.dir.join("regions.toml");
+    std::fs::write(
+        &regions,
+        format!(
+            "[[region]]\nname = \"eu\"\nhost = \"127.0.0.1\"\nudp_port = {}\ntls_port = {tls}\ntls_name = \"turn.test\"\nca_file = \"{}\"\nsecret = \"fleet-secret\"\n",
+            relay.udp.port(),
+            cert.cert.display()
+        ),
+    )
+    .expect("regions");
+    let proxy = format!("http://127.0.0.1:{proxy_port}");
+    let (ok, out) = probe(&[
+        "measure",
+        "--regions",
+        regions.to_str().expect("p"),
+        "--json",
+        "--samples",
+        "3",
+        "--proxy",
+        &proxy,
+        "--prefer",
+        "tls-proxy,udp",
+    ]);
+    assert!(ok, "{out}");
+    let report = json(&out);
+    let via = path(&report, "eu", "turn-tls-proxy");
+    assert_eq!(via["reachable"], true, "{via}");
+    assert_eq!(report["selected_path"], "turn-tls-proxy", "{report}");
+
+    // A proxy that refuses CONNECT to the relay is named as the reason.
+    let refusing = format!("http://127.0.0.1:{proxy_port}");
+    std::fs::write(
+        &regions,
+        format!("[[region]]\nname = \"eu\"\nhost = \"127.0.0.1\"\ntls_port = {}\nsecret = \"fleet-secret\"\n", free_port()),
+    )
+    .expect("regions");
+    let (_, out) = probe(&[
+        "measure",
+        "--regions",
+        regions.to_str().expect("p"),
+        "--json",
+        "--samples",
+        "1",
+        "--proxy",
+        &refusing,
+    ]);
+    let report = json(&out);
+    let err = path(&report, "eu", "turn-tls-proxy")["error"]
+        .as_str()
+        .expect("error")
+        .to_owned();
+    assert!(
+        err.starts_with("proxy:") && err.contains("refused"),
+        "{err}"
+    );
+
+    // --ice-servers: fresh ephemeral credentials that the relay accepts.
+    std::fs::write(
+        &regions,
+        format!("[[region]]\nname = \"eu\"\nhost = \"127.0.0.1\"\nudp_port = {}\nsecret = \"fleet-secret\"\n", relay.udp.port()),
+    )
+    .expect("regions");
+    let (ok, out) = probe(&[
+        "measure",
+        "--regions",
+        regions.to_str().expect("p"),
+        "--samples",
+        "3",
+        "--ice-servers",
+    ]);
+    assert!(ok, "{out}");
+    let start = out.find("[\n").expect("iceServers JSON");
+    let servers: serde_json::Value = serde_json::from_str(&out[start..]).expect("iceServers");
+    let turn = &servers[1];
+    let user = turn["username"].as_str().expect("username");
+    let pass = turn["credential"].as_str().expect("credential");
+    assert!(
+        user.split(':')
+            .next()
+            .and_then(|t| t.parse::<u64>().ok())
+            .is_some(),
+        "{user}"
+    );
+    let mut c = common::RawClient::new(relay.udp, user, pass);
+    assert_eq!(c.allocate().code(), None);
+}
+
+#[test]
+fn watch_serves_prometheus_metrics() {
+    let relay = relay(&[]);
+    let dir = TestCert::new("probe-watch", &["unused"]);
+    let regions = dir.dir.join("regions.toml");
+    std::fs::write(
+        &regions,
+        format!("[[region]]\nname = \"eu\"\nhost = \"127.0.0.1\"\nudp_port = {}\nusername = \"alice\"\npassword = \"wonderland\"\n", relay.udp.port()),
+    )
+    .expect("regions");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let _watch = Child2(
+        Command::new(env!("CARGO_BIN_EXE_turnpike-probe"))
+            .args([
+                "watch",
+                "--regions",
+                regions.to_str().expect("p"),
+                "--listen",
+                &listen,
+                "--every",
+                "1",
+                "--rounds",
+                "30",
+                "--samples",
+                "2",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("watch"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        assert!(Instant::now() < deadline, "no probe round in 20 s");
+        if let Ok(mut s) = TcpStream::connect(&listen) {
+            let _ = write!(s, "GET /metrics HTTP/1.0\r\n\r\n");
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            if out.contains("turnpike_probe_rounds_total 1")
+                || out.contains("turnpike_probe_rounds_total 2")
+            {
+                break out
+                    .split_once("\r\n\r\n")
+                    .map(|(_, b)| b.to_owned())
+                    .unwrap_or_default();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .expect("Prometheus text");
+    let value = |name: &str, labels: &[(&str, &str)]| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+    };
+    assert_eq!(
+        value(
+            "turnpike_probe_up",
+            &[("region", "eu"), ("path", "turn-udp")]
+        ),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        value("turnpike_probe_selected", &[("region", "eu")]),
+        Some(1.0),
+        "{body}"
+    );
+    assert!(value(
+        "turnpike_probe_rtt_ms",
+        &[("region", "eu"), ("path", "stun-udp"), ("stat", "median")]
+    )
+    .is_some_and(|v| v >= 0.0));
+}
