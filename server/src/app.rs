@@ -8,6 +8,7 @@ use rand::RngCore;
 use std::path::PathBuf;
 
 use crate::config::{Cli, LogFormat, Settings};
+use crate::echo::{self, Echo};
 use crate::io::{self, ShardSetup};
 use crate::metrics::{self, Metrics};
 use crate::proto::auth::{ephemeral_password, ephemeral_username, Credentials};
@@ -134,8 +135,11 @@ impl Reloader<'_> {
                 return;
             }
         };
-        if next.listen != self.current.listen || next.relay_ips != self.current.relay_ips {
-            tracing::warn!("listeners and relay addresses change only on restart");
+        if next.listen != self.current.listen
+            || next.relay_ips != self.current.relay_ips
+            || next.echo != self.current.echo
+        {
+            tracing::warn!("listeners, relay addresses and echo services change only on restart");
         }
         self.shared
             .reload(core_config(&next, &self.plan, &self.bound));
@@ -186,6 +190,13 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
         Some(addr) => Some(rt.block_on(metrics::bind(addr))?),
         None => None,
     };
+    let echo_sockets = echo::bind(&settings.echo)?;
+    let echo = Arc::new(Echo::new(
+        &settings.echo,
+        settings.max_connections_per_ip,
+        Arc::clone(&metrics),
+    ));
+    let echo_routes = echo::routes(&echo);
 
     tracing::info!(config = %settings.source, shards, realm = %settings.realm, "turnpike {} starting", env!("CARGO_PKG_VERSION"));
     for l in &listeners {
@@ -196,6 +207,21 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
             ""
         };
         tracing::info!("listening on {}://{}{proxy}", l.transport.scheme(), l.addr);
+    }
+    for a in echo_sockets.udp_addrs() {
+        tracing::info!("listening on echo-udp://{a}");
+    }
+    for a in echo_sockets.tcp_addrs() {
+        tracing::info!("listening on echo-tcp://{a}");
+    }
+    if settings.echo.websocket {
+        tracing::info!("WebSocket echo on /echo/ws");
+    }
+    if settings.echo.long_poll_max_secs > 0 {
+        tracing::info!(
+            max_secs = settings.echo.long_poll_max_secs,
+            "long-poll echo on /echo/poll"
+        );
     }
     if let Some((bind, public)) = plan.v4 {
         tracing::info!(%bind, advertised = %public, ports = ?plan.ports, "relaying IPv4");
@@ -226,7 +252,8 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
             Arc::clone(&metrics),
             Arc::clone(&shared),
             settings.https_metrics,
-        ),
+        )
+        .merge(echo_routes.clone()),
     });
     let mut per_shard: Vec<(Vec<_>, Vec<_>)> =
         (0..shards).map(|_| (Vec::new(), Vec::new())).collect();
@@ -280,7 +307,12 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
     };
     rt.block_on(async {
         if let Some(l) = metrics_listener {
-            tokio::spawn(metrics::serve(l, Arc::clone(&metrics), Arc::clone(&shared)));
+            let app =
+                metrics::router(Arc::clone(&metrics), Arc::clone(&shared), true).merge(echo_routes);
+            tokio::spawn(metrics::serve(l, app));
+        }
+        if let Err(e) = echo_sockets.spawn(&echo) {
+            tracing::error!(error = %e, "echo services not started");
         }
         let mut hangup =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();

@@ -90,6 +90,20 @@ pub struct Cli {
     /// Seconds existing allocations are served after SIGTERM.
     #[arg(long = "drain-grace", value_name = "SECS")]
     pub drain_grace: Option<u64>,
+    /// UDP echo service on `IP:PORT` or a port range `IP:MIN-MAX` (repeatable; adds to
+    /// `echo.udp`).
+    #[arg(long = "echo-udp", value_name = "SPEC")]
+    pub echo_udp: Vec<String>,
+    /// TCP echo service on `IP:PORT` or a port range `IP:MIN-MAX` (repeatable; adds to
+    /// `echo.tcp`).
+    #[arg(long = "echo-tcp", value_name = "SPEC")]
+    pub echo_tcp: Vec<String>,
+    /// WebSocket echo at `/echo/ws` on the HTTP endpoints.
+    #[arg(long = "echo-websocket")]
+    pub echo_websocket: bool,
+    /// Longest hold of the long-poll echo at `/echo/poll`, seconds (0: off).
+    #[arg(long = "echo-long-poll-max", value_name = "SECS")]
+    pub echo_long_poll_max: Option<u64>,
     /// Check the configuration, print it (secrets hidden) and exit.
     #[arg(long = "check-config")]
     pub check_config: bool,
@@ -135,6 +149,70 @@ pub struct FileConfig {
     pub https: HttpsConfig,
     #[serde(default)]
     pub tcp: TcpConfig,
+    #[serde(default)]
+    pub echo: EchoConfig,
+}
+
+/// `[echo]`: the echo services, all off unless configured.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EchoConfig {
+    #[serde(default)]
+    pub udp: Vec<String>,
+    #[serde(default)]
+    pub tcp: Vec<String>,
+    #[serde(default)]
+    pub websocket: bool,
+    #[serde(default)]
+    pub long_poll_max_secs: u64,
+    #[serde(default = "default_echo_pps")]
+    pub packets_per_sec: u32,
+    #[serde(default = "default_echo_bps")]
+    pub bytes_per_sec: u64,
+}
+
+impl Default for EchoConfig {
+    fn default() -> Self {
+        EchoConfig {
+            udp: Vec::new(),
+            tcp: Vec::new(),
+            websocket: false,
+            long_poll_max_secs: 0,
+            packets_per_sec: default_echo_pps(),
+            bytes_per_sec: default_echo_bps(),
+        }
+    }
+}
+
+fn default_echo_pps() -> u32 {
+    100
+}
+fn default_echo_bps() -> u64 {
+    1_000_000
+}
+
+/// Most ports the echo services bind, per transport.
+pub const MAX_ECHO_PORTS: usize = 1024;
+/// Longest hold of the long-poll echo.
+pub const MAX_LONG_POLL_SECS: u64 = 3600;
+
+/// The echo services, validated: every port of every range spelled out.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EchoSettings {
+    pub udp: Vec<SocketAddr>,
+    pub tcp: Vec<SocketAddr>,
+    pub websocket: bool,
+    /// 0: the long-poll echo is off.
+    pub long_poll_max_secs: u64,
+    pub packets_per_sec: u32,
+    pub bytes_per_sec: u64,
+}
+
+impl EchoSettings {
+    /// Whether the HTTP echo routes exist.
+    pub fn http(&self) -> bool {
+        self.websocket || self.long_poll_max_secs > 0
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -344,6 +422,7 @@ pub struct Settings {
     pub https_metrics: bool,
     pub max_connections_per_ip: u32,
     pub tcp_idle_timeout_secs: u64,
+    pub echo: EchoSettings,
     pub relay_ips: Vec<IpAddr>,
     /// (advertised, bound) pairs.
     pub external_ips: Vec<(IpAddr, Option<IpAddr>)>,
@@ -591,6 +670,7 @@ impl Settings {
                 "must be above 0".into(),
             ));
         }
+        let echo = resolve_echo(&f.echo, cli, &file_err, &flag_err)?;
         Ok(Settings {
             realm: cli.realm.clone().unwrap_or(f.realm),
             listen,
@@ -601,6 +681,7 @@ impl Settings {
             https_metrics: f.https.metrics,
             max_connections_per_ip: f.tcp.max_connections_per_ip,
             tcp_idle_timeout_secs: f.tcp.idle_timeout_secs,
+            echo,
             relay_ips,
             external_ips,
             relay_ports,
@@ -623,6 +704,102 @@ impl Settings {
             source,
         })
     }
+}
+
+/// `[echo]` and the `--echo-*` flags (which add to the file's lists).
+fn resolve_echo(
+    f: &EchoConfig,
+    cli: &Cli,
+    file_err: &dyn Fn(&str, String) -> Error,
+    flag_err: &dyn Fn(&str, String) -> Error,
+) -> Result<EchoSettings, Error> {
+    let mut udp = Vec::new();
+    let mut tcp = Vec::new();
+    for (list, from_file, from_flags, key, flag) in [
+        (&mut udp, &f.udp, &cli.echo_udp, "echo.udp", "--echo-udp"),
+        (&mut tcp, &f.tcp, &cli.echo_tcp, "echo.tcp", "--echo-tcp"),
+    ] {
+        for (specs, err, name) in [(from_file, file_err, key), (from_flags, flag_err, flag)] {
+            for spec in specs {
+                let addrs = parse_echo_spec(spec).map_err(|e| err(name, e))?;
+                for a in addrs {
+                    if a.port() != 0 && list.contains(&a) {
+                        return Err(err(name, format!("{spec:?}: {a} is listed twice")));
+                    }
+                    list.push(a);
+                }
+                if list.len() > MAX_ECHO_PORTS {
+                    return Err(err(
+                        name,
+                        format!("more than {MAX_ECHO_PORTS} ports in all: {spec:?}"),
+                    ));
+                }
+            }
+        }
+    }
+    if f.packets_per_sec == 0 {
+        return Err(file_err("echo.packets_per_sec", "must be above 0".into()));
+    }
+    if f.bytes_per_sec == 0 {
+        return Err(file_err("echo.bytes_per_sec", "must be above 0".into()));
+    }
+    let long_poll_max_secs = match cli.echo_long_poll_max {
+        Some(s) if s > MAX_LONG_POLL_SECS => {
+            return Err(flag_err(
+                "--echo-long-poll-max",
+                format!("{s}: at most {MAX_LONG_POLL_SECS}"),
+            ))
+        }
+        Some(s) => s,
+        None if f.long_poll_max_secs > MAX_LONG_POLL_SECS => {
+            return Err(file_err(
+                "echo.long_poll_max_secs",
+                format!("{}: at most {MAX_LONG_POLL_SECS}", f.long_poll_max_secs),
+            ))
+        }
+        None => f.long_poll_max_secs,
+    };
+    Ok(EchoSettings {
+        udp,
+        tcp,
+        websocket: f.websocket || cli.echo_websocket,
+        long_poll_max_secs,
+        packets_per_sec: f.packets_per_sec,
+        bytes_per_sec: f.bytes_per_sec,
+    })
+}
+
+/// An echo port or range: `IP:PORT` or `IP:MIN-MAX`, IPv6 in brackets (`[::]:5055-5058`).
+/// Port 0 (ephemeral) only alone.
+pub fn parse_echo_spec(s: &str) -> Result<Vec<SocketAddr>, String> {
+    let bad = |why: &str| format!("{s:?}: {why} (expected IP:PORT or IP:MIN-MAX)");
+    let (host, ports) = s.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.contains(':') && !s.starts_with('[') {
+        return Err(bad("an IPv6 address needs brackets"));
+    }
+    let ip: IpAddr = host.parse().map_err(|_| bad("not an IP address"))?;
+    let port = |p: &str| p.trim().parse::<u16>().map_err(|_| bad("not a port"));
+    let (min, max) = match ports.split_once('-') {
+        Some((a, b)) => {
+            let (a, b) = (port(a)?, port(b)?);
+            if a == 0 || a > b {
+                return Err(bad("a range needs 1 <= MIN <= MAX"));
+            }
+            (a, b)
+        }
+        None => {
+            let p = port(ports)?;
+            (p, p)
+        }
+    };
+    if usize::from(max - min) >= MAX_ECHO_PORTS {
+        return Err(bad(&format!("more than {MAX_ECHO_PORTS} ports")));
+    }
+    Ok((min..=max).map(|p| SocketAddr::new(ip, p)).collect())
 }
 
 fn read(p: &Path) -> Result<String, Error> {
@@ -799,6 +976,124 @@ mod tests {
             .expect_err("ports")
             .to_string();
         assert!(e.contains("relay_ports"), "{e}");
+    }
+
+    #[test]
+    fn echo_is_off_by_default_and_takes_ports_and_ranges() {
+        let s = load("listen = [\"udp://127.0.0.1:0\"]\n").expect("default");
+        assert_eq!(s.echo.udp, vec![]);
+        assert_eq!(s.echo.tcp, vec![]);
+        assert!(!s.echo.http());
+        assert_eq!(
+            (s.echo.packets_per_sec, s.echo.bytes_per_sec),
+            (100, 1_000_000)
+        );
+        let s = load(
+            "listen = [\"udp://127.0.0.1:0\"]\n[echo]\nudp = [\"0.0.0.0:5055-5058\", \"[::]:7\"]\n\
+             tcp = [\"127.0.0.1:0\", \"127.0.0.1:0\"]\nwebsocket = true\nlong_poll_max_secs = 120\n\
+             packets_per_sec = 10\nbytes_per_sec = 5000\n",
+        )
+        .expect("echo");
+        let a = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        assert_eq!(
+            s.echo.udp,
+            vec![
+                a("0.0.0.0:5055"),
+                a("0.0.0.0:5056"),
+                a("0.0.0.0:5057"),
+                a("0.0.0.0:5058"),
+                a("[::]:7")
+            ]
+        );
+        assert_eq!(s.echo.tcp, vec![a("127.0.0.1:0"), a("127.0.0.1:0")]);
+        assert!(s.echo.websocket && s.echo.http());
+        assert_eq!(s.echo.long_poll_max_secs, 120);
+        assert_eq!((s.echo.packets_per_sec, s.echo.bytes_per_sec), (10, 5000));
+
+        let f = FileConfig::from_toml(
+            "t",
+            "listen = [\"udp://127.0.0.1:0\"]\n[echo]\nudp = [\"127.0.0.1:5055\"]\n",
+        )
+        .expect("parse");
+        let cli = Cli::parse_from([
+            "turnpike",
+            "--echo-udp",
+            "127.0.0.1:6000-6001",
+            "--echo-tcp",
+            "[::1]:0",
+            "--echo-websocket",
+            "--echo-long-poll-max",
+            "30",
+        ]);
+        let s = Settings::resolve(f, &cli, "t".into()).expect("flags");
+        assert_eq!(
+            s.echo.udp,
+            vec![
+                a("127.0.0.1:5055"),
+                a("127.0.0.1:6000"),
+                a("127.0.0.1:6001")
+            ]
+        );
+        assert_eq!(s.echo.tcp, vec![a("[::1]:0")]);
+        assert!(s.echo.websocket);
+        assert_eq!(s.echo.long_poll_max_secs, 30);
+    }
+
+    #[test]
+    fn bad_echo_values_name_the_key() {
+        let base = "listen = [\"udp://127.0.0.1:0\"]\n[echo]\n";
+        for (body, key, reason) in [
+            ("udp = [\"127.0.0.1\"]", "echo.udp", "no port"),
+            ("udp = [\"127.0.0.1:70000\"]", "echo.udp", "not a port"),
+            ("udp = [\"localhost:7\"]", "echo.udp", "not an IP address"),
+            ("udp = [\"::1:7\"]", "echo.udp", "brackets"),
+            ("tcp = [\"127.0.0.1:5058-5055\"]", "echo.tcp", "MIN <= MAX"),
+            ("tcp = [\"127.0.0.1:0-3\"]", "echo.tcp", "MIN <= MAX"),
+            (
+                "tcp = [\"127.0.0.1:1-65535\"]",
+                "echo.tcp",
+                "more than 1024 ports",
+            ),
+            (
+                "udp = [\"127.0.0.1:5055-5058\", \"127.0.0.1:5058\"]",
+                "echo.udp",
+                "listed twice",
+            ),
+            ("packets_per_sec = 0", "echo.packets_per_sec", "above 0"),
+            ("bytes_per_sec = 0", "echo.bytes_per_sec", "above 0"),
+            (
+                "long_poll_max_secs = 86400",
+                "echo.long_poll_max_secs",
+                "at most 3600",
+            ),
+            ("udp_ports = []", "echo", "unknown field `udp_ports`"),
+            ("websocket = \"yes\"", "echo.websocket", "invalid type"),
+        ] {
+            let e = load(&format!("{base}{body}\n"))
+                .expect_err(body)
+                .to_string();
+            assert!(
+                e.contains("test.toml") && e.contains(key) && e.contains(reason),
+                "{body}: {e}"
+            );
+        }
+        let e = Settings::resolve(
+            FileConfig::from_toml("t", "").expect("parse"),
+            &Cli::parse_from([
+                "turnpike",
+                "--listen",
+                "udp://127.0.0.1:0",
+                "--echo-tcp",
+                "127.0.0.1:x",
+            ]),
+            "t".into(),
+        )
+        .expect_err("bad flag")
+        .to_string();
+        assert!(
+            e.contains("command line") && e.contains("--echo-tcp"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -26,6 +26,35 @@ pub const RELAYED_BYTES_TOTAL: &str = "turnpike_relayed_bytes_total";
 pub const DROPPED_PACKETS_TOTAL: &str = "turnpike_dropped_packets_total";
 pub const DRAINING: &str = "turnpike_draining";
 pub const BUILD_INFO: &str = "turnpike_build_info";
+pub const ECHO_PACKETS_TOTAL: &str = "turnpike_echo_packets_total";
+pub const ECHO_DROPPED_TOTAL: &str = "turnpike_echo_dropped_total";
+
+/// The echo services, the `transport` label of the echo metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EchoTransport {
+    Udp,
+    Tcp,
+    WebSocket,
+    LongPoll,
+}
+
+impl EchoTransport {
+    pub const ALL: [EchoTransport; 4] = [
+        EchoTransport::Udp,
+        EchoTransport::Tcp,
+        EchoTransport::WebSocket,
+        EchoTransport::LongPoll,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            EchoTransport::Udp => "udp",
+            EchoTransport::Tcp => "tcp",
+            EchoTransport::WebSocket => "websocket",
+            EchoTransport::LongPoll => "long_poll",
+        }
+    }
+}
 
 const DIRECTIONS: [&str; 2] = ["client_to_peer", "peer_to_client"];
 
@@ -40,6 +69,8 @@ pub struct Metrics {
     relayed_bytes: [IntCounter; 2],
     dropped: [IntCounter; 3],
     draining: IntGauge,
+    echo_packets: [IntCounter; 4],
+    echo_dropped: [IntCounter; 4],
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -115,6 +146,22 @@ impl Metrics {
         ));
         reg(Box::new(build.clone()));
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let echo_packets_vec = must(IntCounterVec::new(
+            Opts::new(
+                ECHO_PACKETS_TOTAL,
+                "Echo replies sent: datagrams, TCP reads, WebSocket messages, long-polls answered.",
+            ),
+            &["transport"],
+        ));
+        reg(Box::new(echo_packets_vec.clone()));
+        let echo_dropped_vec = must(IntCounterVec::new(
+            Opts::new(
+                ECHO_DROPPED_TOTAL,
+                "Echo requests not answered (rate limit, loop protection, limits); TCP reads delayed by the rate limit.",
+            ),
+            &["transport"],
+        ));
+        reg(Box::new(echo_dropped_vec.clone()));
         Metrics {
             registry,
             allocations_active,
@@ -127,7 +174,21 @@ impl Metrics {
             dropped: ["no_route", "malformed", "quota"]
                 .map(|r| dropped_vec.with_label_values(&[r])),
             draining,
+            echo_packets: EchoTransport::ALL
+                .map(|t| echo_packets_vec.with_label_values(&[t.label()])),
+            echo_dropped: EchoTransport::ALL
+                .map(|t| echo_dropped_vec.with_label_values(&[t.label()])),
         }
+    }
+
+    /// One echo reply sent.
+    pub fn echo_sent(&self, t: EchoTransport) {
+        self.echo_packets[t as usize].inc();
+    }
+
+    /// One echo request not answered (or, on TCP, delayed) by the echo's limits.
+    pub fn echo_dropped(&self, t: EchoTransport) {
+        self.echo_dropped[t as usize].inc();
     }
 
     /// Adds a shard's counters (taken with `Core::take_stats`).
@@ -205,9 +266,11 @@ pub fn router(metrics: Arc<Metrics>, shared: Arc<Shared>, with_metrics: bool) ->
     app
 }
 
-/// Serves the endpoints, metrics included, on a bound listener until the process ends.
-pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, shared: Arc<Shared>) {
-    if let Err(e) = axum::serve(listener, router(metrics, shared, true)).await {
+/// Serves the endpoints (built by [`router`] with metrics, plus any echo routes) on a bound
+/// listener until the process ends. Handlers see the client address as `ConnectInfo`.
+pub async fn serve(listener: tokio::net::TcpListener, app: Router) {
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
+    if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "metrics server stopped");
     }
 }

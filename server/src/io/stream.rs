@@ -175,7 +175,7 @@ async fn connection(
     if first[0] != 0x16 || cfg.transport != Transport::Tls {
         return match first[0] {
             0x00 | 0x01 => turn_stream(&shard, tcp, client_addr, Vec::new()).await,
-            _ => serve_http(&ctx, tcp).await,
+            _ => serve_http(&ctx, tcp, client_addr).await,
         };
     }
     let hello = tokio::time::timeout(HELLO_TIMEOUT, client_hello(&tcp))
@@ -206,7 +206,7 @@ async fn connection(
         Some(ALPN_TURN) | Some(ALPN_STUN) => {
             turn_stream(&shard, tls, client_addr, Vec::new()).await
         }
-        Some(_) => serve_http(&ctx, tls).await,
+        Some(_) => serve_http(&ctx, tls, client_addr).await,
         None => {
             // No ALPN (most TURN clients, Chromium among them): the first decrypted byte says.
             let mut tls = tls;
@@ -226,6 +226,7 @@ async fn connection(
                             pos: 0,
                             inner: tls,
                         },
+                        client_addr,
                     )
                     .await
                 }
@@ -366,13 +367,23 @@ async fn pass_through(mut tcp: TcpStream, upstream: SocketAddr) -> std::io::Resu
     Ok(())
 }
 
-async fn serve_http<S>(ctx: &StreamContext, stream: S) -> std::io::Result<()>
+/// Serves the built-in endpoints; handlers see the client address (the one a PROXY header
+/// named, where there was one) as axum's `ConnectInfo`. Upgrades (the WebSocket echo) work.
+async fn serve_http<S>(ctx: &StreamContext, stream: S, client: SocketAddr) -> std::io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = hyper_util::service::TowerToHyperService::new(ctx.http.clone());
+    let router = ctx.http.clone();
+    let service =
+        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(client));
+            let mut router = router.clone();
+            tower_service::Service::call(&mut router, req)
+        });
     hyper::server::conn::http1::Builder::new()
         .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+        .with_upgrades()
         .await
         .map_err(std::io::Error::other)
 }
