@@ -623,7 +623,8 @@ async fn sighup_and_file_changes_reload_without_dropping_allocations() {
     assert_eq!(r.code(), None);
     let live_sock = live.sock.try_clone().expect("clone");
     // UDP may drop a datagram on a loaded machine: send again (bounded) until one arrives.
-    peer.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+    peer.set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
     let relays = |tag: u8| {
         for _ in 0..20 {
             live_sock
