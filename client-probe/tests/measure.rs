@@ -537,3 +537,87 @@ fn watch_serves_prometheus_metrics() {
     )
     .is_some_and(|v| v >= 0.0));
 }
+
+#[test]
+fn echo_ports_and_the_websocket_echo_are_probed() {
+    let cert = TestCert::new("probe-echo", &["turn.test", "127.0.0.1"]);
+    let relay = Relay::spawn(&[
+        "--listen",
+        "udp://127.0.0.1:0",
+        "--listen",
+        "tls://127.0.0.1:0",
+        "--cert",
+        cert.cert.to_str().expect("p"),
+        "--key",
+        cert.key.to_str().expect("p"),
+        "--relay-ip",
+        "127.0.0.1",
+        "--allow-peer",
+        "127.0.0.0/8",
+        "--user",
+        "alice:wonderland",
+        "--realm",
+        common::REALM,
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--echo-udp",
+        "127.0.0.1:0",
+        "--echo-tcp",
+        "127.0.0.1:0",
+        "--echo-websocket",
+    ]);
+    let udp_echo = relay.addr_of("echo-udp").port();
+    let tcp_echo = relay.addr_of("echo-tcp").port();
+    let closed = UdpSocket::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let regions = cert.dir.join("regions.toml");
+    std::fs::write(
+        &regions,
+        format!(
+            "[[region]]\nname = \"eu\"\nhost = \"127.0.0.1\"\nudp_port = {}\ntls_port = {}\ntls_name = \"turn.test\"\nca_file = \"{}\"\nusername = \"alice\"\npassword = \"wonderland\"\necho_udp = [{udp_echo}, {closed}]\necho_tcp = [{tcp_echo}]\nwebsocket = true\n",
+            relay.udp.port(),
+            relay.addr_of("tls").port(),
+            cert.cert.display()
+        ),
+    )
+    .expect("regions");
+    let (ok, out) = probe(&[
+        "measure",
+        "--regions",
+        regions.to_str().expect("p"),
+        "--json",
+        "--samples",
+        "3",
+        "--timeout-ms",
+        "500",
+    ]);
+    assert!(ok, "{out}");
+    let report = json(&out);
+    for p in [
+        format!("echo-udp:{udp_echo}"),
+        format!("echo-tcp:{tcp_echo}"),
+    ] {
+        let r = path(&report, "eu", &p);
+        assert_eq!(r["reachable"], true, "{r}");
+        // The echo tells the probe the address it saw: its NAT mapping.
+        assert!(
+            r["mapped"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("127.0.0.1:")),
+            "{r}"
+        );
+    }
+    let ws = path(&report, "eu", "websocket");
+    assert_eq!(ws["reachable"], true, "{ws}");
+    let blocked = path(&report, "eu", &format!("echo-udp:{closed}"));
+    assert_eq!(blocked["reachable"], false);
+    assert!(
+        blocked["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("refused")),
+        "{blocked}"
+    );
+}
