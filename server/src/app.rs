@@ -182,6 +182,7 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
         nonce_key,
     ));
     let metrics = Arc::new(Metrics::new());
+    metrics.set_capacity(settings.quotas.total_allocations, plan.ports);
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -25,6 +25,8 @@ pub const RELAYED_PACKETS_TOTAL: &str = "turnpike_relayed_packets_total";
 pub const RELAYED_BYTES_TOTAL: &str = "turnpike_relayed_bytes_total";
 pub const DROPPED_PACKETS_TOTAL: &str = "turnpike_dropped_packets_total";
 pub const DRAINING: &str = "turnpike_draining";
+pub const ALLOCATIONS_LIMIT: &str = "turnpike_allocations_limit";
+pub const RELAY_PORTS: &str = "turnpike_relay_ports";
 pub const BUILD_INFO: &str = "turnpike_build_info";
 pub const ECHO_PACKETS_TOTAL: &str = "turnpike_echo_packets_total";
 pub const ECHO_DROPPED_TOTAL: &str = "turnpike_echo_dropped_total";
@@ -69,6 +71,8 @@ pub struct Metrics {
     relayed_bytes: [IntCounter; 2],
     dropped: [IntCounter; 3],
     draining: IntGauge,
+    allocations_limit: IntGauge,
+    relay_ports: IntGauge,
     echo_packets: [IntCounter; 4],
     echo_dropped: [IntCounter; 4],
 }
@@ -140,6 +144,16 @@ impl Metrics {
             "1 while the relay drains after SIGTERM.",
         ));
         reg(Box::new(draining.clone()));
+        let allocations_limit = must(IntGauge::new(
+            ALLOCATIONS_LIMIT,
+            "The total-allocations quota; 0 when unlimited.",
+        ));
+        reg(Box::new(allocations_limit.clone()));
+        let relay_ports = must(IntGauge::new(
+            RELAY_PORTS,
+            "Ports in the relay port range: the most UDP allocations per relay address.",
+        ));
+        reg(Box::new(relay_ports.clone()));
         let build = must(IntGaugeVec::new(
             Opts::new(BUILD_INFO, "Build information; always 1."),
             &["version"],
@@ -174,6 +188,8 @@ impl Metrics {
             dropped: ["no_route", "malformed", "quota"]
                 .map(|r| dropped_vec.with_label_values(&[r])),
             draining,
+            allocations_limit,
+            relay_ports,
             echo_packets: EchoTransport::ALL
                 .map(|t| echo_packets_vec.with_label_values(&[t.label()])),
             echo_dropped: EchoTransport::ALL
@@ -215,6 +231,14 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition.
+    /// The relay's capacity, for "near capacity" alerts.
+    pub fn set_capacity(&self, total_allocations: Option<u32>, ports: (u16, u16)) {
+        self.allocations_limit
+            .set(i64::from(total_allocations.unwrap_or(0)));
+        self.relay_ports
+            .set(i64::from(ports.1) - i64::from(ports.0) + 1);
+    }
+
     pub fn render(&self, shared: &Shared) -> String {
         self.allocations_active
             .set(i64::from(shared.quotas.active()));

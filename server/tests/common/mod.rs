@@ -33,6 +33,23 @@ pub fn relay_binary() -> std::path::PathBuf {
     path
 }
 
+/// The probe binary, from the workspace build (`cargo test --workspace` makes it).
+pub fn probe_binary() -> std::path::PathBuf {
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target").into());
+    let path = std::path::PathBuf::from(target)
+        .join("debug")
+        .join("turnpike-probe");
+    if !path.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "turnpike-probe", "--bin", "turnpike-probe"])
+            .status()
+            .expect("cargo build");
+        assert!(status.success(), "could not build the probe");
+    }
+    path
+}
+
 /// A running relay; killed when dropped.
 pub struct Relay {
     child: Option<Child>,
