@@ -3,7 +3,7 @@
 //! names from the regions file, never addresses.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::{Encoder, GaugeVec, IntCounter, Opts, Registry, TextEncoder};
@@ -150,7 +150,6 @@ pub async fn run(
     rounds: u64,
 ) -> std::io::Result<()> {
     let metrics = Arc::new(ProbeMetrics::new());
-    let last: Arc<Mutex<String>> = Arc::new(Mutex::new(String::new()));
     let served = Arc::clone(&metrics);
     let app = axum::Router::new()
         .route(
@@ -181,9 +180,6 @@ pub async fn run(
         let results = crate::measure(&regions, &opts).await;
         let chosen = selector.update(&results, &prefer).map(|c| c.region.clone());
         metrics.record(&results, &regions, chosen.as_deref());
-        if let Ok(mut l) = last.lock() {
-            *l = chosen.clone().unwrap_or_default();
-        }
         tracing::info!(
             selected = chosen.as_deref().unwrap_or("none"),
             "probe round done"
