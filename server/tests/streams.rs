@@ -9,22 +9,12 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{free_port, run_tool, stream_exchange, Child2, RawClient, Relay, TestCert, REALM};
+use common::{
+    free_port, lost_packets, run_tool, stream_exchange, Child2, RawClient, Relay, TestCert, REALM,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use turnpike::proto::stun::{attr, method, Builder, Class, TransactionId, MAGIC_COOKIE};
-
-fn lost_packets(output: &str) -> u64 {
-    let line = output
-        .lines()
-        .find(|l| l.contains("Total lost packets"))
-        .unwrap_or_else(|| panic!("no loss report in turnutils_uclient output:\n{output}"));
-    line.split("Total lost packets")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .expect("lost count")
-}
 
 fn relay_with_streams(cert: &TestCert, extra: &[&str]) -> Relay {
     let mut args = vec![

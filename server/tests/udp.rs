@@ -8,7 +8,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{run_tool, RawClient, Relay, REALM};
+use common::{lost_packets, run_tool, RawClient, Relay, REALM};
 use turnpike::proto::auth::{ephemeral_password, ephemeral_username};
 use turnpike::proto::stun::{attr, method};
 use webrtc_util::Conn;
@@ -18,18 +18,6 @@ fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .expect("clock")
         .as_secs()
-}
-
-fn lost_packets(output: &str) -> u64 {
-    let line = output
-        .lines()
-        .find(|l| l.contains("Total lost packets"))
-        .unwrap_or_else(|| panic!("no loss report in turnutils_uclient output:\n{output}"));
-    line.split("Total lost packets")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .expect("lost count")
 }
 
 #[test]

@@ -166,7 +166,10 @@ impl Bound {
     }
 }
 
-fn tcp_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+/// A bound, non-blocking TCP socket with SO_REUSEADDR and SO_REUSEPORT: listener shards
+/// share an address this way, and so do an RFC 6062 allocation's listener and its outgoing
+/// connections.
+fn tcp_socket(addr: SocketAddr) -> std::io::Result<Socket> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if addr.is_ipv6() {
         sock.set_only_v6(true)?;
@@ -175,6 +178,11 @@ fn tcp_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     sock.set_reuse_port(true)?;
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
+    Ok(sock)
+}
+
+fn tcp_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let sock = tcp_socket(addr)?;
     sock.listen(1024)?;
     Ok(sock.into())
 }

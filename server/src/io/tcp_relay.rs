@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -16,20 +15,6 @@ use crate::proto::{AllocId, PendingAllocate, RelayAddrs};
 
 /// RFC 6062 §5.2: how long a Connect may take before it fails with 447.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A TCP socket on the relayed address, shareable between the listener and outgoing
-/// connections (SO_REUSEADDR and SO_REUSEPORT), so peers see one address either way.
-fn relay_tcp_socket(addr: SocketAddr) -> std::io::Result<Socket> {
-    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    if addr.is_ipv6() {
-        sock.set_only_v6(true)?;
-    }
-    sock.set_reuse_address(true)?;
-    sock.set_reuse_port(true)?;
-    sock.set_nonblocking(true)?;
-    sock.bind(&addr.into())?;
-    Ok(sock)
-}
 
 impl Shard {
     /// Binds the listening socket of a TCP allocation and completes it.
@@ -45,7 +30,7 @@ impl Shard {
             let mut rng = rand::thread_rng();
             (0..64).find_map(|_| {
                 let addr = SocketAddr::new(bind, rng.gen_range(lo..=hi));
-                let sock = relay_tcp_socket(addr).ok()?;
+                let sock = super::tcp_socket(addr).ok()?;
                 sock.listen(128).ok()?;
                 let listener = TcpListener::from_std(sock.into()).ok()?;
                 Some((listener, addr, SocketAddr::new(advertised, addr.port())))
@@ -98,7 +83,7 @@ impl Shard {
         tokio::task::spawn_local(async move {
             let attempt = async {
                 let local = local.ok_or_else(|| std::io::Error::other("no TCP relay"))?;
-                let sock = relay_tcp_socket(local)?;
+                let sock = super::tcp_socket(local)?;
                 tokio::net::TcpSocket::from_std_stream(sock.into())
                     .connect(peer)
                     .await

@@ -520,3 +520,17 @@ impl Drop for Child2 {
         let _ = self.0.wait();
     }
 }
+
+/// The `Total lost packets N` figure of a `turnutils_uclient` run (it exits 0 even when
+/// packets are lost).
+pub fn lost_packets(output: &str) -> u64 {
+    let line = output
+        .lines()
+        .find(|l| l.contains("Total lost packets"))
+        .unwrap_or_else(|| panic!("no loss report in turnutils_uclient output:\n{output}"));
+    line.split("Total lost packets")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("lost count")
+}
