@@ -162,6 +162,7 @@ impl Reloader<'_> {
 /// Runs the relay until SIGTERM or SIGINT, then drains. SIGHUP, or a change of the
 /// configuration file or certificate, reloads credentials, peer policy and certificates.
 pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
+    raise_open_files_limit();
     let shards = match settings.threads {
         0 => std::thread::available_parallelism()
             .map(|n| n.get())
@@ -351,6 +352,23 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
         let _ = t.join();
     }
     Ok(())
+}
+
+/// Every allocation holds a socket, so the soft open-files limit (often 1024 under container
+/// runtimes) would cap a relay at about a thousand allocations: raise it to the hard limit.
+fn raise_open_files_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit write and read a plain struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let soft = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                tracing::debug!(from = soft, to = lim.rlim_max, "raised the open-files limit");
+            }
+        }
+    }
+    tracing::info!(open_files = lim.rlim_cur, "open-files limit (one per allocation, and per TCP connection)");
 }
 
 async fn wait_for_signal() {
