@@ -237,7 +237,8 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
         }
     }
     if settings.generated_secret {
-        print_credential(&settings, &bound);
+        let bound_listeners: Vec<_> = listeners.iter().map(io::Bound::listener).collect();
+        print_credential(&settings, &bound_listeners);
     }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -357,18 +358,28 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
 /// Every allocation holds a socket, so the soft open-files limit (often 1024 under container
 /// runtimes) would cap a relay at about a thousand allocations: raise it to the hard limit.
 fn raise_open_files_limit() {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit write and read a plain struct we own.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
             let soft = lim.rlim_cur;
             lim.rlim_cur = lim.rlim_max;
             if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
-                tracing::debug!(from = soft, to = lim.rlim_max, "raised the open-files limit");
+                tracing::debug!(
+                    from = soft,
+                    to = lim.rlim_max,
+                    "raised the open-files limit"
+                );
             }
         }
     }
-    tracing::info!(open_files = lim.rlim_cur, "open-files limit (one per allocation, and per TCP connection)");
+    tracing::info!(
+        open_files = lim.rlim_cur,
+        "open-files limit (one per allocation, and per TCP connection)"
+    );
 }
 
 async fn wait_for_signal() {
@@ -387,7 +398,8 @@ async fn wait_for_signal() {
 
 /// With no credentials configured, prints a ready-to-use one minted from the generated secret
 /// (on stdout, not in the log; the secret itself is never shown).
-fn print_credential(settings: &Settings, bound: &[std::net::SocketAddr]) {
+fn print_credential(settings: &Settings, listeners: &[crate::config::Listener]) {
+    use crate::config::Transport;
     let Some(secret) = settings.secrets.first() else {
         return;
     };
@@ -398,10 +410,16 @@ fn print_credential(settings: &Settings, bound: &[std::net::SocketAddr]) {
         + 86_400;
     let username = ephemeral_username(expiry, Some("turnpike"));
     let password = ephemeral_password(&secret.0, &username);
-    let port = bound.first().map(|a| a.port()).unwrap_or(3478);
     println!("No credentials configured: generated a shared secret for this run.");
     println!("Credential valid for 24 hours:");
-    println!("  url:      turn:<this host>:{port}?transport=udp");
+    for l in listeners {
+        let port = l.addr.port();
+        match l.transport {
+            Transport::Udp => println!("  url:      turn:<this host>:{port}?transport=udp"),
+            Transport::Tcp => println!("  url:      turn:<this host>:{port}?transport=tcp"),
+            Transport::Tls => println!("  url:      turns:<this host>:{port}?transport=tcp"),
+        }
+    }
     println!("  username: {username}");
     println!("  password: {password}");
     println!("  realm:    {}", settings.realm);
