@@ -110,6 +110,7 @@ impl Common {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let _ = tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TURNPIKE_LOG")
@@ -142,25 +143,30 @@ fn main() -> ExitCode {
             };
             let results = rt.block_on(turnpike_probe::measure(&regions, &opts));
             let selected = select::nearest(&results, &prefer);
+            let chosen = selected
+                .as_ref()
+                .and_then(|c| regions.iter().find(|r| r.name == c.region));
+            if ice_servers && chosen.is_none() {
+                eprintln!("turnpike-probe: no relay reachable; no iceServers to print");
+            }
             if json {
-                println!("{}", report::json(&results, selected.as_ref()));
+                // One JSON document: with --ice-servers, the array is its "ice_servers" field.
+                let mut doc = report::json(&results, selected.as_ref());
+                if let (true, Some(r)) = (ice_servers, chosen) {
+                    doc["ice_servers"] = report::ice_servers(r);
+                }
+                println!("{doc}");
             } else {
                 print!("{}", report::table(&results, selected.as_ref()));
-            }
-            if firewall {
-                println!();
-                print!("{}", report::firewall(&regions, &results));
-            }
-            if ice_servers {
-                match selected
-                    .as_ref()
-                    .and_then(|c| regions.iter().find(|r| r.name == c.region))
-                {
-                    Some(r) => println!(
+                if firewall {
+                    println!();
+                    print!("{}", report::firewall(&regions, &results));
+                }
+                if let (true, Some(r)) = (ice_servers, chosen) {
+                    println!(
                         "{}",
                         serde_json::to_string_pretty(&report::ice_servers(r)).unwrap_or_default()
-                    ),
-                    None => eprintln!("turnpike-probe: no relay reachable; no iceServers to print"),
+                    );
                 }
             }
             if selected.is_some() {

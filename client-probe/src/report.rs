@@ -102,15 +102,19 @@ pub fn firewall(regions: &[Region], results: &[PathResult]) -> String {
         .find(|r| r.region == region && r.path == path)
     {
         Some(r) if r.reachable => "open".to_owned(),
+        // A name that does not resolve says nothing about the firewall.
+        Some(r) if r.error.as_deref().is_some_and(|e| e.starts_with("dns")) => {
+            format!("UNKNOWN ({})", r.error.clone().unwrap_or_default())
+        }
         Some(r) => format!("BLOCKED ({})", r.error.clone().unwrap_or_default()),
         None => "not probed".to_owned(),
     };
     let mut out = format!(
-        "{:<28} {:<12} {:<9} {:<52} {}\n",
+        "{:<28} {:<12} {:<12} {:<56} {}\n",
         "DESTINATION", "PORT", "PROTOCOL", "PURPOSE", "FOUND FROM HERE"
     );
     let mut row = |dest: &str, port: String, proto: &str, purpose: &str, status: String| {
-        out += &format!("{dest:<28} {port:<12} {proto:<9} {purpose:<52} {status}\n");
+        out += &format!("{dest:<28} {port:<12} {proto:<12} {purpose:<56} {status}\n");
     };
     for r in regions {
         if r.udp_port != 0 {

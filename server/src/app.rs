@@ -72,6 +72,11 @@ fn core_config(
     }
 }
 
+/// Loads what `--check-config` must prove besides the file itself: the certificates.
+pub fn check(settings: &Settings) -> Result<(), Error> {
+    tls_of(settings).map(|_| ())
+}
+
 fn tls_of(settings: &Settings) -> Result<Option<Arc<rustls::ServerConfig>>, Error> {
     match (&settings.tls_cert, &settings.tls_key) {
         (Some(c), Some(k)) => Ok(Some(io::stream::tls_config(c, k)?)),

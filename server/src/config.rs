@@ -534,10 +534,12 @@ impl Settings {
         if listen.iter().any(|l| l.transport == Transport::Tls)
             && (tls_cert.is_none() || tls_key.is_none())
         {
-            return Err(file_err(
-                "tls",
-                "tls:// listeners need tls.cert and tls.key (--cert, --key)".into(),
-            ));
+            let reason = "tls:// listeners need tls.cert and tls.key (--cert, --key)".to_owned();
+            return Err(if cli.listen.is_empty() {
+                file_err("tls", reason)
+            } else {
+                flag_err("--listen", reason)
+            });
         }
         let https_upstream = match (&cli.https_upstream, &f.https.upstream) {
             (Some(u), _) => Some(

@@ -12,6 +12,10 @@ fn main() -> std::process::ExitCode {
     };
     turnpike::app::init_logging(settings.log_format);
     if cli.check_config {
+        if let Err(e) = turnpike::app::check(&settings) {
+            eprintln!("turnpike: {e}");
+            return std::process::ExitCode::from(2);
+        }
         println!("{settings:#?}");
         return std::process::ExitCode::SUCCESS;
     }

@@ -214,6 +214,18 @@ fn relay_pod_renders_a_configuration_the_relay_accepts() {
         }
     }
     args.push("--check-config".into());
+    // --check-config loads the certificates: put real ones where the TLS Secret is mounted.
+    let cert = common::TestCert::new("k8s-tls", &["relay-eu.example.org"]);
+    if let Some(config) = args.iter().find_map(|a| a.strip_prefix("--config=")) {
+        let text = std::fs::read_to_string(config).expect("rendered config");
+        let text = text
+            .replace(
+                "/etc/turnpike/tls/tls.crt",
+                &cert.cert.display().to_string(),
+            )
+            .replace("/etc/turnpike/tls/tls.key", &cert.key.display().to_string());
+        std::fs::write(config, text).expect("rendered config");
+    }
     let out = run(
         Command::new(common::relay_binary())
             .args(&args)
@@ -298,6 +310,13 @@ fn relay_pod_renders_a_configuration_the_relay_accepts() {
     // TLS: the configured files are the kubernetes.io/tls keys of the mounted Secret.
     for (key, file) in [("tls_cert", "tls.crt"), ("tls_key", "tls.key")] {
         let path = between(&settings, &format!("{key}:Some(\""), "\",)").expect(key);
+        // The test put real certificates in place of the mounted Secret's files; map back.
+        let path = path
+            .replace(
+                &cert.cert.display().to_string(),
+                "/etc/turnpike/tls/tls.crt",
+            )
+            .replace(&cert.key.display().to_string(), "/etc/turnpike/tls/tls.key");
         let mount = mount_of(relay, "tls");
         assert_eq!(path, format!("{mount}/{file}"), "{key}");
         let volume = named(arr(pod, &["volumes"]), "tls");
@@ -766,10 +785,25 @@ fn systemd_units_are_hardened() {
     let exec = one("ExecStart");
     let args: Vec<&str> = exec.split_whitespace().skip(1).collect();
     assert_eq!(args, ["--config", "/etc/turnpike/turnpike.toml"]);
+    // --check-config loads the certificates the example names: give it real ones.
+    let cert = common::TestCert::new("systemd-tls", &["relay.example.org"]);
+    let example_copy = cert.dir.join("turnpike.toml");
+    let text =
+        std::fs::read_to_string(repo().join("config/turnpike.example.toml")).expect("example");
+    let text = text
+        .replace(
+            "/etc/turnpike/tls/fullchain.pem",
+            &cert.cert.display().to_string(),
+        )
+        .replace(
+            "/etc/turnpike/tls/privkey.pem",
+            &cert.key.display().to_string(),
+        );
+    std::fs::write(&example_copy, text).expect("example copy");
     let out = run(
         Command::new(common::relay_binary())
             .arg("--config")
-            .arg(repo().join("config/turnpike.example.toml"))
+            .arg(&example_copy)
             .arg("--check-config"),
         "turnpike",
     );

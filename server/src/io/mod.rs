@@ -187,6 +187,26 @@ fn tcp_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(sock.into())
 }
 
+/// Fails when another process holds `addr`: SO_REUSEPORT would otherwise let a second relay
+/// join the first one's port silently, and the kernel would split clients between them.
+fn ensure_free(l: &Listener) -> std::io::Result<()> {
+    if l.addr.port() == 0 {
+        return Ok(());
+    }
+    let ty = if l.transport == Transport::Udp {
+        Type::DGRAM
+    } else {
+        Type::STREAM
+    };
+    let sock = Socket::new(Domain::for_address(l.addr), ty, None)?;
+    if l.addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    // SO_REUSEADDR for TCP, so connections of a previous run in TIME_WAIT do not count.
+    sock.set_reuse_address(l.transport != Transport::Udp)?;
+    sock.bind(&l.addr.into())
+}
+
 /// Binds every listener once per shard (SO_REUSEPORT); port 0 is resolved by the first bind.
 pub fn bind_listeners(
     listen: &[Listener],
@@ -200,6 +220,7 @@ pub fn bind_listeners(
             addr,
             source,
         };
+        ensure_free(l).map_err(|e| err(l.addr, e))?;
         match l.transport {
             Transport::Udp => {
                 let first = udp_socket(l.addr, true, buffer).map_err(|e| err(l.addr, e))?;

@@ -109,13 +109,17 @@ impl PeerPolicy {
         }) {
             return Err(Denied::OwnService);
         }
-        if own_host && !(self.relay_ports.0..=self.relay_ports.1).contains(&peer.port()) {
+        let relay_port = (self.relay_ports.0..=self.relay_ports.1).contains(&peer.port());
+        if own_host && !relay_port {
             return Err(Denied::OwnHost);
         }
         if self.deny.iter().any(|n| n.contains(&ip)) {
             return Err(Denied::Operator);
         }
-        if self.allow.iter().any(|n| n.contains(&ip)) {
+        // Another allocation of this relay, even where the relay's own address is in a range
+        // refused by default (a relay on an office network): two relay-only clients of one
+        // relay reach each other this way.
+        if self.allow.iter().any(|n| n.contains(&ip)) || (own_host && relay_port) {
             return Ok(());
         }
         if self.defaults.iter().any(|n| n.contains(&ip)) {
@@ -239,5 +243,22 @@ mod tests {
         assert_eq!(p.check(sa("[::ffff:8.8.4.4]:161")), Err(Denied::OwnHost));
         assert_eq!(p.check(sa("8.8.4.4:3478")), Err(Denied::OwnService));
         assert_eq!(p.check(sa("8.8.8.8:53")), Ok(()));
+    }
+
+    #[test]
+    fn other_allocations_are_reachable_on_a_private_relay_address() {
+        let mut p = PeerPolicy::new(vec![], vec!["10.0.0.9/32".parse().expect("net")]);
+        p.set_own_addresses(
+            vec![sa("0.0.0.0:3478")],
+            vec!["10.0.0.5".parse().expect("ip")],
+            (49152, 65535),
+        );
+        assert_eq!(p.check(sa("10.0.0.5:50000")), Ok(()), "another allocation");
+        assert_eq!(p.check(sa("10.0.0.5:22")), Err(Denied::OwnHost));
+        assert_eq!(
+            p.check(sa("10.0.0.6:50000")),
+            Err(Denied::Default),
+            "another host of the LAN"
+        );
     }
 }
