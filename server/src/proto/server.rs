@@ -672,7 +672,9 @@ impl Core {
         if n == 0 {
             return None;
         }
-        let software = self.shared.config().software.clone();
+        // The guard owns its Arc: no copy of the SOFTWARE string per request.
+        let config = self.shared.config();
+        let software = config.software.as_deref();
         let mut b = Builder::new(
             &mut self.out,
             Class::Error,
@@ -680,7 +682,7 @@ impl Core {
             msg.transaction_id(),
         );
         b.error(420, reason(420)).unknown_attributes(&unknown[..n]);
-        if let Some(s) = &software {
+        if let Some(s) = software {
             b.attr(attr::SOFTWARE, s.as_bytes());
         }
         if !msg.transaction_id().is_classic() {
@@ -691,7 +693,8 @@ impl Core {
 
     fn binding(&mut self, msg: &Message<'_>, client: ClientId) -> ClientAction {
         let tid = msg.transaction_id();
-        let software = self.shared.config().software.clone();
+        let config = self.shared.config();
+        let software = config.software.as_deref();
         let mut b = Builder::new(&mut self.out, Class::Success, method::BINDING, tid);
         if tid.is_classic() {
             // RFC 3489 §11.2.1: MAPPED-ADDRESS. SOURCE-ADDRESS and CHANGED-ADDRESS are left
@@ -700,7 +703,7 @@ impl Core {
             b.address(attr::MAPPED_ADDRESS, client.addr);
         } else {
             b.xor_address(attr::XOR_MAPPED_ADDRESS, client.addr);
-            if let Some(s) = &software {
+            if let Some(s) = software {
                 b.attr(attr::SOFTWARE, s.as_bytes());
             }
             b.fingerprint();
