@@ -697,7 +697,7 @@ impl Core {
         self.shared
             .config()
             .tenants
-            .named(msg.get(attr::ORIGIN), host)
+            .named(msg.get_all(attr::ORIGIN), host)
             .map_or(0, |t| t.id)
     }
 
@@ -873,7 +873,9 @@ impl Core {
         if code != 400 {
             let config = shared.config();
             let host = self.hosts.get(&client).map(|h| &**h);
-            let realm = config.tenants.challenge_realm(msg.get(attr::ORIGIN), host);
+            let realm = config
+                .tenants
+                .challenge_realm(msg.get_all(attr::ORIGIN), host);
             b.attr(attr::REALM, realm.as_bytes())
                 .attr(attr::NONCE, nonce)
                 .attr(attr::PASSWORD_ALGORITHMS, &PASSWORD_ALGORITHMS);

@@ -118,10 +118,15 @@ impl Tenants {
         self.list.iter().any(|t| t.credentials.has_static_users())
     }
 
-    /// The tenant an unsigned request is challenged for: by ORIGIN, then by SNI host name,
-    /// then the default tenant (None when the default realm has no tenant).
-    pub fn named(&self, origin: Option<&[u8]>, host: Option<&str>) -> Option<&Tenant> {
-        if let Some(o) = origin {
+    /// The tenant an unsigned request is challenged for: by the first of its ORIGIN
+    /// attributes that names one (a request may carry several), then by SNI host name, then
+    /// the default tenant (None when the default realm has no tenant).
+    pub fn named<'o>(
+        &self,
+        origins: impl IntoIterator<Item = &'o [u8]>,
+        host: Option<&str>,
+    ) -> Option<&Tenant> {
+        for o in origins {
             if let Some(t) = self.list.iter().find(|t| {
                 t.origins
                     .iter()
@@ -143,8 +148,12 @@ impl Tenants {
     }
 
     /// The REALM a 401 carries.
-    pub fn challenge_realm(&self, origin: Option<&[u8]>, host: Option<&str>) -> &str {
-        self.named(origin, host)
+    pub fn challenge_realm<'o>(
+        &self,
+        origins: impl IntoIterator<Item = &'o [u8]>,
+        host: Option<&str>,
+    ) -> &str {
+        self.named(origins, host)
             .map(Tenant::realm)
             .unwrap_or(&self.realm)
     }
@@ -159,7 +168,7 @@ impl Tenants {
         host: Option<&str>,
         unix_now: u64,
     ) -> Result<Authenticated, (Option<u32>, AuthError)> {
-        let hint = || self.named(msg.get(attr::ORIGIN), host).map(|t| t.id);
+        let hint = || self.named(msg.get_all(attr::ORIGIN), host).map(|t| t.id);
         let signed = Signed::check(msg, nonces, client, unix_now).map_err(|e| (hint(), e))?;
         let claim = |t: &Tenant, mut a: Authenticated| {
             a.tenant = t.id;
@@ -325,24 +334,24 @@ mod tests {
     fn challenges_name_the_tenant_of_origin_or_host() {
         let t = tenants();
         assert_eq!(
-            t.challenge_realm(Some(b"https://APP.acme.example"), None),
+            t.challenge_realm([&b"https://x"[..], b"https://APP.acme.example"], None),
             "acme.example"
         );
         assert_eq!(
-            t.challenge_realm(None, Some("turn.acme.example")),
+            t.challenge_realm([], Some("turn.acme.example")),
             "acme.example"
         );
         assert_eq!(
-            t.challenge_realm(Some(b"https://other"), None),
+            t.challenge_realm([&b"https://other"[..]], None),
             "relay.example"
         );
-        assert!(t.named(None, None).is_none());
+        assert!(t.named([], None).is_none());
         let single = Tenants::single(
             Credentials::new("r", [("u", "p")], []),
             PeerPolicy::default(),
         );
         assert_eq!(
-            single.named(None, None).map(|t| t.name.as_str()),
+            single.named([], None).map(|t| t.name.as_str()),
             Some("default")
         );
     }
