@@ -70,6 +70,10 @@ pub struct Shared {
     /// Bumped by each reload; shards then check their allocations against the new
     /// configuration (revoked users, removed tenants).
     generation: AtomicU64,
+    /// Relayed addresses of every shard's allocations, for relay-only tenants (the test
+    /// page), whose peers must be allocations of this relay. Touched when allocations are
+    /// made and freed, and read only for those tenants.
+    relayed: std::sync::Mutex<std::collections::HashSet<SocketAddr>>,
 }
 
 impl Shared {
@@ -89,7 +93,12 @@ impl Shared {
             draining: AtomicBool::new(false),
             tenant_names: std::sync::Mutex::new(names),
             generation: AtomicU64::new(0),
+            relayed: Default::default(),
         }
+    }
+
+    fn relayed_addrs(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<SocketAddr>> {
+        self.relayed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Tenant names by stable id, for metrics labels.
@@ -616,7 +625,7 @@ impl Core {
         if !a.has_permission(peer.ip(), now)
             || !a.family_ok(peer)
             || own.contains(&Some(peer))
-            || !peer_allowed(&self.shared.config().tenants, a.tenant, peer)
+            || !peer_allowed(&self.shared, &self.shared.config().tenants, a.tenant, peer)
         {
             self.stats.dropped_packets += 1;
             return ClientAction::None;
@@ -1096,6 +1105,9 @@ impl Core {
             tcp: p.tcp,
         });
         self.by_client.insert(p.client, id);
+        self.shared
+            .relayed_addrs()
+            .extend([relayed.v4, relayed.v6].into_iter().flatten());
         self.stats.tenant(p.auth.tenant).allocations_created += 1;
         self.count(p.auth.tenant, method::ALLOCATE, 0);
         let shared = Arc::clone(&self.shared);
@@ -1185,7 +1197,9 @@ impl Core {
         // refuses those) and so never becomes anyone's client.
         let own = [alloc.relayed.v4, alloc.relayed.v6];
         let tenant = alloc.tenant;
-        if own.contains(&Some(peer)) || !peer_allowed(&self.shared.config().tenants, tenant, peer) {
+        if own.contains(&Some(peer))
+            || !peer_allowed(&self.shared, &self.shared.config().tenants, tenant, peer)
+        {
             self.stats.tenant(tenant).peer_denied += 1;
             return Err(403);
         }
@@ -1295,6 +1309,12 @@ impl Core {
         };
         self.by_client.remove(&a.client);
         self.shared.quotas.release(a.tenant, &a.user_id, &a.user);
+        {
+            let mut relayed = self.shared.relayed_addrs();
+            for r in [a.relayed.v4, a.relayed.v6].into_iter().flatten() {
+                relayed.remove(&r);
+            }
+        }
         self.free_slots.push(id.0);
         self.forget_tcp_connections(|conn| conn.alloc == id);
         self.events.push_back(Event::Freed(id));
@@ -1410,11 +1430,12 @@ fn unknown_required(msg: &Message<'_>) -> ([u16; 8], usize) {
 const ADDRESS_ERROR_V6: [u8; 32] = *b"\x02\x00\x04\x28Address Family not Supported";
 
 /// Whether tenant `id`'s policy lets its allocations reach `peer`; a tenant removed by a
-/// reload reaches nothing.
-fn peer_allowed(tenants: &Tenants, id: u32, peer: SocketAddr) -> bool {
-    tenants
-        .get(id)
-        .is_some_and(|t: &Tenant| t.policy.check(peer).is_ok())
+/// reload reaches nothing, and a relay-only tenant reaches allocations of this relay only.
+fn peer_allowed(shared: &Shared, tenants: &Tenants, id: u32, peer: SocketAddr) -> bool {
+    tenants.get(id).is_some_and(|t: &Tenant| {
+        t.policy.check(peer).is_ok()
+            && (!t.policy.is_relay_only() || shared.relayed_addrs().contains(&peer))
+    })
 }
 
 /// Adds SOFTWARE, the integrity the request used, and FINGERPRINT.

@@ -20,6 +20,8 @@ use super::stun::{attr, Message};
 pub const DEFAULT_TENANT: &str = "default";
 /// The metrics label of requests no tenant claims.
 pub const NO_TENANT: &str = "none";
+/// The tenant of the browser test page's credentials.
+pub const TEST_PAGE_TENANT: &str = "test-page";
 
 /// One customer of the relay.
 #[derive(Debug)]
@@ -174,24 +176,32 @@ impl Tenants {
             a.tenant = t.id;
             a
         };
-        if let Some(t) = self
+        let named = self
             .list
             .iter()
-            .find(|t| t.realm().as_bytes() == signed.realm)
-        {
-            return t
+            .find(|t| t.realm().as_bytes() == signed.realm);
+        let default_realm = signed.realm == self.realm.as_bytes();
+        let mut first = None;
+        if let Some(t) = named {
+            match t
                 .credentials
                 .verify(msg, &signed, t.realm(), true, unix_now)
-                .map(|a| claim(t, a))
-                .map_err(|e| (Some(t.id), e));
-        }
-        if signed.realm != self.realm.as_bytes() {
+            {
+                Ok(a) => return Ok(claim(t, a)),
+                Err(e) if !default_realm => return Err((Some(t.id), e)),
+                Err(e) => first = Some((Some(t.id), e)),
+            }
+        } else if !default_realm {
             return Err((hint(), AuthError::UnknownRealm));
         }
-        // The default realm has no tenant of its own: an ephemeral credential is tried
-        // against each tenant's secrets, keyed with the realm the client signed with.
+        // In the default realm, after its own tenant: an ephemeral credential is tried against
+        // each other tenant's secrets, keyed with the realm the client signed with.
         let mut worst = AuthError::UnknownUser;
-        for t in &self.list {
+        for t in self
+            .list
+            .iter()
+            .filter(|t| named.is_none_or(|n| n.id != t.id))
+        {
             match t
                 .credentials
                 .verify(msg, &signed, &self.realm, false, unix_now)
@@ -204,7 +214,7 @@ impl Tenants {
                 }
             }
         }
-        Err((None, worst))
+        Err(first.unwrap_or((None, worst)))
     }
 }
 
@@ -327,6 +337,47 @@ mod tests {
         assert_eq!(
             auth(&t, &signed(&n, &late, "relay.example", &pass)).err(),
             Some((None, AuthError::Expired))
+        );
+    }
+
+    #[test]
+    fn beside_a_default_tenant_other_tenants_secrets_still_work_in_the_default_realm() {
+        let mut t = tenants();
+        let mut default = Tenant::new(
+            DEFAULT_TENANT,
+            Credentials::new("relay.example", [], ["default-secret".into()]),
+            PeerPolicy::default(),
+        );
+        default.id = 3;
+        t.list.push(default);
+        let n = Nonces::new([1; 32], 600, true);
+        let eph = format!("{}:erin", NOW + 60);
+        let ok = auth(
+            &t,
+            &signed(
+                &n,
+                &eph,
+                "relay.example",
+                &ephemeral_password("acme-secret", &eph),
+            ),
+        )
+        .expect("acme by secret");
+        assert_eq!(ok.tenant, 1);
+        let ok = auth(
+            &t,
+            &signed(
+                &n,
+                &eph,
+                "relay.example",
+                &ephemeral_password("default-secret", &eph),
+            ),
+        )
+        .expect("default");
+        assert_eq!(ok.tenant, 3);
+        assert_eq!(
+            auth(&t, &signed(&n, &eph, "relay.example", "wrong")).err(),
+            Some((Some(3), AuthError::BadIntegrity)),
+            "counted against the default tenant"
         );
     }
 
