@@ -74,6 +74,7 @@ fn core_config(
             tenant.hostnames = t.hostnames.clone();
             tenant.quotas = t.quotas.clone();
             tenant.revoked = t.revoked.iter().cloned().collect();
+            tenant.max_lifetime = t.max_lifetime;
             tenant
         })
         .collect();
@@ -141,7 +142,10 @@ impl Reloader<'_> {
     /// Re-reads the configuration and certificates; on any error the running configuration
     /// stays. Existing allocations keep relaying either way.
     fn reload(&mut self, why: &str) {
-        self.files = watched(self.cli, &self.current);
+        // The files' times before reading them: an edit made while this reload reads them
+        // triggers the next one.
+        let before = watched(self.cli, &self.current);
+        self.files = before.clone();
         let mut next = match Settings::load(self.cli) {
             Ok(s) => s,
             Err(e) => {
@@ -192,7 +196,14 @@ impl Reloader<'_> {
             deny_peer = next.deny_peer.len(),
             "configuration reloaded"
         );
-        self.files = watched(self.cli, &next);
+        let paths =
+            |f: &[(PathBuf, Option<SystemTime>)]| f.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
+        let after = watched(self.cli, &next);
+        self.files = if paths(&after) == paths(&before) {
+            before
+        } else {
+            after
+        };
         self.current = next;
     }
 }

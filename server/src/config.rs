@@ -765,6 +765,7 @@ impl Settings {
                 allow_peer: Vec::new(),
                 deny_peer: Vec::new(),
                 relay_only: false,
+                max_lifetime: None,
             });
         } else if !f.auth.api_keys.is_empty() || !f.auth.revoked.is_empty() {
             return Err(file_err(
@@ -773,6 +774,24 @@ impl Settings {
             ));
         }
         tenants.extend(tenant::resolve(&f.tenant, &realm, &quotas, &file_err)?);
+        // One secret in two tenants would let the first tenant's search claim the other's
+        // credentials in the default realm.
+        for (i, t) in tenants.iter().enumerate() {
+            let shared = t
+                .secrets
+                .iter()
+                .any(|s| tenants[..i].iter().any(|o| o.secrets.contains(s)));
+            if shared {
+                let key = match f.tenant.iter().position(|c| c.name == t.name) {
+                    Some(n) => format!("tenant[{n}].secrets"),
+                    None => "auth.secrets".to_owned(),
+                };
+                return Err(file_err(
+                    &key,
+                    "a secret of another tenant: each tenant needs its own".into(),
+                ));
+            }
+        }
         let test_page = if f.test_page.enabled {
             let (page, t) = tenant::test_page(&f.test_page, &realm, &file_err)?;
             tenants.push(t);

@@ -21,9 +21,9 @@ use axum::Router;
 use serde::Deserialize;
 
 use crate::config::{ApiKeyHash, Listener, Settings, Transport};
-use crate::echo::limiter::{Limiter, Rates};
 use crate::io::stream::Secure;
 use crate::proto::auth::{ephemeral_password, ephemeral_username};
+use crate::proto::limiter::{Limiter, Rates};
 
 /// Wrong keys a source may send: two, then one a second.
 const FAILURE_RATE: Rates = Rates {
@@ -227,12 +227,18 @@ impl CredentialService {
         })
     }
 
-    /// Credentials of `tenant` for a caller that needs no key (the browser test page), with a
-    /// random user id and the tenant's TTL.
-    pub fn issue_unkeyed(&self, tenant: &str, host: Option<&str>, unix_now: u64) -> Option<Issued> {
+    /// Credentials of `tenant` for a caller that needs no key (the browser test page), for
+    /// user id `user`, with the tenant's TTL.
+    pub fn issue_unkeyed(
+        &self,
+        tenant: &str,
+        user: &str,
+        host: Option<&str>,
+        unix_now: u64,
+    ) -> Option<Issued> {
         let config = self.config.load();
         let t = config.tenants.iter().find(|t| t.name == tenant)?;
-        self.mint(&config, t, None, None, host, unix_now).ok()
+        self.mint(&config, t, Some(user), None, host, unix_now).ok()
     }
 
     /// `POST /v1/credentials`.

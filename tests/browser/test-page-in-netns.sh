@@ -3,7 +3,7 @@
 # pair gives Chromium an address. Starts the relay with the network test page twice and lets
 # Chromium run the page against it: first with UDP, TCP and TLS on 443 (and a second TLS port
 # named as another region), then without the UDP listener while the page still offers UDP,
-# as a firewall dropping UDP would look. Fixed ports are safe here: nothing else lives in
+# as a firewall dropping UDP would look, and with a throughput threshold no path meets. Fixed ports are safe here: nothing else lives in
 # this namespace.
 # Usage: test-page-in-netns.sh TURNPIKE_BINARY CERT KEY OUTDIR
 set -euo pipefail
@@ -58,7 +58,7 @@ listen = ["tcp://10.99.0.1:3478", "tls://0.0.0.0:443"]
 $common
 [test_page]
 enabled = true
-min_mbps = 1
+min_mbps = 1000
 ice_urls = ["turn:10.99.0.1:3478?transport=udp", "turn:10.99.0.1:3478?transport=tcp", "turns:10.99.0.1:443?transport=tcp"]
 TOML
 start "$out/noudp.toml" "$out/noudp.log"

@@ -122,8 +122,11 @@ pub struct TenantSettings {
     /// Added to the relay's `[peer]` lists.
     pub allow_peer: Vec<IpNet>,
     pub deny_peer: Vec<IpNet>,
-    /// Allocations may reach only other allocations of this relay (the test page's tenant).
+    /// Allocations may reach only their own session's other allocations on this relay (the
+    /// test page's tenant).
     pub relay_only: bool,
+    /// Longest allocation lifetime, below the relay's.
+    pub max_lifetime: Option<u32>,
 }
 
 type ErrAt<'a> = &'a dyn Fn(&str, String) -> Error;
@@ -306,6 +309,7 @@ pub(super) fn resolve(
             allow_peer: parse_all(&t.peer.allow, parse_net).map_err(|r| e("peer.allow", r))?,
             deny_peer: parse_all(&t.peer.deny, parse_net).map_err(|r| e("peer.deny", r))?,
             relay_only: false,
+            max_lifetime: None,
         });
     }
     Ok(out)
@@ -362,15 +366,19 @@ pub(super) fn test_page(
         ice_urls: ice_urls(&c.ice_urls, "test_page.ice_urls", err)?,
         quotas: Quotas {
             total_allocations: Some(c.allocations),
-            // One run holds two allocations per path, a few paths at once at most.
+            // A test holds two allocations per path; its user id is the visitor's address, so
+            // one source holds at most this many.
             user_allocations: Some(8),
             allocation_bandwidth: (c.bytes_per_sec != 0).then_some(c.bytes_per_sec),
             user_bandwidth: None,
-            tenant_bandwidth: None,
+            // A few tests at full speed at once, not `allocations` of them.
+            tenant_bandwidth: (c.bytes_per_sec != 0).then_some(c.bytes_per_sec.saturating_mul(4)),
         },
         allow_peer: Vec::new(),
         deny_peer: Vec::new(),
         relay_only: true,
+        // Allocations do not outlive the credentials.
+        max_lifetime: Some(c.ttl_secs as u32),
     };
     let page = super::TestPageSettings {
         ttl_secs: c.ttl_secs,
@@ -527,6 +535,13 @@ users = [{ name = "bob", password = "b" }]
             (
                 TWO.replace("allocations = 10", "allocatons = 10"),
                 "tenant[0].quota",
+            ),
+            (
+                TWO.replace(
+                    r#"users = [{ name = "bob", password = "b" }]"#,
+                    r#"secrets = ["a"]"#,
+                ),
+                "tenant[1].secrets",
             ),
         ];
         for (text, key) in cases {

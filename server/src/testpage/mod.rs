@@ -19,7 +19,8 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use crate::config::TestPageSettings;
-use crate::echo::limiter::{Limiter, Rates};
+use crate::io::stream::Secure;
+use crate::proto::limiter::{Limiter, Rates};
 use crate::proto::tenant::TEST_PAGE_TENANT;
 use crate::service::{strip_port, CredentialService};
 
@@ -96,14 +97,14 @@ impl TestPage {
                 "/test",
                 get(move |req: Request| {
                     let page = Arc::clone(&page);
-                    async move { page.page(&req) }
+                    async move { https_only(&req).unwrap_or_else(|| page.page(&req)) }
                 }),
             )
             .route(
                 "/test/session",
                 post(move |req: Request| {
                     let page = Arc::clone(&self);
-                    async move { page.session(&req) }
+                    async move { https_only(&req).unwrap_or_else(|| page.session(&req)) }
                 }),
             )
     }
@@ -168,7 +169,7 @@ impl TestPage {
         if !allowed {
             return json(
                 StatusCode::TOO_MANY_REQUESTS,
-                serde_json::json!({"error": "too many tests from this address; wait a minute"}),
+                serde_json::json!({"error": "too many tests from this address; wait a few seconds"}),
             );
         }
         let host = Self::host(req);
@@ -177,6 +178,7 @@ impl TestPage {
             .map_or(0, |d| d.as_secs());
         let Some(issued) = self.credentials.issue_unkeyed(
             TEST_PAGE_TENANT,
+            &source_id(source),
             host.as_deref().map(strip_port),
             unix_now,
         ) else {
@@ -200,6 +202,31 @@ impl TestPage {
                 "min_mbps": self.settings.min_mbps,
             }),
         )
+    }
+}
+
+/// The page is served over HTTPS only (camera and microphone need a secure page, and the
+/// credentials should not cross the network in clear): a refusal for plain HTTP.
+fn https_only(req: &Request) -> Option<Response> {
+    let secure = req.extensions().get::<Secure>().is_some_and(|s| s.0);
+    (!secure).then(|| {
+        (
+            StatusCode::FORBIDDEN,
+            "The network test is served over HTTPS only: open https://<this relay>/test\n",
+        )
+            .into_response()
+    })
+}
+
+/// The test's user id: the visitor's address (an IPv6 /64), so the tenant's per-user quota
+/// bounds what one source holds however many sessions it starts.
+fn source_id(ip: std::net::IpAddr) -> String {
+    match ip.to_canonical() {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("v6-{:04x}{:04x}{:04x}{:04x}", s[0], s[1], s[2], s[3])
+        }
     }
 }
 
