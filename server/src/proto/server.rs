@@ -608,7 +608,17 @@ impl Core {
             return true;
         }
         let now_ms = clock.millis(now);
-        a.bucket.as_mut().is_none_or(|b| b.allow(now_ms, len)) && a.user.allow(now_ms, len)
+        if !a.bucket.as_mut().is_none_or(|b| b.allow(now_ms, len)) {
+            return false;
+        }
+        if a.user.allow(now_ms, len) {
+            return true;
+        }
+        // A dropped packet costs the allocation nothing.
+        if let Some(b) = a.bucket.as_mut() {
+            b.refund(len);
+        }
+        false
     }
 
     fn send_indication(
