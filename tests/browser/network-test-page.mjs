@@ -29,7 +29,16 @@ try {
   page.on('request', (r) => requests.push(r.url()));
   const console_ = [];
   page.on('console', (m) => console_.push(`${m.type()}: ${m.text()}`));
-  await page.goto(url);
+  // A network change just after the namespace came up aborts a load: try again, bounded.
+  for (let attempt = 1; ; attempt++) {
+    try {
+      await page.goto(url);
+      break;
+    } catch (e) {
+      if (attempt >= 5 || !String(e).includes('ERR_NETWORK_CHANGED')) throw e;
+      await new Promise((r) => setTimeout(r, 500));
+    }
+  }
   await page.waitForFunction(() => window.turnpikeReport && window.turnpikeReport.done, null, { timeout: 150000 });
   const report = await page.evaluate(() => window.turnpikeReport);
   const [download] = await Promise.all([page.waitForEvent('download'), page.click('#download')]);
