@@ -173,6 +173,9 @@ impl Reloader<'_> {
                 return;
             }
         };
+        for w in &next.warnings {
+            tracing::warn!("{w}");
+        }
         if next.listen != self.current.listen
             || next.relay_ips != self.current.relay_ips
             || next.echo != self.current.echo
@@ -262,16 +265,14 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
         if settings.test_page.is_some() && l.transport == crate::config::Transport::Tls {
             tracing::info!("network test page on https://{}/test", l.addr);
         }
+        if settings.tenants.iter().any(|t| !t.api_keys.is_empty())
+            && l.transport == crate::config::Transport::Tls
+        {
+            tracing::info!("credential service on https://{}/v1/credentials", l.addr);
+        }
     }
-    if settings.test_page.is_some()
-        && !settings
-            .listen
-            .iter()
-            .any(|l| l.transport == crate::config::Transport::Tls)
-    {
-        tracing::warn!(
-            "test_page is enabled but no tls:// listener serves it over HTTPS (plain HTTP on tcp:// listeners cannot test camera and microphone)"
-        );
+    for w in &settings.warnings {
+        tracing::warn!("{w}");
     }
     for a in echo_sockets.udp_addrs() {
         tracing::info!("listening on echo-udp://{a}");

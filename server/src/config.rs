@@ -223,6 +223,8 @@ fn default_min_mbps() -> f64 {
 pub struct TestPageSettings {
     pub ttl_secs: u64,
     pub min_mbps: f64,
+    /// The most throughput the page can measure (`bytes_per_sec`), None when unlimited.
+    pub max_mbps: Option<f64>,
     /// TURN URLs the page tests; empty: one per listener.
     pub ice_urls: Vec<String>,
     pub regions: Vec<RegionConfig>,
@@ -547,6 +549,9 @@ pub struct Settings {
     pub revoked_file: Option<PathBuf>,
     /// `[test_page]` when enabled; its tenant is in `tenants`.
     pub test_page: Option<TestPageSettings>,
+    /// What is odd but not fatal (a bad line of the revocation file, a setting that cannot
+    /// work as meant), logged at start and on each reload.
+    pub warnings: Vec<String>,
     pub source: String,
 }
 
@@ -736,6 +741,12 @@ impl Settings {
             user_bandwidth: nonzero64(f.quota.user_bytes_per_sec),
             tenant_bandwidth: None,
         };
+        if generated_secret && !f.auth.api_keys.is_empty() {
+            return Err(file_err(
+                "auth.api_keys",
+                "the credential service mints with auth.secrets: add one (a generated secret would change at every start, and other relays would not know it)".into(),
+            ));
+        }
         let realm = cli.realm.clone().unwrap_or(f.realm);
         let mut tenants = Vec::new();
         if !users.is_empty() || !secrets.is_empty() {
@@ -799,10 +810,38 @@ impl Settings {
         } else {
             None
         };
+        let mut warnings = Vec::new();
+        let tls = listen.iter().any(|l| l.transport == Transport::Tls);
+        if !tls && tenants.iter().any(|t| !t.api_keys.is_empty()) {
+            warnings.push(
+                "api_keys are set but no tls:// listener serves the credential service (HTTPS only)"
+                    .to_owned(),
+            );
+        }
+        if let Some(page) = &test_page {
+            if !tls {
+                warnings.push(
+                    "test_page is enabled but no tls:// listener serves it (the page is served over HTTPS only)"
+                        .to_owned(),
+                );
+            }
+            let cap = f.test_page.bytes_per_sec as f64 * 8.0 / 1e6;
+            if f.test_page.bytes_per_sec != 0 && page.min_mbps > cap {
+                warnings.push(format!(
+                    "test_page.min_mbps {} is above the {cap} Mbit/s that test_page.bytes_per_sec lets the page measure: every path will get a warning",
+                    page.min_mbps
+                ));
+            }
+        }
         if let Some(path) = &f.auth.revoked_file {
-            for (t, user) in read_revocations(path, &tenants)? {
-                if let Some(t) = tenants.iter_mut().find(|x| x.name == t) {
-                    t.revoked.push(user);
+            let (entries, bad) = read_revocations(path, &tenants);
+            warnings.extend(bad);
+            for (tenant, user) in entries {
+                for t in tenants
+                    .iter_mut()
+                    .filter(|x| tenant.as_ref().is_none_or(|n| *n == x.name))
+                {
+                    t.revoked.push(user.clone());
                 }
             }
         }
@@ -868,6 +907,7 @@ impl Settings {
             tenants,
             revoked_file: f.auth.revoked_file,
             test_page,
+            warnings,
             source,
         })
     }

@@ -44,6 +44,7 @@ struct ServiceTenant {
     max_ttl: u64,
     ice_urls: Vec<String>,
     hostnames: Vec<String>,
+    revoked: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -96,6 +97,7 @@ fn service_config(settings: &Settings, listeners: &[Listener]) -> ServiceConfig 
                 max_ttl: t.credential_max_ttl,
                 ice_urls: t.ice_urls.clone(),
                 hostnames: t.hostnames.clone(),
+                revoked: t.revoked.clone(),
             })
             .collect(),
         listeners: listeners.to_vec(),
@@ -203,6 +205,12 @@ impl CredentialService {
                 id.iter().map(|b| format!("{b:02x}")).collect()
             }
         };
+        if tenant.revoked.contains(&user) {
+            return Err(Refusal(
+                StatusCode::FORBIDDEN,
+                "this user is revoked".into(),
+            ));
+        }
         let expires_at = unix_now + ttl;
         let username = ephemeral_username(expires_at, Some(&user));
         let password = ephemeral_password(&secret.0, &username);
@@ -337,6 +345,10 @@ fn refuse(Refusal(status, message): Refusal) -> Response {
     if status == StatusCode::UNAUTHORIZED {
         r.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     r
 }

@@ -446,6 +446,16 @@ fn revocation_ends_a_live_allocation_and_refuses_new_requests() {
             1.0
         ) >= 1.0
     );
+    // Nor does the credential service hand it new credentials.
+    let tls = relay.addr_of("tls");
+    assert_eq!(
+        post(tls, "https", Some(ACME_KEY), r#"{"user": "carol"}"#).0,
+        403
+    );
+    assert_eq!(
+        post(tls, "https", Some(ACME_KEY), r#"{"user": "dave"}"#).0,
+        200
+    );
     // Another acme user is not affected.
     let (user, pass) = ephemeral("acme-secret", "dave");
     assert_eq!(client(relay, &user, &pass, ACME).allocate().code(), None);

@@ -383,6 +383,7 @@ pub(super) fn test_page(
     let page = super::TestPageSettings {
         ttl_secs: c.ttl_secs,
         min_mbps: c.min_mbps,
+        max_mbps: (c.bytes_per_sec != 0).then(|| c.bytes_per_sec as f64 * 8.0 / 1e6),
         ice_urls: tenant.ice_urls.clone(),
         regions: c.regions.clone(),
     };
@@ -393,47 +394,48 @@ pub(super) fn check_ice_urls(list: &[String], key: &str, err: ErrAt) -> Result<V
     ice_urls(list, key, err)
 }
 
-/// Reads a revocation file: one entry a line, `USER` for the default tenant or
+/// Reads a revocation file: one entry a line, `USER` (revoked in every tenant) or
 /// `TENANT USER`; `#` starts a comment. USER is a user id (the user part of an ephemeral
-/// username) or a whole username.
+/// username) or a whole username. A bad line never keeps the others from applying: it is
+/// skipped and named in the warnings, as is a missing file (read as empty until it appears).
 pub fn read_revocations(
     path: &Path,
     tenants: &[TenantSettings],
-) -> Result<Vec<(String, String)>, Error> {
+) -> (Vec<(Option<String>, String)>, Vec<String>) {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
-        file: file.clone(),
-        key: String::new(),
-        reason: format!("cannot read the revocation file: {e}"),
-    })?;
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            return (
+                Vec::new(),
+                vec![format!("{file}: cannot read the revocation file ({e}); nothing revoked from it until it can be read")],
+            )
+        }
+    };
     let mut out = Vec::new();
+    let mut warnings = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.split('#').next().unwrap_or("").trim();
         if line.is_empty() {
             continue;
         }
         let mut words = line.split_whitespace();
-        let (tenant, user) = match (words.next(), words.next(), words.next()) {
-            (Some(u), None, _) => (DEFAULT_TENANT, u),
-            (Some(t), Some(u), None) => (t, u),
-            _ => {
-                return Err(Error::Config {
-                    file,
-                    key: format!("line {}", n + 1),
-                    reason: "expected USER or TENANT USER".into(),
-                })
+        match (words.next(), words.next(), words.next()) {
+            (Some(u), None, _) => out.push((None, u.to_owned())),
+            (Some(t), Some(u), None) if tenants.iter().any(|x| x.name == t) => {
+                out.push((Some(t.to_owned()), u.to_owned()))
             }
-        };
-        if !tenants.iter().any(|t| t.name == tenant) {
-            return Err(Error::Config {
-                file,
-                key: format!("line {}", n + 1),
-                reason: format!("no tenant {tenant:?} is configured"),
-            });
+            (Some(t), Some(_), None) => warnings.push(format!(
+                "{file}: line {}: no tenant {t:?} is configured; line skipped",
+                n + 1
+            )),
+            _ => warnings.push(format!(
+                "{file}: line {}: expected USER or TENANT USER; line skipped",
+                n + 1
+            )),
         }
-        out.push((tenant.to_owned(), user.to_owned()));
     }
-    Ok(out)
+    (out, warnings)
 }
 
 #[cfg(test)]
@@ -567,12 +569,16 @@ users = [{ name = "bob", password = "b" }]
         let s = load(&text).expect("loads");
         assert_eq!(s.tenants[0].revoked, ["carol"]);
         assert_eq!(s.tenants[1].revoked, ["1800000000:bob"]);
-        std::fs::write(&file, "nobody alice\n").expect("write");
-        let e = load(&text).expect_err("unknown tenant").to_string();
-        assert!(
-            e.contains("revoked") && e.contains("line 1") && e.contains("nobody"),
-            "{e}"
-        );
+        // A bad line is skipped and reported; the others still apply, a bare user everywhere.
+        std::fs::write(&file, "nobody alice\nacme carol extra\ndave\n").expect("write");
+        let s = load(&text).expect("loads despite bad lines");
+        assert_eq!(s.tenants[0].revoked, ["dave"]);
+        assert_eq!(s.tenants[1].revoked, ["dave"]);
+        assert_eq!(s.warnings.len(), 2, "{:?}", s.warnings);
+        assert!(s.warnings[0].contains("line 1") && s.warnings[0].contains("nobody"));
+        std::fs::remove_file(&file).expect("remove");
+        let s = load(&text).expect("a missing file reads as empty");
+        assert!(s.warnings[0].contains("cannot read"), "{:?}", s.warnings);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -200,6 +200,7 @@ impl TestPage {
                 "echo": {"websocket": self.websocket, "long_poll": self.long_poll},
                 "regions": self.settings.regions,
                 "min_mbps": self.settings.min_mbps,
+                "max_mbps": self.settings.max_mbps,
             }),
         )
     }
