@@ -14,7 +14,9 @@ use crate::metrics::{self, Metrics};
 use crate::proto::auth::{ephemeral_password, ephemeral_username, Credentials};
 use crate::proto::policy::PeerPolicy;
 use crate::proto::quota::QuotaState;
+use crate::proto::tenant::{Tenant, Tenants};
 use crate::proto::{CoreConfig, Shared};
+use crate::service::CredentialService;
 use crate::Error;
 
 pub fn init_logging(format: LogFormat) {
@@ -31,14 +33,13 @@ pub fn init_logging(format: LogFormat) {
     };
 }
 
-/// The core's settings: credentials, policy and limits. Rebuilt on reload.
+/// The core's settings: tenants (credentials, quotas, policy) and limits. Rebuilt on reload.
 fn core_config(
     settings: &Settings,
     plan: &io::RelayPlan,
     bound: &[std::net::SocketAddr],
 ) -> CoreConfig {
-    let mut policy = PeerPolicy::new(settings.allow_peer.clone(), settings.deny_peer.clone());
-    let own_ips = [plan.v4, plan.v6]
+    let own_ips: Vec<_> = [plan.v4, plan.v6]
         .into_iter()
         .flatten()
         .flat_map(|(bind, advertised)| [bind, advertised])
@@ -50,18 +51,30 @@ fn core_config(
                 .flatten(),
         )
         .collect();
-    policy.set_own_addresses(bound.to_vec(), own_ips, plan.ports);
-    let credentials = Credentials::new(
-        &settings.realm,
-        settings
-            .users
-            .iter()
-            .map(|(u, p)| (u.as_str(), p.0.as_str())),
-        settings.secrets.iter().map(|s| s.0.clone()),
-    );
+    let tenants = settings
+        .tenants
+        .iter()
+        .map(|t| {
+            let mut policy = PeerPolicy::new(
+                [&settings.allow_peer[..], &t.allow_peer[..]].concat(),
+                [&settings.deny_peer[..], &t.deny_peer[..]].concat(),
+            );
+            policy.set_own_addresses(bound.to_vec(), own_ips.clone(), plan.ports);
+            let credentials = Credentials::new(
+                &t.realm,
+                t.users.iter().map(|(u, p)| (u.as_str(), p.0.as_str())),
+                t.secrets.iter().map(|s| s.0.clone()),
+            );
+            let mut tenant = Tenant::new(&t.name, credentials, policy);
+            tenant.origins = t.origins.clone();
+            tenant.hostnames = t.hostnames.clone();
+            tenant.quotas = t.quotas.clone();
+            tenant.revoked = t.revoked.iter().cloned().collect();
+            tenant
+        })
+        .collect();
     CoreConfig {
-        credentials,
-        policy,
+        tenants: Tenants::new(&settings.realm, tenants),
         default_lifetime: settings.default_lifetime,
         max_lifetime: settings.max_lifetime,
         nonce_lifetime: settings.nonce_lifetime_secs,
@@ -90,6 +103,7 @@ fn watched(cli: &Cli, settings: &Settings) -> Vec<(PathBuf, Option<SystemTime>)>
         cli.config.clone(),
         settings.tls_cert.clone(),
         settings.tls_key.clone(),
+        settings.revoked_file.clone(),
     ]
     .into_iter()
     .flatten()
@@ -108,6 +122,8 @@ struct Reloader<'a> {
     bound: Vec<std::net::SocketAddr>,
     shared: Arc<Shared>,
     streams: Arc<io::stream::StreamContext>,
+    credentials: Arc<CredentialService>,
+    metrics: Arc<Metrics>,
     files: Vec<(PathBuf, Option<SystemTime>)>,
 }
 
@@ -132,6 +148,7 @@ impl Reloader<'_> {
         if next.generated_secret {
             // Keep the secret generated at start, so the printed credential stays valid.
             next.secrets = self.current.secrets.clone();
+            next.tenants = self.current.tenants.clone();
         }
         let tls = match tls_of(&next) {
             Ok(t) => t,
@@ -148,13 +165,17 @@ impl Reloader<'_> {
         }
         self.shared
             .reload(core_config(&next, &self.plan, &self.bound));
+        self.metrics.add_tenants(&self.shared.tenant_names());
+        self.credentials.reload(&next);
         if tls.is_some() {
             self.streams.tls.store(tls);
         }
         tracing::info!(
             trigger = why,
+            tenants = next.tenants.len(),
             users = next.users.len(),
             secrets = next.secrets.len(),
+            revoked = next.tenants.iter().map(|t| t.revoked.len()).sum::<usize>(),
             allow_peer = next.allow_peer.len(),
             deny_peer = next.deny_peer.len(),
             "configuration reloaded"
@@ -184,11 +205,12 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
     rand::rngs::OsRng.fill_bytes(&mut nonce_key);
     let shared = Arc::new(Shared::new(
         config,
-        QuotaState::new(settings.quotas.clone()),
+        QuotaState::new(settings.quotas.total_allocations),
         nonce_key,
     ));
     let metrics = Arc::new(Metrics::new());
     metrics.set_capacity(settings.quotas.total_allocations, plan.ports);
+    metrics.add_tenants(&shared.tenant_names());
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -241,10 +263,20 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
             tracing::info!("metrics on http://{a}/metrics");
         }
     }
+    let bound_listeners: Vec<_> = listeners
+        .iter()
+        .map(|b| {
+            let mut l = b.listener();
+            if let Some(a) = b.local_addr() {
+                l.addr = a;
+            }
+            l
+        })
+        .collect();
     if settings.generated_secret {
-        let bound_listeners: Vec<_> = listeners.iter().map(io::Bound::listener).collect();
         print_credential(&settings, &bound_listeners);
     }
+    let credentials = Arc::new(CredentialService::new(&settings, &bound_listeners));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let reservations = io::new_reservations();
@@ -261,7 +293,8 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
             Arc::clone(&shared),
             settings.https_metrics,
         )
-        .merge(echo_routes.clone()),
+        .merge(echo_routes.clone())
+        .merge(Arc::clone(&credentials).routes()),
     });
     let mut per_shard: Vec<(Vec<_>, Vec<_>)> =
         (0..shards).map(|_| (Vec::new(), Vec::new())).collect();
@@ -312,6 +345,8 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
         bound: bound.clone(),
         shared: Arc::clone(&shared),
         streams: Arc::clone(&streams),
+        credentials: Arc::clone(&credentials),
+        metrics: Arc::clone(&metrics),
     };
     rt.block_on(async {
         if let Some(l) = metrics_listener {
@@ -324,7 +359,7 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
         }
         let mut hangup =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-        let mut poll_files = tokio::time::interval(Duration::from_secs(2));
+        let mut poll_files = tokio::time::interval(Duration::from_millis(250));
         loop {
             tokio::select! {
                 _ = wait_for_signal() => break,

@@ -11,6 +11,9 @@ use serde::Deserialize;
 
 use crate::Error;
 
+mod tenant;
+pub use tenant::{read_revocations, ApiKeyHash, TenantSettings};
+
 /// The embedded default: UDP 3478 on every interface, peer policy on, and (since it names no
 /// credentials) a random shared secret generated at start.
 pub const DEFAULT_TOML: &str = include_str!("../../config/default.toml");
@@ -151,6 +154,9 @@ pub struct FileConfig {
     pub tcp: TcpConfig,
     #[serde(default)]
     pub echo: EchoConfig,
+    /// `[[tenant]]` tables.
+    #[serde(default)]
+    pub tenant: Vec<tenant::TenantConfig>,
 }
 
 /// `[echo]`: the echo services, all off unless configured.
@@ -269,6 +275,21 @@ pub struct AuthConfig {
     pub secrets: Vec<String>,
     #[serde(default = "default_nonce_lifetime")]
     pub nonce_lifetime_secs: u64,
+    /// Credential-service keys of the default tenant, hashed.
+    #[serde(default)]
+    pub api_keys: Vec<String>,
+    /// Revoked user ids or usernames of the default tenant.
+    #[serde(default)]
+    pub revoked: Vec<String>,
+    /// A file of revocations for every tenant, re-read when it changes.
+    #[serde(default)]
+    pub revoked_file: Option<PathBuf>,
+    #[serde(default)]
+    pub credential_ttl_secs: Option<u64>,
+    #[serde(default)]
+    pub credential_max_ttl_secs: Option<u64>,
+    #[serde(default)]
+    pub ice_urls: Vec<String>,
 }
 
 impl Default for AuthConfig {
@@ -277,6 +298,12 @@ impl Default for AuthConfig {
             users: Vec::new(),
             secrets: Vec::new(),
             nonce_lifetime_secs: default_nonce_lifetime(),
+            api_keys: Vec::new(),
+            revoked: Vec::new(),
+            revoked_file: None,
+            credential_ttl_secs: None,
+            credential_max_ttl_secs: None,
+            ice_urls: Vec::new(),
         }
     }
 }
@@ -444,6 +471,11 @@ pub struct Settings {
     pub quotas: crate::proto::quota::Quotas,
     /// No credentials were configured, so a random secret was generated.
     pub generated_secret: bool,
+    /// Every tenant: the default tenant first (the top-level realm, `[auth]`, `[quota]`) unless
+    /// `[[tenant]]` tables exist and `[auth]` names no credentials, then each `[[tenant]]`.
+    pub tenants: Vec<TenantSettings>,
+    /// `auth.revoked_file`, already applied to `tenants`.
+    pub revoked_file: Option<PathBuf>,
     pub source: String,
 }
 
@@ -505,7 +537,7 @@ impl Settings {
         Self::resolve(file, cli, source)
     }
 
-    fn resolve(f: FileConfig, cli: &Cli, source: String) -> Result<Self, Error> {
+    pub(crate) fn resolve(f: FileConfig, cli: &Cli, source: String) -> Result<Self, Error> {
         let file_err = |key: &str, reason: String| Error::Config {
             file: source.clone(),
             key: key.to_owned(),
@@ -585,26 +617,14 @@ impl Settings {
                 _ => None,
             },
         };
-        let mut users = Vec::new();
-        for (i, u) in f.auth.users.iter().enumerate() {
-            if u.name.is_empty() {
-                return Err(file_err(
-                    &format!("auth.users[{i}].name"),
-                    "empty user name".into(),
-                ));
-            }
-            users.push((u.name.clone(), Secret(u.password.clone())));
-        }
+        let mut users = tenant::users(&f.auth.users, "auth.users", &file_err)?;
         for u in &cli.users {
             let Some((n, p)) = u.split_once(':') else {
                 return Err(flag_err("--user", "expected NAME:PASSWORD".into()));
             };
             users.push((n.to_owned(), Secret(p.to_owned())));
         }
-        if f.auth.secrets.iter().any(String::is_empty) {
-            return Err(file_err("auth.secrets", "empty secret".into()));
-        }
-        let mut secrets: Vec<Secret> = f.auth.secrets.into_iter().map(Secret).collect();
+        let mut secrets = tenant::secrets(&f.auth.secrets, "auth.secrets", &file_err)?;
         secrets.extend(
             cli.auth_secrets
                 .iter()
@@ -612,7 +632,7 @@ impl Settings {
                 .cloned()
                 .map(Secret),
         );
-        let generated_secret = users.is_empty() && secrets.is_empty();
+        let generated_secret = users.is_empty() && secrets.is_empty() && f.tenant.is_empty();
         if generated_secret {
             let mut s = [0u8; 24];
             rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut s);
@@ -643,7 +663,51 @@ impl Settings {
                 .or(nonzero64(f.quota.allocation_bytes_per_sec))
                 .and_then(nonzero64),
             user_bandwidth: nonzero64(f.quota.user_bytes_per_sec),
+            tenant_bandwidth: None,
         };
+        let realm = cli.realm.clone().unwrap_or(f.realm);
+        let mut tenants = Vec::new();
+        if !users.is_empty() || !secrets.is_empty() {
+            let api_keys = tenant::api_keys(&f.auth.api_keys, "auth.api_keys", &file_err)?;
+            let (credential_ttl, credential_max_ttl) = tenant::ttls(
+                f.auth.credential_ttl_secs,
+                f.auth.credential_max_ttl_secs,
+                "auth.",
+                &file_err,
+            )?;
+            tenants.push(TenantSettings {
+                name: crate::proto::tenant::DEFAULT_TENANT.to_owned(),
+                realm: realm.clone(),
+                hostnames: Vec::new(),
+                origins: Vec::new(),
+                users: users.clone(),
+                secrets: secrets.clone(),
+                api_keys,
+                revoked: f.auth.revoked.clone(),
+                credential_ttl,
+                credential_max_ttl,
+                ice_urls: tenant::check_ice_urls(&f.auth.ice_urls, "auth.ice_urls", &file_err)?,
+                quotas: crate::proto::quota::Quotas {
+                    total_allocations: None,
+                    ..quotas.clone()
+                },
+                allow_peer: Vec::new(),
+                deny_peer: Vec::new(),
+            });
+        } else if !f.auth.api_keys.is_empty() || !f.auth.revoked.is_empty() {
+            return Err(file_err(
+                "auth",
+                "api_keys and revoked apply to the top-level realm's users and secrets, and none are configured".into(),
+            ));
+        }
+        tenants.extend(tenant::resolve(&f.tenant, &realm, &quotas, &file_err)?);
+        if let Some(path) = &f.auth.revoked_file {
+            for (t, user) in read_revocations(path, &tenants)? {
+                if let Some(t) = tenants.iter_mut().find(|x| x.name == t) {
+                    t.revoked.push(user);
+                }
+            }
+        }
         let max_lifetime = cli.max_lifetime.unwrap_or(f.allocation.max_lifetime_secs);
         if f.allocation.default_lifetime_secs == 0 {
             return Err(file_err(
@@ -674,7 +738,7 @@ impl Settings {
         }
         let echo = resolve_echo(&f.echo, cli, &file_err, &flag_err)?;
         Ok(Settings {
-            realm: cli.realm.clone().unwrap_or(f.realm),
+            realm,
             listen,
             tls_cert,
             tls_key,
@@ -703,6 +767,8 @@ impl Settings {
             deny_peer,
             quotas,
             generated_secret,
+            tenants,
+            revoked_file: f.auth.revoked_file,
             source,
         })
     }

@@ -14,5 +14,6 @@ mod error;
 pub mod io;
 pub mod metrics;
 pub mod proto;
+pub mod service;
 
 pub use error::Error;

@@ -1,5 +1,6 @@
 //! Prometheus metrics and the health endpoints. Label values come from fixed lists (methods,
-//! result codes, failure reasons, directions): never a username or an address.
+//! result codes, failure reasons, directions) and the configured tenant names: never a
+//! username or an address.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use prometheus::{
 
 use crate::proto::auth::AuthError;
 use crate::proto::server::{CoreStats, METHODS, RESULTS};
+use crate::proto::tenant::NO_TENANT;
 use crate::proto::Shared;
 
 pub const ALLOCATIONS_ACTIVE: &str = "turnpike_allocations_active";
@@ -30,6 +32,7 @@ pub const RELAY_PORTS: &str = "turnpike_relay_ports";
 pub const BUILD_INFO: &str = "turnpike_build_info";
 pub const ECHO_PACKETS_TOTAL: &str = "turnpike_echo_packets_total";
 pub const ECHO_DROPPED_TOTAL: &str = "turnpike_echo_dropped_total";
+pub const TENANT_ALLOCATIONS_ACTIVE: &str = "turnpike_tenant_allocations_active";
 
 /// The echo services, the `transport` label of the echo metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,18 +66,67 @@ const DIRECTIONS: [&str; 2] = ["client_to_peer", "peer_to_client"];
 pub struct Metrics {
     registry: Registry,
     allocations_active: IntGauge,
-    allocations_total: IntCounter,
-    requests: Vec<Vec<IntCounter>>,
-    auth_failures: Vec<IntCounter>,
-    peer_denied: IntCounter,
-    relayed_packets: [IntCounter; 2],
-    relayed_bytes: [IntCounter; 2],
-    dropped: [IntCounter; 3],
+    families: TenantFamilies,
+    /// Counters per tenant id, made when a tenant is first seen.
+    tenants: std::sync::Mutex<Vec<TenantCounters>>,
+    dropped_no_route: IntCounter,
+    dropped_malformed: IntCounter,
     draining: IntGauge,
     allocations_limit: IntGauge,
     relay_ports: IntGauge,
     echo_packets: [IntCounter; 4],
     echo_dropped: [IntCounter; 4],
+}
+
+/// The metric families with a `tenant` label.
+struct TenantFamilies {
+    allocations_total: IntCounterVec,
+    allocations_active: IntGaugeVec,
+    requests: IntCounterVec,
+    auth_failures: IntCounterVec,
+    peer_denied: IntCounterVec,
+    relayed_packets: IntCounterVec,
+    relayed_bytes: IntCounterVec,
+    dropped: IntCounterVec,
+}
+
+/// One tenant's series, looked up once.
+struct TenantCounters {
+    allocations_total: IntCounter,
+    allocations_active: IntGauge,
+    requests: Vec<Vec<IntCounter>>,
+    auth_failures: Vec<IntCounter>,
+    peer_denied: IntCounter,
+    relayed_packets: [IntCounter; 2],
+    relayed_bytes: [IntCounter; 2],
+    quota_dropped: IntCounter,
+}
+
+impl TenantFamilies {
+    fn counters(&self, tenant: &str) -> TenantCounters {
+        TenantCounters {
+            allocations_total: self.allocations_total.with_label_values(&[tenant]),
+            allocations_active: self.allocations_active.with_label_values(&[tenant]),
+            requests: METHODS
+                .iter()
+                .map(|m| {
+                    RESULTS
+                        .iter()
+                        .map(|r| self.requests.with_label_values(&[*m, *r, tenant]))
+                        .collect()
+                })
+                .collect(),
+            auth_failures: AuthError::ALL
+                .iter()
+                .map(|e| self.auth_failures.with_label_values(&[e.label(), tenant]))
+                .collect(),
+            peer_denied: self.peer_denied.with_label_values(&[tenant]),
+            relayed_packets: DIRECTIONS
+                .map(|d| self.relayed_packets.with_label_values(&[d, tenant])),
+            relayed_bytes: DIRECTIONS.map(|d| self.relayed_bytes.with_label_values(&[d, tenant])),
+            quota_dropped: self.dropped.with_label_values(&["quota", tenant]),
+        }
+    }
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -86,59 +138,62 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let reg = |c: Box<dyn prometheus::core::Collector>| must(registry.register(c));
-        let allocations_active = must(IntGauge::new(ALLOCATIONS_ACTIVE, "Allocations held now."));
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let v = must(IntCounterVec::new(Opts::new(name, help), labels));
+            reg(Box::new(v.clone()));
+            v
+        };
+        let allocations_active = must(IntGauge::new(
+            ALLOCATIONS_ACTIVE,
+            "Allocations held now, all tenants.",
+        ));
         reg(Box::new(allocations_active.clone()));
-        let allocations_total = must(IntCounter::new(ALLOCATIONS_TOTAL, "Allocations created."));
-        reg(Box::new(allocations_total.clone()));
-        let requests_vec = must(IntCounterVec::new(
+        let tenant_active = must(IntGaugeVec::new(
             Opts::new(
+                TENANT_ALLOCATIONS_ACTIVE,
+                "Allocations held now, by tenant.",
+            ),
+            &["tenant"],
+        ));
+        reg(Box::new(tenant_active.clone()));
+        let families = TenantFamilies {
+            allocations_total: counter_vec(ALLOCATIONS_TOTAL, "Allocations created.", &["tenant"]),
+            allocations_active: tenant_active,
+            requests: counter_vec(
                 REQUESTS_TOTAL,
                 "STUN/TURN requests answered, by method and result.",
+                &["method", "result", "tenant"],
             ),
-            &["method", "result"],
-        ));
-        reg(Box::new(requests_vec.clone()));
-        let requests = METHODS
-            .iter()
-            .map(|m| {
-                RESULTS
-                    .iter()
-                    .map(|r| requests_vec.with_label_values(&[*m, *r]))
-                    .collect()
-            })
-            .collect();
-        let auth_vec = must(IntCounterVec::new(
-            Opts::new(
+            auth_failures: counter_vec(
                 AUTH_FAILURES_TOTAL,
                 "Requests that did not authenticate, by reason.",
+                &["reason", "tenant"],
             ),
-            &["reason"],
-        ));
-        reg(Box::new(auth_vec.clone()));
-        let auth_failures = AuthError::ALL
-            .iter()
-            .map(|e| auth_vec.with_label_values(&[e.label()]))
-            .collect();
-        let peer_denied = must(IntCounter::new(
-            PEER_DENIED_TOTAL,
-            "CreatePermission and ChannelBind refused by the peer policy.",
-        ));
-        reg(Box::new(peer_denied.clone()));
-        let packets_vec = must(IntCounterVec::new(
-            Opts::new(RELAYED_PACKETS_TOTAL, "Packets relayed, by direction."),
-            &["direction"],
-        ));
-        reg(Box::new(packets_vec.clone()));
-        let bytes_vec = must(IntCounterVec::new(
-            Opts::new(RELAYED_BYTES_TOTAL, "Payload bytes relayed, by direction."),
-            &["direction"],
-        ));
-        reg(Box::new(bytes_vec.clone()));
-        let dropped_vec = must(IntCounterVec::new(
-            Opts::new(DROPPED_PACKETS_TOTAL, "Datagrams not relayed, by reason."),
-            &["reason"],
-        ));
-        reg(Box::new(dropped_vec.clone()));
+            peer_denied: counter_vec(
+                PEER_DENIED_TOTAL,
+                "CreatePermission and ChannelBind refused by the peer policy.",
+                &["tenant"],
+            ),
+            relayed_packets: counter_vec(
+                RELAYED_PACKETS_TOTAL,
+                "Packets relayed, by direction.",
+                &["direction", "tenant"],
+            ),
+            relayed_bytes: counter_vec(
+                RELAYED_BYTES_TOTAL,
+                "Payload bytes relayed, by direction.",
+                &["direction", "tenant"],
+            ),
+            dropped: counter_vec(
+                DROPPED_PACKETS_TOTAL,
+                "Datagrams not relayed, by reason.",
+                &["reason", "tenant"],
+            ),
+        };
+        let dropped_no_route = families.dropped.with_label_values(&["no_route", NO_TENANT]);
+        let dropped_malformed = families
+            .dropped
+            .with_label_values(&["malformed", NO_TENANT]);
         let draining = must(IntGauge::new(
             DRAINING,
             "1 while the relay drains after SIGTERM.",
@@ -160,33 +215,23 @@ impl Metrics {
         ));
         reg(Box::new(build.clone()));
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        let echo_packets_vec = must(IntCounterVec::new(
-            Opts::new(
-                ECHO_PACKETS_TOTAL,
-                "Echo replies sent: datagrams, TCP reads, WebSocket messages, long-polls answered.",
-            ),
+        let echo_packets_vec = counter_vec(
+            ECHO_PACKETS_TOTAL,
+            "Echo replies sent: datagrams, TCP reads, WebSocket messages, long-polls answered.",
             &["transport"],
-        ));
-        reg(Box::new(echo_packets_vec.clone()));
-        let echo_dropped_vec = must(IntCounterVec::new(
-            Opts::new(
-                ECHO_DROPPED_TOTAL,
-                "Echo requests not answered (rate limit, loop protection, limits); TCP reads delayed by the rate limit.",
-            ),
+        );
+        let echo_dropped_vec = counter_vec(
+            ECHO_DROPPED_TOTAL,
+            "Echo requests not answered (rate limit, loop protection, limits); TCP reads delayed by the rate limit.",
             &["transport"],
-        ));
-        reg(Box::new(echo_dropped_vec.clone()));
+        );
         Metrics {
             registry,
             allocations_active,
-            allocations_total,
-            requests,
-            auth_failures,
-            peer_denied,
-            relayed_packets: DIRECTIONS.map(|d| packets_vec.with_label_values(&[d])),
-            relayed_bytes: DIRECTIONS.map(|d| bytes_vec.with_label_values(&[d])),
-            dropped: ["no_route", "malformed", "quota"]
-                .map(|r| dropped_vec.with_label_values(&[r])),
+            families,
+            tenants: std::sync::Mutex::new(Vec::new()),
+            dropped_no_route,
+            dropped_malformed,
             draining,
             allocations_limit,
             relay_ports,
@@ -194,6 +239,16 @@ impl Metrics {
                 .map(|t| echo_packets_vec.with_label_values(&[t.label()])),
             echo_dropped: EchoTransport::ALL
                 .map(|t| echo_dropped_vec.with_label_values(&[t.label()])),
+        }
+    }
+
+    /// Makes the series of tenants not seen yet (`names` by tenant id), so that each
+    /// configured tenant's counters exist, at zero, from the start.
+    pub fn add_tenants(&self, names: &[String]) {
+        let mut tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        while tenants.len() < names.len() {
+            let c = self.families.counters(&names[tenants.len()]);
+            tenants.push(c);
         }
     }
 
@@ -207,27 +262,32 @@ impl Metrics {
         self.echo_dropped[t as usize].inc();
     }
 
-    /// Adds a shard's counters (taken with `Core::take_stats`).
-    pub fn record(&self, s: &CoreStats) {
-        for (m, row) in s.requests.iter().enumerate() {
-            for (r, n) in row.iter().enumerate() {
-                if *n > 0 {
-                    self.requests[m][r].inc_by(*n);
+    /// Adds a shard's counters (taken with `Core::take_stats`); `names` are the tenant
+    /// names by id ([`Shared::tenant_names`]).
+    pub fn record(&self, s: &CoreStats, names: &[String]) {
+        self.add_tenants(names);
+        let tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+        for (t, c) in s.tenants.iter().zip(tenants.iter()) {
+            for (m, row) in t.requests.iter().enumerate() {
+                for (r, n) in row.iter().enumerate() {
+                    if *n > 0 {
+                        c.requests[m][r].inc_by(*n);
+                    }
                 }
             }
+            for (i, n) in t.auth_failures.iter().enumerate() {
+                c.auth_failures[i].inc_by(*n);
+            }
+            c.peer_denied.inc_by(t.peer_denied);
+            c.allocations_total.inc_by(t.allocations_created);
+            for d in 0..2 {
+                c.relayed_packets[d].inc_by(t.relayed_packets[d]);
+                c.relayed_bytes[d].inc_by(t.relayed_bytes[d]);
+            }
+            c.quota_dropped.inc_by(t.quota_dropped);
         }
-        for (i, n) in s.auth_failures.iter().enumerate() {
-            self.auth_failures[i].inc_by(*n);
-        }
-        self.peer_denied.inc_by(s.peer_denied);
-        self.allocations_total.inc_by(s.allocations_created);
-        for d in 0..2 {
-            self.relayed_packets[d].inc_by(s.relayed_packets[d]);
-            self.relayed_bytes[d].inc_by(s.relayed_bytes[d]);
-        }
-        self.dropped[0].inc_by(s.dropped_packets);
-        self.dropped[1].inc_by(s.malformed);
-        self.dropped[2].inc_by(s.quota_dropped);
+        self.dropped_no_route.inc_by(s.dropped_packets);
+        self.dropped_malformed.inc_by(s.malformed);
     }
 
     /// The Prometheus text exposition.
@@ -242,6 +302,17 @@ impl Metrics {
     pub fn render(&self, shared: &Shared) -> String {
         self.allocations_active
             .set(i64::from(shared.quotas.active()));
+        {
+            let tenants = self.tenants.lock().unwrap_or_else(|e| e.into_inner());
+            let by_tenant = shared.quotas.active_by_tenant();
+            for (id, c) in tenants.iter().enumerate() {
+                let n = by_tenant
+                    .iter()
+                    .find(|(t, _)| *t as usize == id)
+                    .map_or(0, |(_, n)| *n);
+                c.allocations_active.set(i64::from(n));
+            }
+        }
         self.draining.set(i64::from(shared.is_draining()));
         let mut out = Vec::new();
         if TextEncoder::new()

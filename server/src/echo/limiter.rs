@@ -124,6 +124,18 @@ impl Limiter {
         }
     }
 
+    /// Whether `ip` has no message left now (takes nothing).
+    pub fn exhausted(&mut self, ip: IpAddr, now: Instant) -> bool {
+        let rates = self.rates;
+        match self.table.get_mut(&key(ip)) {
+            None => false,
+            Some(b) => {
+                Self::refill(rates, b, now);
+                b.packets < 1.0
+            }
+        }
+    }
+
     /// Forgets the sources whose buckets are full again (at most once a second).
     fn sweep(&mut self, now: Instant) {
         if self

@@ -483,8 +483,9 @@ impl Shard {
         let mut core = self.core.borrow_mut();
         core.handle_timeout(Instant::now());
         let stats = core.take_stats();
+        let tenants = core.shared().tenant_names();
         drop(core);
-        self.metrics.record(&stats);
+        self.metrics.record(&stats, &tenants);
         self.process_events();
         let now = Instant::now();
         if let Ok(mut r) = self.reservations.lock() {

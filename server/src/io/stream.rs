@@ -36,6 +36,10 @@ pub const ALPN_STUN: &[u8] = b"stun.nat-discovery";
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
 pub const ALPN_H2: &[u8] = b"h2";
 
+/// Whether an HTTP request came over TLS: a request extension the built-in endpoints read.
+#[derive(Debug, Clone, Copy)]
+pub struct Secure(pub bool);
+
 /// What every shard's stream listeners share.
 pub struct StreamContext {
     /// The TLS configuration; replaced on reload.
@@ -174,8 +178,8 @@ async fn connection(
     // other first byte is HTTP, whose methods would collide with ChannelData's 0x40-0x7F.
     if first[0] != 0x16 || cfg.transport != Transport::Tls {
         return match first[0] {
-            0x00 | 0x01 => turn_stream(&shard, tcp, client_addr, Vec::new()).await,
-            _ => serve_http(&ctx, tcp, client_addr).await,
+            0x00 | 0x01 => turn_stream(&shard, tcp, client_addr, None, Vec::new()).await,
+            _ => serve_http(&ctx, tcp, client_addr, false).await,
         };
     }
     let hello = tokio::time::timeout(HELLO_TIMEOUT, client_hello(&tcp))
@@ -202,11 +206,13 @@ async fn connection(
         tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
     let tls = start.into_stream(config).await?;
     let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    // The SNI host name selects the client's tenant.
+    let host = tls.get_ref().1.server_name().map(str::to_owned);
     match alpn.as_deref() {
         Some(ALPN_TURN) | Some(ALPN_STUN) => {
-            turn_stream(&shard, tls, client_addr, Vec::new()).await
+            turn_stream(&shard, tls, client_addr, host, Vec::new()).await
         }
-        Some(_) => serve_http(&ctx, tls, client_addr).await,
+        Some(_) => serve_http(&ctx, tls, client_addr, true).await,
         None => {
             // No ALPN (most TURN clients, Chromium among them): the first decrypted byte says.
             let mut tls = tls;
@@ -217,7 +223,7 @@ async fn connection(
             head.truncate(n);
             match head.first() {
                 None => Ok(()),
-                Some(0x00 | 0x01) => turn_stream(&shard, tls, client_addr, head).await,
+                Some(0x00 | 0x01) => turn_stream(&shard, tls, client_addr, host, head).await,
                 Some(_) => {
                     serve_http(
                         &ctx,
@@ -227,6 +233,7 @@ async fn connection(
                             inner: tls,
                         },
                         client_addr,
+                        true,
                     )
                     .await
                 }
@@ -368,8 +375,14 @@ async fn pass_through(mut tcp: TcpStream, upstream: SocketAddr) -> std::io::Resu
 }
 
 /// Serves the built-in endpoints; handlers see the client address (the one a PROXY header
-/// named, where there was one) as axum's `ConnectInfo`. Upgrades (the WebSocket echo) work.
-async fn serve_http<S>(ctx: &StreamContext, stream: S, client: SocketAddr) -> std::io::Result<()>
+/// named, where there was one) as axum's `ConnectInfo`, and whether the connection is TLS as
+/// a [`Secure`] extension. Upgrades (the WebSocket echo) work.
+async fn serve_http<S>(
+    ctx: &StreamContext,
+    stream: S,
+    client: SocketAddr,
+    tls: bool,
+) -> std::io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -378,6 +391,7 @@ where
         hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             req.extensions_mut()
                 .insert(axum::extract::ConnectInfo(client));
+            req.extensions_mut().insert(Secure(tls));
             let mut router = router.clone();
             tower_service::Service::call(&mut router, req)
         });
@@ -388,11 +402,13 @@ where
         .map_err(std::io::Error::other)
 }
 
-/// Runs TURN over a stream: STUN messages and ChannelData framed back to back.
+/// Runs TURN over a stream: STUN messages and ChannelData framed back to back. `host` is the
+/// TLS SNI name, which selects the tenant.
 async fn turn_stream<S>(
     shard: &Rc<Shard>,
     stream: S,
     client_addr: SocketAddr,
+    host: Option<String>,
     head: Vec<u8>,
 ) -> std::io::Result<()>
 where
@@ -406,6 +422,9 @@ where
         listener: id,
         addr: client_addr,
     };
+    if let Some(h) = &host {
+        shard.core.borrow_mut().set_client_host(client, h);
+    }
     let outbox = Rc::new(Outbox::new());
     shard.conns.borrow_mut().insert(id, Rc::clone(&outbox));
     let (mut rd, wr) = tokio::io::split(stream);

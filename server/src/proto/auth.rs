@@ -90,6 +90,8 @@ pub enum AuthError {
     Expired,
     #[error("message integrity check failed")]
     BadIntegrity,
+    #[error("user revoked")]
+    Revoked,
 }
 
 impl AuthError {
@@ -102,6 +104,7 @@ impl AuthError {
             | AuthError::BadIntegrity => 401,
             AuthError::Incomplete | AuthError::BadAlgorithm => 400,
             AuthError::StaleNonce => 438,
+            AuthError::Revoked => 403,
         }
     }
 
@@ -116,10 +119,11 @@ impl AuthError {
             AuthError::UnknownUser => "unknown_user",
             AuthError::Expired => "expired",
             AuthError::BadIntegrity => "bad_password",
+            AuthError::Revoked => "revoked",
         }
     }
 
-    pub const ALL: [AuthError; 8] = [
+    pub const ALL: [AuthError; 9] = [
         AuthError::Missing,
         AuthError::Incomplete,
         AuthError::BadAlgorithm,
@@ -128,6 +132,7 @@ impl AuthError {
         AuthError::UnknownUser,
         AuthError::Expired,
         AuthError::BadIntegrity,
+        AuthError::Revoked,
     ];
 }
 
@@ -162,6 +167,8 @@ pub struct Authenticated {
     pub key: Key,
     /// The request used MESSAGE-INTEGRITY-SHA256; the response does too.
     pub sha256: bool,
+    /// The tenant's id (see `tenant::Tenants`); 0 until a tenant claims the request.
+    pub tenant: u32,
 }
 
 struct StaticUser {
@@ -220,7 +227,14 @@ impl Credentials {
         !self.users.is_empty()
     }
 
-    /// Authenticates a request (RFC 8489 §9.2.4). `unix_now` judges ephemeral expiry.
+    /// The shared secrets; the first one mints new credentials, the others are still accepted
+    /// (rotation).
+    pub fn secrets(&self) -> &[String] {
+        &self.secrets
+    }
+
+    /// Authenticates a request in this realm (RFC 8489 §9.2.4). `unix_now` judges ephemeral
+    /// expiry.
     pub fn authenticate(
         &self,
         msg: &Message<'_>,
@@ -228,46 +242,34 @@ impl Credentials {
         client: SocketAddr,
         unix_now: u64,
     ) -> Result<Authenticated, AuthError> {
-        if !msg.has_integrity() {
-            return Err(AuthError::Missing);
-        }
-        let (Some(realm), Some(nonce)) = (msg.get(attr::REALM), msg.get(attr::NONCE)) else {
-            return Err(AuthError::Incomplete);
-        };
-        let username = match (msg.get(attr::USERNAME), msg.get(attr::USERHASH)) {
-            (Some(u), _) => std::str::from_utf8(u).map_err(|_| AuthError::UnknownUser)?,
-            (None, Some(h)) => {
-                let h: [u8; 32] = h.try_into().map_err(|_| AuthError::UnknownUser)?;
-                self.userhashes
-                    .get(&h)
-                    .map(String::as_str)
-                    .ok_or(AuthError::UnknownUser)?
-            }
-            (None, None) => return Err(AuthError::Incomplete),
-        };
-        if !nonces.verify(nonce, client, unix_now) {
-            return Err(AuthError::StaleNonce);
-        }
-        let sha256_algorithm = match msg.get(attr::PASSWORD_ALGORITHM) {
-            // RFC 8489 §9.2.4: the two attributes come together or not at all.
-            None if msg.has(attr::PASSWORD_ALGORITHMS) => return Err(AuthError::BadAlgorithm),
-            None => false,
-            Some(v) => {
-                // A client choosing an algorithm must echo the list it was offered, so a
-                // man in the middle cannot bid it down (RFC 8489 §9.2.4 step 4).
-                if msg.get(attr::PASSWORD_ALGORITHMS) != Some(&PASSWORD_ALGORITHMS[..]) {
-                    return Err(AuthError::BadAlgorithm);
-                }
-                match v.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]])) {
-                    Some(ALGORITHM_MD5) => false,
-                    Some(ALGORITHM_SHA256) => true,
-                    _ => return Err(AuthError::BadAlgorithm),
-                }
-            }
-        };
-        if realm != self.realm.as_bytes() {
+        let signed = Signed::check(msg, nonces, client, unix_now)?;
+        if signed.realm != self.realm.as_bytes() {
             return Err(AuthError::UnknownRealm);
         }
+        self.verify(msg, &signed, &self.realm, true, unix_now)
+    }
+
+    /// Checks the integrity of a request that passed [`Signed::check`] against this realm's
+    /// users (when `static_users`) and secrets. `realm` is the realm the client signed with,
+    /// which differs from this one when an ephemeral credential finds its tenant by secret.
+    pub fn verify(
+        &self,
+        msg: &Message<'_>,
+        signed: &Signed<'_>,
+        realm: &str,
+        static_users: bool,
+        unix_now: u64,
+    ) -> Result<Authenticated, AuthError> {
+        let username = match (signed.username, signed.userhash) {
+            (Some(u), _) => u,
+            (None, Some(h)) if static_users => self
+                .userhashes
+                .get(h)
+                .map(String::as_str)
+                .ok_or(AuthError::UnknownUser)?,
+            (None, _) => return Err(AuthError::UnknownUser),
+        };
+        let sha256_algorithm = signed.sha256_algorithm;
         let check = |key: &Key| {
             if msg.has_integrity_sha256() {
                 msg.check_integrity_sha256(key.bytes())
@@ -277,9 +279,9 @@ impl Credentials {
         };
         let make_key = |password: &str| {
             if sha256_algorithm {
-                Key::Sha256(long_term_key_sha256(username, &self.realm, password))
+                Key::Sha256(long_term_key_sha256(username, realm, password))
             } else {
-                Key::Md5(long_term_key(username, &self.realm, password))
+                Key::Md5(long_term_key(username, realm, password))
             }
         };
         let authenticated = |key: Key, user_id: &str| Authenticated {
@@ -287,8 +289,9 @@ impl Credentials {
             user_id: user_id.to_owned(),
             key,
             sha256: msg.has_integrity_sha256(),
+            tenant: 0,
         };
-        if let Some(user) = self.users.get(username) {
+        if let Some(user) = self.users.get(username).filter(|_| static_users) {
             let key = if sha256_algorithm {
                 Key::Sha256(user.sha256)
             } else {
@@ -316,6 +319,69 @@ impl Credentials {
             }
         }
         Err(AuthError::BadIntegrity)
+    }
+}
+
+/// What a signed request carries, checked once before any realm's users are looked at:
+/// integrity, realm, nonce, a username or USERHASH, and the password algorithm.
+#[derive(Debug)]
+pub struct Signed<'m> {
+    pub realm: &'m [u8],
+    pub username: Option<&'m str>,
+    pub userhash: Option<&'m [u8; 32]>,
+    pub sha256_algorithm: bool,
+}
+
+impl<'m> Signed<'m> {
+    pub fn check(
+        msg: &Message<'m>,
+        nonces: &Nonces,
+        client: SocketAddr,
+        unix_now: u64,
+    ) -> Result<Self, AuthError> {
+        if !msg.has_integrity() {
+            return Err(AuthError::Missing);
+        }
+        let (Some(realm), Some(nonce)) = (msg.get(attr::REALM), msg.get(attr::NONCE)) else {
+            return Err(AuthError::Incomplete);
+        };
+        let (username, userhash) = match (msg.get(attr::USERNAME), msg.get(attr::USERHASH)) {
+            (Some(u), _) => (
+                Some(std::str::from_utf8(u).map_err(|_| AuthError::UnknownUser)?),
+                None,
+            ),
+            (None, Some(h)) => (
+                None,
+                Some(<&[u8; 32]>::try_from(h).map_err(|_| AuthError::UnknownUser)?),
+            ),
+            (None, None) => return Err(AuthError::Incomplete),
+        };
+        if !nonces.verify(nonce, client, unix_now) {
+            return Err(AuthError::StaleNonce);
+        }
+        let sha256_algorithm = match msg.get(attr::PASSWORD_ALGORITHM) {
+            // RFC 8489 §9.2.4: the two attributes come together or not at all.
+            None if msg.has(attr::PASSWORD_ALGORITHMS) => return Err(AuthError::BadAlgorithm),
+            None => false,
+            Some(v) => {
+                // A client choosing an algorithm must echo the list it was offered, so a
+                // man in the middle cannot bid it down (RFC 8489 §9.2.4 step 4).
+                if msg.get(attr::PASSWORD_ALGORITHMS) != Some(&PASSWORD_ALGORITHMS[..]) {
+                    return Err(AuthError::BadAlgorithm);
+                }
+                match v.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]])) {
+                    Some(ALGORITHM_MD5) => false,
+                    Some(ALGORITHM_SHA256) => true,
+                    _ => return Err(AuthError::BadAlgorithm),
+                }
+            }
+        };
+        Ok(Signed {
+            realm,
+            username,
+            userhash,
+            sha256_algorithm,
+        })
     }
 }
 

@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 
 use super::auth::Credentials;
 use super::policy::PeerPolicy;
-use super::quota::{QuotaState, Quotas};
+use super::quota::QuotaState;
 use super::server::{AllocId, ClientAction, ClientId, Clock, Core, CoreConfig, RelayAddrs, Shared};
 use super::stun::{attr, method, Builder, Class, Message, TransactionId};
+use super::tenant::Tenants;
 
 /// Parses a datagram and reads every attribute the server reads.
 pub fn decode(data: &[u8]) {
@@ -32,10 +33,12 @@ pub fn decode(data: &[u8]) {
 /// family and EVEN-PORT options, Refresh, CreatePermission, ChannelBind, Send, ChannelData),
 /// since a fuzzer cannot forge MESSAGE-INTEGRITY by itself. Allocations the core asks for are
 /// granted or refused by the script too.
-pub fn core(data: &[u8]) -> super::CoreStats {
+pub fn core(data: &[u8]) -> super::TenantStats {
     let config = CoreConfig {
-        credentials: Credentials::new(REALM, [("u", "p")], ["s".to_owned()]),
-        policy: PeerPolicy::new(vec!["127.0.0.0/8".parse().expect("net")], vec![]),
+        tenants: Tenants::single(
+            Credentials::new(REALM, [("u", "p")], ["s".to_owned()]),
+            PeerPolicy::new(vec!["127.0.0.0/8".parse().expect("net")], vec![]),
+        ),
         default_lifetime: 600,
         max_lifetime: 3600,
         nonce_lifetime: 600,
@@ -44,11 +47,7 @@ pub fn core(data: &[u8]) -> super::CoreStats {
         relay_v6: true,
         software: None,
     };
-    let shared = Arc::new(Shared::new(
-        config,
-        QuotaState::new(Quotas::default()),
-        [0; 32],
-    ));
+    let shared = Arc::new(Shared::new(config, QuotaState::new(None), [0; 32]));
     let start = Instant::now();
     let clock = Clock {
         epoch: start,
@@ -201,7 +200,7 @@ pub fn core(data: &[u8]) -> super::CoreStats {
         core.handle_timeout(now);
         while core.poll_event().is_some() {}
     }
-    core.take_stats()
+    core.take_stats().total()
 }
 
 const REALM: &str = "fuzz";

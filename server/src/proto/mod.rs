@@ -8,8 +8,9 @@ pub mod policy;
 pub mod quota;
 pub mod server;
 pub mod stun;
+pub mod tenant;
 
 pub use server::{
     AllocId, ClientAction, ClientId, Clock, Core, CoreConfig, CoreStats, Event, PeerAction,
-    PendingAllocate, RelayAddrs, Shared, STREAM_BASE,
+    PendingAllocate, RelayAddrs, Shared, TenantStats, STREAM_BASE,
 };

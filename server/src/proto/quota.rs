@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Quotas {
-    /// Most allocations on this relay; None means unlimited.
+    /// Most allocations on this relay (relay-wide), or of one tenant (in a tenant's quotas);
+    /// None means unlimited.
     pub total_allocations: Option<u32>,
     /// Most allocations one user may hold at once.
     pub user_allocations: Option<u32>,
@@ -14,98 +15,179 @@ pub struct Quotas {
     pub allocation_bandwidth: Option<u64>,
     /// Bytes per second all of one user's allocations may relay together.
     pub user_bandwidth: Option<u64>,
+    /// Bytes per second all of one tenant's allocations may relay together.
+    pub tenant_bandwidth: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuotaError {
-    /// 486 Allocation Quota Reached.
+    /// 486 Allocation Quota Reached: the user's.
     User,
+    /// 486 Allocation Quota Reached: the tenant's.
+    Tenant,
     /// 508 Insufficient Capacity.
     Total,
 }
 
-/// One user's share: its allocation count and bandwidth bucket.
+/// One tenant's share: its allocation count and bandwidth bucket.
 #[derive(Debug)]
-pub struct UserState {
+pub struct TenantState {
     allocations: AtomicU32,
     bandwidth: Option<AtomicBucket>,
 }
 
+/// One user's share: its allocation count and bandwidth bucket, and its tenant's.
+#[derive(Debug)]
+pub struct UserState {
+    allocations: AtomicU32,
+    bandwidth: Option<AtomicBucket>,
+    tenant: Arc<TenantState>,
+}
+
 impl UserState {
-    /// Whether a bandwidth quota applies to this user.
+    /// Whether a bandwidth quota applies to this user or its tenant.
     #[inline]
     pub fn limited(&self) -> bool {
-        self.bandwidth.is_some()
+        self.bandwidth.is_some() || self.tenant.bandwidth.is_some()
     }
 
-    /// Takes `bytes` from the user's bandwidth; false means drop the packet.
+    /// Takes `bytes` from the user's and the tenant's bandwidth; false means drop the packet.
     #[inline]
     pub fn allow(&self, now_ms: u64, bytes: usize) -> bool {
-        match &self.bandwidth {
+        let user = match &self.bandwidth {
+            None => true,
+            Some(b) => b.allow(now_ms, bytes as i64),
+        };
+        user && match &self.tenant.bandwidth {
             None => true,
             Some(b) => b.allow(now_ms, bytes as i64),
         }
     }
 }
 
+#[derive(Debug, Default)]
+struct Holders {
+    /// By (tenant id, user id): one user id in two tenants is two users.
+    users: HashMap<(u32, String), Arc<UserState>>,
+    tenants: HashMap<u32, Arc<TenantState>>,
+}
+
 /// Allocation accounting across shards. Touched under a lock only when allocations are created
 /// or freed, never per packet.
 #[derive(Debug, Default)]
 pub struct QuotaState {
-    quotas: Quotas,
+    total: Option<u32>,
     active: AtomicU32,
-    users: Mutex<HashMap<String, Arc<UserState>>>,
+    holders: Mutex<Holders>,
 }
 
 impl QuotaState {
-    pub fn new(quotas: Quotas) -> Self {
+    /// `total`: most allocations on this relay.
+    pub fn new(total: Option<u32>) -> Self {
         QuotaState {
-            quotas,
+            total,
             ..Default::default()
         }
     }
 
-    pub fn quotas(&self) -> &Quotas {
-        &self.quotas
+    pub fn total(&self) -> Option<u32> {
+        self.total
     }
 
     pub fn active(&self) -> u32 {
         self.active.load(Ordering::Relaxed)
     }
 
-    /// Counts a new allocation for `user_id`, or says which quota refuses it.
-    pub fn acquire(&self, user_id: &str) -> Result<Arc<UserState>, QuotaError> {
-        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(max) = self.quotas.total_allocations {
+    /// Allocations held per tenant id (tenants holding none are left out).
+    pub fn active_by_tenant(&self) -> Vec<(u32, u32)> {
+        let h = self.holders.lock().unwrap_or_else(|e| e.into_inner());
+        h.tenants
+            .iter()
+            .map(|(id, t)| (*id, t.allocations.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Counts a new allocation for `user_id` of tenant `tenant` under the tenant's current
+    /// quotas `q`, or says which quota refuses it.
+    pub fn acquire(
+        &self,
+        tenant: u32,
+        q: &Quotas,
+        user_id: &str,
+    ) -> Result<Arc<UserState>, QuotaError> {
+        let mut h = self.holders.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(max) = self.total {
             if self.active.load(Ordering::Relaxed) >= max {
                 return Err(QuotaError::Total);
             }
         }
-        let user = users
-            .entry(user_id.to_owned())
+        let t = h
+            .tenants
+            .entry(tenant)
             .or_insert_with(|| {
-                Arc::new(UserState {
+                Arc::new(TenantState {
                     allocations: AtomicU32::new(0),
-                    bandwidth: self.quotas.user_bandwidth.map(AtomicBucket::new),
+                    bandwidth: q.tenant_bandwidth.map(AtomicBucket::new),
                 })
             })
             .clone();
-        if let Some(max) = self.quotas.user_allocations {
+        if let Some(max) = q.total_allocations {
+            if t.allocations.load(Ordering::Relaxed) >= max {
+                self.forget_idle(&mut h, tenant, None);
+                return Err(QuotaError::Tenant);
+            }
+        }
+        let key = (tenant, user_id.to_owned());
+        let user = h
+            .users
+            .entry(key.clone())
+            .or_insert_with(|| {
+                Arc::new(UserState {
+                    allocations: AtomicU32::new(0),
+                    bandwidth: q.user_bandwidth.map(AtomicBucket::new),
+                    tenant: Arc::clone(&t),
+                })
+            })
+            .clone();
+        if let Some(max) = q.user_allocations {
             if user.allocations.load(Ordering::Relaxed) >= max {
+                self.forget_idle(&mut h, tenant, Some(&key));
                 return Err(QuotaError::User);
             }
         }
         user.allocations.fetch_add(1, Ordering::Relaxed);
+        t.allocations.fetch_add(1, Ordering::Relaxed);
         self.active.fetch_add(1, Ordering::Relaxed);
         Ok(user)
     }
 
+    /// Drops the entries a refused `acquire` created, so refusals hold no memory.
+    fn forget_idle(&self, h: &mut Holders, tenant: u32, user: Option<&(u32, String)>) {
+        if let Some(k) = user {
+            if h.users
+                .get(k)
+                .is_some_and(|u| u.allocations.load(Ordering::Relaxed) == 0)
+            {
+                h.users.remove(k);
+            }
+        }
+        if h.tenants
+            .get(&tenant)
+            .is_some_and(|t| t.allocations.load(Ordering::Relaxed) == 0)
+        {
+            h.tenants.remove(&tenant);
+        }
+    }
+
     /// Undoes one `acquire`.
-    pub fn release(&self, user_id: &str, user: &Arc<UserState>) {
-        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+    pub fn release(&self, tenant: u32, user_id: &str, user: &Arc<UserState>) {
+        let mut h = self.holders.lock().unwrap_or_else(|e| e.into_inner());
         self.active.fetch_sub(1, Ordering::Relaxed);
         if user.allocations.fetch_sub(1, Ordering::Relaxed) == 1 {
-            users.remove(user_id);
+            h.users.remove(&(tenant, user_id.to_owned()));
+        }
+        if user.tenant.allocations.fetch_sub(1, Ordering::Relaxed) == 1 {
+            h.tenants.remove(&tenant);
         }
     }
 }
@@ -189,19 +271,55 @@ mod tests {
 
     #[test]
     fn user_and_total_limits() {
-        let q = QuotaState::new(Quotas {
-            total_allocations: Some(3),
+        let q = QuotaState::new(Some(3));
+        let per = Quotas {
             user_allocations: Some(2),
             ..Default::default()
-        });
-        let a1 = q.acquire("alice").expect("first");
-        let _a2 = q.acquire("alice").expect("second");
-        assert_eq!(q.acquire("alice").err(), Some(QuotaError::User));
-        let _b1 = q.acquire("bob").expect("bob");
-        assert_eq!(q.acquire("carol").err(), Some(QuotaError::Total));
-        q.release("alice", &a1);
-        assert!(q.acquire("alice").is_ok());
+        };
+        let a1 = q.acquire(1, &per, "alice").expect("first");
+        let _a2 = q.acquire(1, &per, "alice").expect("second");
+        assert_eq!(q.acquire(1, &per, "alice").err(), Some(QuotaError::User));
+        let _b1 = q.acquire(1, &per, "bob").expect("bob");
+        assert_eq!(q.acquire(1, &per, "carol").err(), Some(QuotaError::Total));
+        q.release(1, "alice", &a1);
+        assert!(q.acquire(1, &per, "alice").is_ok());
         assert_eq!(q.active(), 3);
+    }
+
+    #[test]
+    fn tenants_count_apart() {
+        let q = QuotaState::new(None);
+        let small = Quotas {
+            total_allocations: Some(1),
+            user_allocations: Some(5),
+            ..Default::default()
+        };
+        let a = q.acquire(1, &small, "alice").expect("tenant 1");
+        assert_eq!(q.acquire(1, &small, "bob").err(), Some(QuotaError::Tenant));
+        // The same user id in another tenant is another user, under that tenant's quota.
+        let b = q.acquire(2, &small, "alice").expect("tenant 2");
+        let mut by = q.active_by_tenant();
+        by.sort();
+        assert_eq!(by, vec![(1, 1), (2, 1)]);
+        q.release(1, "alice", &a);
+        q.release(2, "alice", &b);
+        assert!(q.active_by_tenant().is_empty());
+        assert_eq!(q.active(), 0);
+    }
+
+    #[test]
+    fn a_tenants_bandwidth_is_shared_by_its_users() {
+        let q = QuotaState::new(None);
+        let limited = Quotas {
+            tenant_bandwidth: Some(1000),
+            ..Default::default()
+        };
+        let a = q.acquire(7, &limited, "alice").expect("alice");
+        let b = q.acquire(7, &limited, "bob").expect("bob");
+        assert!(a.limited() && b.limited());
+        assert!(a.allow(0, 600));
+        assert!(!b.allow(0, 600));
+        assert!(b.allow(0, 400));
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //! the codec, the test plays the IO layer (binding "sockets" by handing out addresses).
 
 use super::*;
-use crate::proto::auth::{ephemeral_password, ephemeral_username, long_term_key, userhash};
+use crate::proto::auth::{
+    ephemeral_password, ephemeral_username, long_term_key, userhash, Credentials,
+};
+use crate::proto::policy::PeerPolicy;
 use crate::proto::quota::Quotas;
 
 const REALM: &str = "example.org";
@@ -37,12 +40,21 @@ fn config(quotas: Quotas, allow_loopback: bool) -> Arc<Shared> {
         (49152, 65535),
     );
     let cfg = CoreConfig {
-        credentials: Credentials::new(
-            REALM,
-            [("alice", "wonderland"), ("bob", "builder")],
-            [SECRET.to_owned()],
-        ),
-        policy,
+        tenants: {
+            let mut t = Tenants::single(
+                Credentials::new(
+                    REALM,
+                    [("alice", "wonderland"), ("bob", "builder")],
+                    [SECRET.to_owned()],
+                ),
+                policy,
+            );
+            t.list_mut()[0].quotas = Quotas {
+                total_allocations: None,
+                ..quotas.clone()
+            };
+            t
+        },
         default_lifetime: 600,
         max_lifetime: 3600,
         nonce_lifetime: 600,
@@ -51,7 +63,11 @@ fn config(quotas: Quotas, allow_loopback: bool) -> Arc<Shared> {
         relay_v6: false,
         software: Some("turnpike-test".into()),
     };
-    Arc::new(Shared::new(cfg, QuotaState::new(quotas), [9; 32]))
+    Arc::new(Shared::new(
+        cfg,
+        QuotaState::new(quotas.total_allocations),
+        [9; 32],
+    ))
 }
 
 impl Harness {
@@ -297,7 +313,7 @@ fn wrong_password_and_unknown_user_get_401_and_leave_no_state() {
         0,
         "no per-client state before authentication"
     );
-    let stats = h.core.take_stats();
+    let stats = h.core.take_stats().total();
     assert_eq!(stats.auth_failures[7], 1, "bad password");
     assert_eq!(stats.auth_failures[5], 1, "unknown user");
 }
@@ -474,7 +490,7 @@ fn denied_peers_get_403_and_are_counted() {
         peer_attr("8.8.8.8:53".parse().expect("a")),
     );
     assert_eq!(code(&h.send(&req, c.id).expect("reply")), None);
-    assert_eq!(h.core.take_stats().peer_denied, 5);
+    assert_eq!(h.core.take_stats().total().peer_denied, 5);
 }
 
 #[test]

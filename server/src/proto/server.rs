@@ -10,19 +10,20 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::{rngs::StdRng, RngCore, SeedableRng};
 use rustc_hash::FxHashMap;
 
-use super::auth::{AuthError, Authenticated, Credentials, Nonces, PASSWORD_ALGORITHMS};
-use super::policy::{normalize, PeerPolicy};
+use super::auth::{AuthError, Authenticated, Nonces, PASSWORD_ALGORITHMS};
+use super::policy::normalize;
 use super::quota::{QuotaError, QuotaState, TokenBucket, UserState};
 use super::stun::{
     self, attr, channel_data_header, method, Builder, Class, Message, TransactionId,
 };
+use super::tenant::{Tenant, Tenants, NO_TENANT};
 
 /// RFC 8656 §3.2 and §9: fixed permission and channel lifetimes.
 pub const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
@@ -37,8 +38,8 @@ const PROTO_TCP: u8 = 6;
 /// Settings the core needs; the IO layer builds it from the configuration.
 #[derive(Debug)]
 pub struct CoreConfig {
-    pub credentials: Credentials,
-    pub policy: PeerPolicy,
+    /// Credentials, quotas and peer policy, per tenant.
+    pub tenants: Tenants,
     /// LIFETIME given when a request names none (RFC: 600 s).
     pub default_lifetime: u32,
     /// Longest LIFETIME granted.
@@ -63,22 +64,44 @@ pub struct Shared {
     pub quotas: QuotaState,
     pub nonces: Nonces,
     draining: AtomicBool,
+    /// Tenant names by stable id (index); id 0 is requests no tenant claims. Only grows, by
+    /// the names configured, so it bounds the `tenant` metrics label.
+    tenant_names: std::sync::Mutex<Vec<String>>,
+    /// Bumped by each reload; shards then check their allocations against the new
+    /// configuration (revoked users, removed tenants).
+    generation: AtomicU64,
 }
 
 impl Shared {
-    pub fn new(config: CoreConfig, quotas: QuotaState, nonce_key: [u8; 32]) -> Self {
+    pub fn new(mut config: CoreConfig, quotas: QuotaState, nonce_key: [u8; 32]) -> Self {
         let nonces = Nonces::new(
             nonce_key,
             config.nonce_lifetime,
-            config.credentials.has_static_users(),
+            config.tenants.has_static_users(),
         );
+        let mut names = vec![NO_TENANT.to_owned()];
+        assign_tenant_ids(&mut config.tenants, &mut names);
         Shared {
             config: arc_swap::ArcSwap::from_pointee(config),
             tcp_conns: std::sync::Mutex::new(HashMap::new()),
             quotas,
             nonces,
             draining: AtomicBool::new(false),
+            tenant_names: std::sync::Mutex::new(names),
+            generation: AtomicU64::new(0),
         }
+    }
+
+    /// Tenant names by stable id, for metrics labels.
+    pub fn tenant_names(&self) -> Vec<String> {
+        self.tenant_names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// The current settings; `reload` replaces them between two requests.
@@ -86,9 +109,15 @@ impl Shared {
         self.config.load()
     }
 
-    /// Replaces credentials, policy and limits (SIGHUP); allocations keep relaying.
-    pub fn reload(&self, config: CoreConfig) {
+    /// Replaces credentials, policy and limits (SIGHUP); allocations keep relaying, except
+    /// those of revoked users and removed tenants, which each shard ends at its next tick.
+    pub fn reload(&self, mut config: CoreConfig) {
+        {
+            let mut names = self.tenant_names.lock().unwrap_or_else(|e| e.into_inner());
+            assign_tenant_ids(&mut config.tenants, &mut names);
+        }
         self.config.store(Arc::new(config));
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// From now on Allocate is refused with 508; existing allocations go on.
@@ -98,6 +127,19 @@ impl Shared {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// Gives each tenant the stable id of its name, registering new names.
+fn assign_tenant_ids(tenants: &mut Tenants, names: &mut Vec<String>) {
+    for t in tenants.list_mut() {
+        t.id = match names.iter().position(|n| *n == t.name) {
+            Some(i) => i as u32,
+            None => {
+                names.push(t.name.clone());
+                (names.len() - 1) as u32
+            }
+        };
     }
 }
 
@@ -207,21 +249,64 @@ pub struct RelayAddrs {
     pub v6: Option<SocketAddr>,
 }
 
-/// Counters the IO layer copies into metrics. Plain integers: one shard, no atomics.
+/// Counters of one tenant, which the IO layer copies into metrics with a `tenant` label.
+/// Plain integers: one shard, no atomics.
 #[derive(Debug, Default, Clone)]
-pub struct CoreStats {
+pub struct TenantStats {
     /// Indexed by [`method_index`] and [`result_index`].
     pub requests: [[u64; RESULTS.len()]; METHODS.len()],
     /// Indexed like [`AuthError::ALL`].
-    pub auth_failures: [u64; 8],
+    pub auth_failures: [u64; AuthError::ALL.len()],
     pub peer_denied: u64,
     pub allocations_created: u64,
     /// [client→peer, peer→client]
     pub relayed_packets: [u64; 2],
     pub relayed_bytes: [u64; 2],
+    pub quota_dropped: u64,
+}
+
+/// Counters the IO layer copies into metrics.
+#[derive(Debug, Default, Clone)]
+pub struct CoreStats {
+    /// By tenant id (see [`Shared::tenant_names`]); index 0 counts what no tenant claims.
+    pub tenants: Vec<TenantStats>,
     pub dropped_packets: u64,
     pub malformed: u64,
-    pub quota_dropped: u64,
+}
+
+impl CoreStats {
+    /// The counters of tenant `id`.
+    #[inline]
+    pub fn tenant(&mut self, id: u32) -> &mut TenantStats {
+        let i = id as usize;
+        if i >= self.tenants.len() {
+            self.tenants.resize_with(i + 1, TenantStats::default);
+        }
+        &mut self.tenants[i]
+    }
+
+    /// All tenants' counters added up.
+    pub fn total(&self) -> TenantStats {
+        let mut sum = TenantStats::default();
+        for t in &self.tenants {
+            for (row, trow) in sum.requests.iter_mut().zip(&t.requests) {
+                for (x, y) in row.iter_mut().zip(trow) {
+                    *x += y;
+                }
+            }
+            for (x, y) in sum.auth_failures.iter_mut().zip(&t.auth_failures) {
+                *x += y;
+            }
+            sum.peer_denied += t.peer_denied;
+            sum.allocations_created += t.allocations_created;
+            for d in 0..2 {
+                sum.relayed_packets[d] += t.relayed_packets[d];
+                sum.relayed_bytes[d] += t.relayed_bytes[d];
+            }
+            sum.quota_dropped += t.quota_dropped;
+        }
+        sum
+    }
 }
 
 pub const METHODS: [&str; 6] = [
@@ -298,6 +383,8 @@ struct Channel {
 #[derive(Debug)]
 struct Allocation {
     client: ClientId,
+    /// The tenant's stable id.
+    tenant: u32,
     username: String,
     user_id: String,
     user: Arc<UserState>,
@@ -356,6 +443,10 @@ pub struct Core {
     /// Which shard this core is, so RFC 6062 connection ids shared by all shards name
     /// their owner.
     shard: u32,
+    /// TLS SNI host names of stream clients that sent one.
+    hosts: FxHashMap<ClientId, Box<str>>,
+    /// The configuration generation last checked for revocations.
+    generation: u64,
 }
 
 impl Core {
@@ -366,6 +457,7 @@ impl Core {
     }
 
     pub fn new(shared: Arc<Shared>, clock: Clock, seed: [u8; 32]) -> Self {
+        let shared_generation = shared.generation();
         Core {
             shared,
             clock,
@@ -379,7 +471,13 @@ impl Core {
             out: Vec::with_capacity(1500),
             stats: CoreStats::default(),
             shard: 0,
+            hosts: FxHashMap::default(),
+            generation: shared_generation,
         }
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     /// The datagram to send after `Reply` or `DataIndication`.
@@ -459,12 +557,13 @@ impl Core {
             return ClientAction::None;
         };
         let peer = ch.peer;
+        let counters = self.stats.tenant(a.tenant);
         if !Self::within_bandwidth(a, &self.clock, now, len) {
-            self.stats.quota_dropped += 1;
+            counters.quota_dropped += 1;
             return ClientAction::None;
         }
-        self.stats.relayed_packets[0] += 1;
-        self.stats.relayed_bytes[0] += len as u64;
+        counters.relayed_packets[0] += 1;
+        counters.relayed_bytes[0] += len as u64;
         ClientAction::Relay {
             alloc: id,
             peer,
@@ -517,18 +616,19 @@ impl Core {
         if !a.has_permission(peer.ip(), now)
             || !a.family_ok(peer)
             || own.contains(&Some(peer))
-            || self.shared.config().policy.check(peer).is_err()
+            || !peer_allowed(&self.shared.config().tenants, a.tenant, peer)
         {
             self.stats.dropped_packets += 1;
             return ClientAction::None;
         }
+        let counters = self.stats.tenant(a.tenant);
         if !Self::within_bandwidth(a, &self.clock, now, data.len()) {
-            self.stats.quota_dropped += 1;
+            counters.quota_dropped += 1;
             return ClientAction::None;
         }
         let start = data.as_ptr() as usize - msg.raw().as_ptr() as usize;
-        self.stats.relayed_packets[0] += 1;
-        self.stats.relayed_bytes[0] += data.len() as u64;
+        counters.relayed_packets[0] += 1;
+        counters.relayed_bytes[0] += data.len() as u64;
         ClientAction::Relay {
             alloc: id,
             peer,
@@ -556,12 +656,13 @@ impl Core {
             self.stats.dropped_packets += 1;
             return PeerAction::Drop;
         }
+        let counters = self.stats.tenant(a.tenant);
         if !Self::within_bandwidth(a, &self.clock, now, len) {
-            self.stats.quota_dropped += 1;
+            counters.quota_dropped += 1;
             return PeerAction::Drop;
         }
-        self.stats.relayed_packets[1] += 1;
-        self.stats.relayed_bytes[1] += len as u64;
+        counters.relayed_packets[1] += 1;
+        counters.relayed_bytes[1] += len as u64;
         let client = a.client;
         if let Some(ch) = a
             .channels
@@ -589,14 +690,26 @@ impl Core {
         PeerAction::DataIndication { client }
     }
 
+    /// The tenant an unsigned request is counted against: the one its ORIGIN or SNI names,
+    /// else the default tenant, else none (0).
+    fn unclaimed(&self, msg: &Message<'_>, client: ClientId) -> u32 {
+        let host = self.hosts.get(&client).map(|h| &**h);
+        self.shared
+            .config()
+            .tenants
+            .named(msg.get_all(attr::ORIGIN), host)
+            .map_or(0, |t| t.id)
+    }
+
     fn request(&mut self, msg: &Message<'_>, client: ClientId, now: Instant) -> ClientAction {
         let m = msg.method();
         if m == method::BINDING {
+            let tenant = self.unclaimed(msg, client);
             if let Some(action) = self.unknown_attributes(msg) {
-                self.count(m, 420);
+                self.count(tenant, m, 420);
                 return action;
             }
-            self.count(m, 0);
+            self.count(tenant, m, 0);
             return self.binding(msg, client);
         }
         if !matches!(
@@ -608,7 +721,8 @@ impl Core {
                 | method::CONNECT
                 | method::CONNECTION_BIND
         ) {
-            self.count(m, 400);
+            let tenant = self.unclaimed(msg, client);
+            self.count(tenant, m, 400);
             self.error_unsigned(msg, 400);
             return ClientAction::Reply;
         }
@@ -619,15 +733,30 @@ impl Core {
             return ClientAction::Reply;
         }
         let unix = self.clock.unix(now);
-        let auth = match self.shared.config().credentials.authenticate(
-            msg,
-            &self.shared.nonces,
-            client.addr,
-            unix,
-        ) {
-            Ok(a) => a,
-            Err(e) => return self.auth_failure(msg, client, e, unix),
-        };
+        let config = self.shared.config();
+        let host = self.hosts.get(&client).map(|h| &**h);
+        let auth =
+            match config
+                .tenants
+                .authenticate(msg, &self.shared.nonces, client.addr, host, unix)
+            {
+                Ok(a) => a,
+                Err((tenant, e)) => {
+                    drop(config);
+                    return self.auth_failure(msg, client, tenant.unwrap_or(0), e, unix);
+                }
+            };
+        let revoked = config
+            .tenants
+            .get(auth.tenant)
+            .is_some_and(|t| t.is_revoked(&auth.user_id, &auth.username));
+        drop(config);
+        if revoked {
+            // Authenticated, so the refusal is signed and final: 403 (RFC 8656 §7.2 lists
+            // it for administrative refusals).
+            self.count_auth_failure(auth.tenant, AuthError::Revoked);
+            return self.finish(msg, client, &auth, Err(403), now);
+        }
         // Checked after authentication, so the 420 is signed and the client accepts it
         // (RFC 8489 §9.2.5).
         if unknown_required(msg).1 > 0 {
@@ -635,7 +764,10 @@ impl Core {
         }
         let existing = self.by_client.get(&client).copied();
         if let Some(id) = existing {
-            if self.slot(id).is_some_and(|a| a.username != auth.username) {
+            if self
+                .slot(id)
+                .is_some_and(|a| a.username != auth.username || a.tenant != auth.tenant)
+            {
                 return self.finish(msg, client, &auth, Err(441), now);
             }
         }
@@ -662,8 +794,14 @@ impl Core {
         self.finish(msg, client, &auth, result, now)
     }
 
-    fn count(&mut self, m: u16, code: u16) {
-        self.stats.requests[method_index(m)][result_index(code)] += 1;
+    fn count(&mut self, tenant: u32, m: u16, code: u16) {
+        self.stats.tenant(tenant).requests[method_index(m)][result_index(code)] += 1;
+    }
+
+    fn count_auth_failure(&mut self, tenant: u32, e: AuthError) {
+        if let Some(i) = AuthError::ALL.iter().position(|x| *x == e) {
+            self.stats.tenant(tenant).auth_failures[i] += 1;
+        }
     }
 
     /// 420 for comprehension-required attributes this server does not know (RFC 8489 §7.3.1).
@@ -715,14 +853,13 @@ impl Core {
         &mut self,
         msg: &Message<'_>,
         client: ClientId,
+        tenant: u32,
         e: AuthError,
         unix: u64,
     ) -> ClientAction {
         let code = e.code();
-        self.count(msg.method(), code);
-        if let Some(i) = AuthError::ALL.iter().position(|x| *x == e) {
-            self.stats.auth_failures[i] += 1;
-        }
+        self.count(tenant, msg.method(), code);
+        self.count_auth_failure(tenant, e);
         let mut nonce = [0u8; 37];
         let nonce = self.shared.nonces.issue(client.addr, unix, &mut nonce);
         let shared = &self.shared;
@@ -734,7 +871,12 @@ impl Core {
         );
         b.error(code, reason(code));
         if code != 400 {
-            b.attr(attr::REALM, shared.config().credentials.realm().as_bytes())
+            let config = shared.config();
+            let host = self.hosts.get(&client).map(|h| &**h);
+            let realm = config
+                .tenants
+                .challenge_realm(msg.get_all(attr::ORIGIN), host);
+            b.attr(attr::REALM, realm.as_bytes())
                 .attr(attr::NONCE, nonce)
                 .attr(attr::PASSWORD_ALGORITHMS, &PASSWORD_ALGORITHMS);
         }
@@ -767,7 +909,7 @@ impl Core {
         now: Instant,
     ) -> ClientAction {
         let code = result.err().unwrap_or(0);
-        self.count(msg.method(), code);
+        self.count(auth.tenant, msg.method(), code);
         let class = if code == 0 {
             Class::Success
         } else {
@@ -878,12 +1020,13 @@ impl Core {
             return Err(440);
         }
         let lifetime = self.lifetime(msg);
+        let tenant = config.tenants.get(auth.tenant).ok_or(403u16)?;
         let user = self
             .shared
             .quotas
-            .acquire(&auth.user_id)
+            .acquire(auth.tenant, &tenant.quotas, &auth.user_id)
             .map_err(|e| match e {
-                QuotaError::User => 486u16,
+                QuotaError::User | QuotaError::Tenant => 486u16,
                 QuotaError::Total => 508,
             })?;
         let new_token = reserve_next.then(|| {
@@ -933,9 +1076,15 @@ impl Core {
             }
         };
         let expires = now + Duration::from_secs(u64::from(p.lifetime));
-        let quotas = self.shared.quotas.quotas();
+        let bandwidth = self
+            .shared
+            .config()
+            .tenants
+            .get(p.auth.tenant)
+            .and_then(|t| t.quotas.allocation_bandwidth);
         self.slots[id.0 as usize] = Some(Allocation {
             client: p.client,
+            tenant: p.auth.tenant,
             username: p.auth.username.clone(),
             user_id: p.auth.user_id.clone(),
             user: p.user,
@@ -943,12 +1092,12 @@ impl Core {
             expires,
             permissions: Vec::new(),
             channels: Vec::new(),
-            bucket: quotas.allocation_bandwidth.map(TokenBucket::new),
+            bucket: bandwidth.map(TokenBucket::new),
             tcp: p.tcp,
         });
         self.by_client.insert(p.client, id);
-        self.stats.allocations_created += 1;
-        self.count(method::ALLOCATE, 0);
+        self.stats.tenant(p.auth.tenant).allocations_created += 1;
+        self.count(p.auth.tenant, method::ALLOCATE, 0);
         let shared = Arc::clone(&self.shared);
         let mut b = Builder::new(&mut self.out, Class::Success, method::ALLOCATE, p.tid);
         if let Some(a) = relayed.v4 {
@@ -972,8 +1121,10 @@ impl Core {
 
     /// Refuses a pending Allocate (no port free: 508; unknown reservation token: 508).
     pub fn fail_allocate(&mut self, p: PendingAllocate, code: u16, now: Instant) {
-        self.shared.quotas.release(&p.auth.user_id, &p.user);
-        self.count(method::ALLOCATE, code);
+        self.shared
+            .quotas
+            .release(p.auth.tenant, &p.auth.user_id, &p.user);
+        self.count(p.auth.tenant, method::ALLOCATE, code);
         let shared = Arc::clone(&self.shared);
         let mut b = Builder::new(&mut self.out, Class::Error, method::ALLOCATE, p.tid);
         b.error(code, reason(code));
@@ -1033,8 +1184,9 @@ impl Core {
         // cannot loop, because a relay socket never sends to a listening port (the policy
         // refuses those) and so never becomes anyone's client.
         let own = [alloc.relayed.v4, alloc.relayed.v6];
-        if own.contains(&Some(peer)) || self.shared.config().policy.check(peer).is_err() {
-            self.stats.peer_denied += 1;
+        let tenant = alloc.tenant;
+        if own.contains(&Some(peer)) || !peer_allowed(&self.shared.config().tenants, tenant, peer) {
+            self.stats.tenant(tenant).peer_denied += 1;
             return Err(403);
         }
         Ok(peer)
@@ -1142,14 +1294,20 @@ impl Core {
             return;
         };
         self.by_client.remove(&a.client);
-        self.shared.quotas.release(&a.user_id, &a.user);
+        self.shared.quotas.release(a.tenant, &a.user_id, &a.user);
         self.free_slots.push(id.0);
         self.forget_tcp_connections(|conn| conn.alloc == id);
         self.events.push_back(Event::Freed(id));
     }
 
+    /// Records the TLS SNI host name a stream client sent, which selects its tenant.
+    pub fn set_client_host(&mut self, client: ClientId, host: &str) {
+        self.hosts.insert(client, host.into());
+    }
+
     /// A stream client's connection closed: its allocation ends with it (RFC 8656 §2.1).
     pub fn close_client(&mut self, client: ClientId) {
+        self.hosts.remove(&client);
         if let Some(id) = self.by_client.get(&client).copied() {
             self.free(id);
         }
@@ -1171,8 +1329,37 @@ impl Core {
         self.slots.iter().flatten().map(|a| a.expires).min()
     }
 
-    /// Expires allocations, permissions, channels and cached responses.
+    /// After a reload: ends the allocations of revoked users and removed tenants.
+    fn apply_reload(&mut self) {
+        let generation = self.shared.generation();
+        if generation == self.generation {
+            return;
+        }
+        self.generation = generation;
+        let config = self.shared.config();
+        let ended: Vec<AllocId> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, slot)| {
+                let a = slot.as_ref()?;
+                let keep = config
+                    .tenants
+                    .get(a.tenant)
+                    .is_some_and(|t| !t.is_revoked(&a.user_id, &a.username));
+                (!keep).then_some(AllocId(i as u32))
+            })
+            .collect();
+        drop(config);
+        for id in ended {
+            self.free(id);
+        }
+    }
+
+    /// Expires allocations, permissions, channels and cached responses, and applies a
+    /// reload's revocations.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.apply_reload();
         for i in 0..self.slots.len() {
             let expired = match &mut self.slots[i] {
                 None => false,
@@ -1221,6 +1408,14 @@ fn unknown_required(msg: &Message<'_>) -> ([u16; 8], usize) {
 
 /// ADDRESS-ERROR-CODE (RFC 8656 §18.13) for a refused IPv6 additional family: 440.
 const ADDRESS_ERROR_V6: [u8; 32] = *b"\x02\x00\x04\x28Address Family not Supported";
+
+/// Whether tenant `id`'s policy lets its allocations reach `peer`; a tenant removed by a
+/// reload reaches nothing.
+fn peer_allowed(tenants: &Tenants, id: u32, peer: SocketAddr) -> bool {
+    tenants
+        .get(id)
+        .is_some_and(|t: &Tenant| t.policy.check(peer).is_ok())
+}
 
 /// Adds SOFTWARE, the integrity the request used, and FINGERPRINT.
 fn sign(b: &mut Builder<'_>, shared: &Shared, auth: &Authenticated) {

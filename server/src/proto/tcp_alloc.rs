@@ -107,7 +107,7 @@ impl Core {
         };
         let shared = Arc::clone(&self.shared);
         let code = if connected { 0 } else { 447 };
-        self.count(method::CONNECT, code);
+        self.count(auth.tenant, method::CONNECT, code);
         let class = if connected {
             Class::Success
         } else {

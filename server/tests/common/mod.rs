@@ -191,16 +191,11 @@ impl Relay {
         http_get(self.metrics, path)
     }
 
-    /// The value of one metric line (`name{labels}` exactly as exposed), 0 when absent.
+    /// The sum of the series `name{labels}` selects: every line of that metric whose labels
+    /// include the given ones (so `x{direction="a"}` adds up all tenants); 0 when absent.
     pub fn metric(&self, series: &str) -> f64 {
         let (_, body) = self.http_get("/metrics");
-        body.lines()
-            .find_map(|l| {
-                l.strip_prefix(series)
-                    .and_then(|rest| rest.strip_prefix(' '))
-            })
-            .map(|v| v.trim().parse().expect("number"))
-            .unwrap_or(0.0)
+        sum_series(&body, series)
     }
 
     /// Polls `/metrics` until `series` reaches `at_least` (up to 10 s); returns the value.
@@ -230,6 +225,36 @@ impl Drop for Relay {
             let _ = c.wait();
         }
     }
+}
+
+/// `name{a="x",b="y"}` → the name and its label pairs.
+fn split_series(s: &str) -> (&str, Vec<&str>) {
+    match s.split_once('{') {
+        None => (s, Vec::new()),
+        Some((name, rest)) => (
+            name,
+            rest.trim_end_matches('}')
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .collect(),
+        ),
+    }
+}
+
+/// Adds up the exposition lines of `series`' metric that carry all its labels.
+pub fn sum_series(exposition: &str, series: &str) -> f64 {
+    let (name, want) = split_series(series);
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(s, _)| {
+            let (n, labels) = split_series(s);
+            n == name && want.iter().all(|w| labels.contains(w))
+        })
+        .map(|(_, v)| v.trim().parse::<f64>().expect("number"))
+        .sum()
 }
 
 /// A minimal HTTP/1.0 GET for the metrics endpoint.
@@ -272,6 +297,10 @@ pub struct RawClient {
     pub username: String,
     pub password: String,
     pub nonce: Vec<u8>,
+    /// The realm to sign with: learned from the relay's 401, as real clients do.
+    pub realm: String,
+    /// An ORIGIN attribute sent with every request (it selects a tenant).
+    pub origin: Option<String>,
     next: u32,
 }
 
@@ -309,6 +338,8 @@ impl RawClient {
             username: username.to_owned(),
             password: password.to_owned(),
             nonce: Vec::new(),
+            realm: REALM.to_owned(),
+            origin: None,
             next: 0,
         }
     }
@@ -349,10 +380,14 @@ impl RawClient {
         let mut buf = Vec::new();
         let mut b = Builder::new(&mut buf, Class::Request, m, tid);
         extra(&mut b);
+        if let Some(o) = &self.origin {
+            b.attr(attr::ORIGIN, o.as_bytes());
+        }
         if !self.nonce.is_empty() {
-            let key = turnpike::proto::auth::long_term_key(&self.username, REALM, &self.password);
+            let key =
+                turnpike::proto::auth::long_term_key(&self.username, &self.realm, &self.password);
             b.attr(attr::USERNAME, self.username.as_bytes())
-                .attr(attr::REALM, REALM.as_bytes())
+                .attr(attr::REALM, self.realm.as_bytes())
                 .attr(attr::NONCE, &self.nonce)
                 .integrity_sha1(&key);
         }
@@ -368,6 +403,9 @@ impl RawClient {
             _ => return false,
         }
         self.nonce = r.msg().get(attr::NONCE).expect("nonce").to_vec();
+        if let Some(realm) = r.msg().get(attr::REALM) {
+            self.realm = String::from_utf8_lossy(realm).into_owned();
+        }
         true
     }
 
