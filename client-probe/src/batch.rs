@@ -1,184 +1,14 @@
-//! Batched UDP system calls for the load generator: `recvmmsg` and `sendmmsg` move up to
-//! [`BATCH`] datagrams per call, so the generator spends its CPU on the relay's traffic rather
-//! than on one system call per packet.
+//! Batched UDP system calls for the load generator: `recvmmsg` (the relay's own
+//! [`RecvBatch`]) and `sendmmsg` move up to [`BATCH`] datagrams per call, so the generator
+//! spends its CPU on the relay's traffic rather than on one system call per packet.
 
 use std::io;
-use std::mem::{size_of, zeroed};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::mem::zeroed;
+use std::net::SocketAddr;
 use std::os::fd::RawFd;
 
-/// Datagrams per system call.
-pub const BATCH: usize = 64;
-
-/// A socket address in the C layout `sendmmsg` and `recvmmsg` take.
-#[derive(Clone, Copy)]
-struct RawAddr {
-    storage: libc::sockaddr_storage,
-    len: libc::socklen_t,
-}
-
-impl RawAddr {
-    fn empty() -> RawAddr {
-        RawAddr {
-            // SAFETY: sockaddr_storage is plain data; all zeroes is a valid (AF_UNSPEC) value.
-            storage: unsafe { zeroed() },
-            len: size_of::<libc::sockaddr_storage>() as libc::socklen_t,
-        }
-    }
-
-    fn from_socket(addr: SocketAddr) -> RawAddr {
-        let mut raw = RawAddr::empty();
-        match addr {
-            SocketAddr::V4(a) => {
-                let sin = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as libc::sa_family_t,
-                    sin_port: a.port().to_be(),
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from_ne_bytes(a.ip().octets()),
-                    },
-                    sin_zero: [0; 8],
-                };
-                // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-                unsafe {
-                    std::ptr::write(
-                        (&mut raw.storage as *mut libc::sockaddr_storage).cast(),
-                        sin,
-                    )
-                };
-                raw.len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            }
-            SocketAddr::V6(a) => {
-                let sin6 = libc::sockaddr_in6 {
-                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                    sin6_port: a.port().to_be(),
-                    sin6_flowinfo: a.flowinfo(),
-                    sin6_addr: libc::in6_addr {
-                        s6_addr: a.ip().octets(),
-                    },
-                    sin6_scope_id: a.scope_id(),
-                };
-                // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-                unsafe {
-                    std::ptr::write(
-                        (&mut raw.storage as *mut libc::sockaddr_storage).cast(),
-                        sin6,
-                    )
-                };
-                raw.len = size_of::<libc::sockaddr_in6>() as libc::socklen_t;
-            }
-        }
-        raw
-    }
-
-    fn socket_addr(&self) -> Option<SocketAddr> {
-        match i32::from(self.storage.ss_family) {
-            libc::AF_INET => {
-                // SAFETY: the kernel wrote a sockaddr_in for AF_INET.
-                let sin: libc::sockaddr_in = unsafe {
-                    std::ptr::read((&self.storage as *const libc::sockaddr_storage).cast())
-                };
-                Some(SocketAddr::V4(SocketAddrV4::new(
-                    Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()),
-                    u16::from_be(sin.sin_port),
-                )))
-            }
-            libc::AF_INET6 => {
-                // SAFETY: the kernel wrote a sockaddr_in6 for AF_INET6.
-                let sin6: libc::sockaddr_in6 = unsafe {
-                    std::ptr::read((&self.storage as *const libc::sockaddr_storage).cast())
-                };
-                Some(SocketAddr::V6(SocketAddrV6::new(
-                    Ipv6Addr::from(sin6.sin6_addr.s6_addr),
-                    u16::from_be(sin6.sin6_port),
-                    sin6.sin6_flowinfo,
-                    sin6.sin6_scope_id,
-                )))
-            }
-            _ => None,
-        }
-    }
-}
-
-/// Receive buffers for one `recvmmsg` call: [`BATCH`] slots of `slot` bytes each.
-pub struct RecvBatch {
-    buf: Vec<u8>,
-    slot: usize,
-    lens: [usize; BATCH],
-    addrs: [RawAddr; BATCH],
-    n: usize,
-}
-
-impl RecvBatch {
-    pub fn new(slot: usize) -> RecvBatch {
-        RecvBatch {
-            buf: vec![0u8; slot * BATCH],
-            slot,
-            lens: [0; BATCH],
-            addrs: [RawAddr::empty(); BATCH],
-            n: 0,
-        }
-    }
-
-    /// Reads up to [`BATCH`] datagrams from a non-blocking socket: `WouldBlock` when none is
-    /// waiting. Datagrams longer than a slot are truncated.
-    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
-        let mut iov: [libc::iovec; BATCH] =
-            // SAFETY: iovec is plain data; every entry used is filled in below.
-            unsafe { zeroed() };
-        // SAFETY: as above for mmsghdr.
-        let mut msgs: [libc::mmsghdr; BATCH] = unsafe { zeroed() };
-        for i in 0..BATCH {
-            self.addrs[i] = RawAddr::empty();
-            iov[i].iov_base = self.buf[i * self.slot..].as_mut_ptr().cast();
-            iov[i].iov_len = self.slot;
-            msgs[i].msg_hdr.msg_iov = &mut iov[i];
-            msgs[i].msg_hdr.msg_iovlen = 1;
-            msgs[i].msg_hdr.msg_name =
-                (&mut self.addrs[i].storage as *mut libc::sockaddr_storage).cast();
-            msgs[i].msg_hdr.msg_namelen = self.addrs[i].len;
-        }
-        // SAFETY: every mmsghdr points at a live iovec over a distinct `slot`-byte region of
-        // `self.buf` and at a distinct sockaddr_storage, all outliving the call.
-        let n = unsafe {
-            libc::recvmmsg(
-                fd,
-                msgs.as_mut_ptr(),
-                BATCH as libc::c_uint,
-                libc::MSG_DONTWAIT,
-                std::ptr::null_mut(),
-            )
-        };
-        if n < 0 {
-            self.n = 0;
-            return Err(io::Error::last_os_error());
-        }
-        self.n = n as usize;
-        for (i, m) in msgs.iter().enumerate().take(self.n) {
-            self.lens[i] = (m.msg_len as usize).min(self.slot);
-            self.addrs[i].len = m.msg_hdr.msg_namelen;
-        }
-        Ok(self.n)
-    }
-
-    pub fn len(&self) -> usize {
-        self.n
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.n == 0
-    }
-
-    /// Datagram `i` of the last call, writable (an echo rewrites it in place).
-    pub fn datagram_mut(&mut self, i: usize) -> &mut [u8] {
-        let start = i * self.slot;
-        &mut self.buf[start..start + self.lens[i]]
-    }
-
-    /// The sender of datagram `i` (None on a connected socket that reports none).
-    pub fn source(&self, i: usize) -> Option<SocketAddr> {
-        self.addrs[i].socket_addr()
-    }
-}
+use turnpike::io::batch::RawAddr;
+pub use turnpike::io::batch::{RecvBatch, BATCH};
 
 /// Datagrams queued for one `sendmmsg` call, each with an optional destination.
 pub struct SendBatch {
@@ -219,7 +49,7 @@ impl SendBatch {
         let start = self.buf.len();
         write(&mut self.buf);
         self.ranges.push((start, self.buf.len()));
-        self.addrs.push(to.map(RawAddr::from_socket));
+        self.addrs.push(to.map(RawAddr::new));
     }
 
     /// Sends every queued datagram. Returns how many the kernel took; the rest are dropped
@@ -243,9 +73,7 @@ impl SendBatch {
                 msgs[i].msg_hdr.msg_iov = &mut iov[i];
                 msgs[i].msg_hdr.msg_iovlen = 1;
                 if let Some(a) = &mut self.addrs[done + i] {
-                    msgs[i].msg_hdr.msg_name =
-                        (&mut a.storage as *mut libc::sockaddr_storage).cast();
-                    msgs[i].msg_hdr.msg_namelen = a.len;
+                    (msgs[i].msg_hdr.msg_name, msgs[i].msg_hdr.msg_namelen) = a.as_mut_parts();
                 }
             }
             // SAFETY: each mmsghdr points at a live iovec over a range of `self.buf` and, when
@@ -295,7 +123,7 @@ mod tests {
                 Ok(n) => {
                     for i in 0..n {
                         assert_eq!(batch.source(i), a.local_addr().ok());
-                        got.push(batch.datagram_mut(i).to_vec());
+                        got.push(batch.payload(i).to_vec());
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock && got.len() == 10 => break,

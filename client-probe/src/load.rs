@@ -526,15 +526,27 @@ async fn allocate_all(
             } else {
                 opts.relay
             };
-            let conn = connect(&opts, to, tls.as_ref()).await?;
-            let mut client = TurnClient::new(conn, &opts.username, &opts.password);
-            let relayed = if raw {
-                to
-            } else {
-                client.allocate(opts.timeout).await?.0
-            };
-            bar.inc(1);
-            Ok::<_, Failure>((client, relayed))
+            // 437: the relay still holds an allocation for this 5-tuple (one an earlier run
+            // left behind); like any client, try again from another local port.
+            let mut attempts = 0;
+            loop {
+                let conn = connect(&opts, to, tls.as_ref()).await?;
+                let mut client = TurnClient::new(conn, &opts.username, &opts.password);
+                let relayed = if raw {
+                    to
+                } else {
+                    match client.allocate(opts.timeout).await {
+                        Ok((relayed, _)) => relayed,
+                        Err(Failure::Status(437, _)) if attempts < 3 => {
+                            attempts += 1;
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                };
+                bar.inc(1);
+                return Ok::<_, Failure>((client, relayed));
+            }
         }));
     }
     let mut out = Vec::with_capacity(tasks.len());
@@ -554,10 +566,19 @@ async fn allocate_all(
             }
         }
     }
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(out),
-    }
+    let Some(e) = first_error else {
+        return Ok(out);
+    };
+    // Give back what was allocated, so a failed run leaves nothing held on the relay.
+    let releases = out.into_iter().map(|(mut client, _)| async move {
+        client.release().await;
+    });
+    let _ = tokio::time::timeout(
+        Duration::from_secs(3),
+        futures_util::future::join_all(releases),
+    )
+    .await;
+    Err(e)
 }
 
 type Bound = (Conn, Vec<u8>, Framing, Option<Keepalive>);

@@ -240,7 +240,7 @@ pub async fn run_udp(
                         Ok(n) => {
                             let mut resend = false;
                             for i in 0..n {
-                                let d = inbox.datagram_mut(i);
+                                let d = inbox.payload_mut(i);
                                 match plan.framing.unwrap(d) {
                                     Incoming::Payload(p) => on_payload(&plan, &shared, &mut t, p, &mut |p| {
                                         out.push_with(None, |o| write_echo(&plan, p, o));
@@ -515,7 +515,7 @@ pub async fn run_peer(sock: UdpSocket, size: usize, mut stop: tokio::sync::watch
                         Ok(n) => {
                             for i in 0..n {
                                 let from = inbox.source(i);
-                                let d = inbox.datagram_mut(i);
+                                let d = inbox.payload_mut(i);
                                 set_echo(d);
                                 out.push_with(from, |o| o.extend_from_slice(d));
                             }
