@@ -152,7 +152,7 @@ fn tick_period(rate: f64) -> Duration {
     if rate <= 0.0 {
         return Duration::from_secs(3600);
     }
-    Duration::from_secs_f64((1.0 / rate).clamp(0.001, 0.1))
+    Duration::from_secs_f64((1.0 / rate).clamp(0.001, 1.0))
 }
 
 /// Handles one payload: an echo of ours is measured; a probe from the other client (c2c) is

@@ -5,7 +5,9 @@
 //! packets/s) put 94% of their samples in the kernel (sendto/recvfrom, routing, socket
 //! wake-ups) and 6% in the relay's own code. A bare forwarder with one recv and one send per
 //! datagram spends 5.3-6.3 us per datagram here, as much as coturn; the same forwarder with
-//! `recvmmsg` and one GSO send per batch spends 2.75-3.0 us. So:
+//! `recvmmsg` and one GSO send per batch spends 2.75-3.0 us. With this module the relay's CPU
+//! per million relayed datagrams under `turnutils_uclient -y -m 20 -n 3000` fell from 4.92 s
+//! to 2.5 s (coturn: 5.6-6.2 s); see BENCHMARKS.md. So:
 //!
 //! - [`RecvBatch`] reads up to [`BATCH`] datagrams per `recvmmsg`, each at an offset of
 //!   [`HEADROOM`] bytes so a ChannelData header can be written in front without a copy.
