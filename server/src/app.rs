@@ -14,9 +14,10 @@ use crate::metrics::{self, Metrics};
 use crate::proto::auth::{ephemeral_password, ephemeral_username, Credentials};
 use crate::proto::policy::PeerPolicy;
 use crate::proto::quota::QuotaState;
-use crate::proto::tenant::{Tenant, Tenants};
+use crate::proto::tenant::{Tenant, Tenants, DEFAULT_TENANT};
 use crate::proto::{CoreConfig, Shared};
 use crate::service::CredentialService;
+use crate::testpage::TestPage;
 use crate::Error;
 
 pub fn init_logging(format: LogFormat) {
@@ -59,6 +60,9 @@ fn core_config(
                 [&settings.allow_peer[..], &t.allow_peer[..]].concat(),
                 [&settings.deny_peer[..], &t.deny_peer[..]].concat(),
             );
+            if t.relay_only {
+                policy = policy.relay_only();
+            }
             policy.set_own_addresses(bound.to_vec(), own_ips.clone(), plan.ports);
             let credentials = Credentials::new(
                 &t.realm,
@@ -70,6 +74,7 @@ fn core_config(
             tenant.hostnames = t.hostnames.clone();
             tenant.quotas = t.quotas.clone();
             tenant.revoked = t.revoked.iter().cloned().collect();
+            tenant.max_lifetime = t.max_lifetime;
             tenant
         })
         .collect();
@@ -137,7 +142,10 @@ impl Reloader<'_> {
     /// Re-reads the configuration and certificates; on any error the running configuration
     /// stays. Existing allocations keep relaying either way.
     fn reload(&mut self, why: &str) {
-        self.files = watched(self.cli, &self.current);
+        // The files' times before reading them: an edit made while this reload reads them
+        // triggers the next one.
+        let before = watched(self.cli, &self.current);
+        self.files = before.clone();
         let mut next = match Settings::load(self.cli) {
             Ok(s) => s,
             Err(e) => {
@@ -148,7 +156,15 @@ impl Reloader<'_> {
         if next.generated_secret {
             // Keep the secret generated at start, so the printed credential stays valid.
             next.secrets = self.current.secrets.clone();
-            next.tenants = self.current.tenants.clone();
+            if let Some(t) = next.tenants.iter_mut().find(|t| t.name == DEFAULT_TENANT) {
+                t.secrets = next.secrets.clone();
+            }
+        }
+        // The test page's secret is made at start: keep it, so issued credentials stay valid.
+        for t in next.tenants.iter_mut().filter(|t| t.relay_only) {
+            if let Some(old) = self.current.tenants.iter().find(|o| o.name == t.name) {
+                t.secrets = old.secrets.clone();
+            }
         }
         let tls = match tls_of(&next) {
             Ok(t) => t,
@@ -180,7 +196,14 @@ impl Reloader<'_> {
             deny_peer = next.deny_peer.len(),
             "configuration reloaded"
         );
-        self.files = watched(self.cli, &next);
+        let paths =
+            |f: &[(PathBuf, Option<SystemTime>)]| f.iter().map(|x| x.0.clone()).collect::<Vec<_>>();
+        let after = watched(self.cli, &next);
+        self.files = if paths(&after) == paths(&before) {
+            before
+        } else {
+            after
+        };
         self.current = next;
     }
 }
@@ -236,6 +259,19 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
             ""
         };
         tracing::info!("listening on {}://{}{proxy}", l.transport.scheme(), l.addr);
+        if settings.test_page.is_some() && l.transport == crate::config::Transport::Tls {
+            tracing::info!("network test page on https://{}/test", l.addr);
+        }
+    }
+    if settings.test_page.is_some()
+        && !settings
+            .listen
+            .iter()
+            .any(|l| l.transport == crate::config::Transport::Tls)
+    {
+        tracing::warn!(
+            "test_page is enabled but no tls:// listener serves it over HTTPS (plain HTTP on tcp:// listeners cannot test camera and microphone)"
+        );
     }
     for a in echo_sockets.udp_addrs() {
         tracing::info!("listening on echo-udp://{a}");
@@ -277,6 +313,16 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
         print_credential(&settings, &bound_listeners);
     }
     let credentials = Arc::new(CredentialService::new(&settings, &bound_listeners));
+    let test_page = settings.test_page.clone().map(|t| {
+        Arc::new(TestPage::new(
+            t,
+            Arc::clone(&credentials),
+            plan.ports,
+            settings.echo.websocket,
+            settings.echo.long_poll_max_secs > 0,
+        ))
+        .routes()
+    });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let reservations = io::new_reservations();
@@ -294,7 +340,8 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
             settings.https_metrics,
         )
         .merge(echo_routes.clone())
-        .merge(Arc::clone(&credentials).routes()),
+        .merge(Arc::clone(&credentials).routes())
+        .merge(test_page.unwrap_or_default()),
     });
     let mut per_shard: Vec<(Vec<_>, Vec<_>)> =
         (0..shards).map(|_| (Vec::new(), Vec::new())).collect();

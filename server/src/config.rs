@@ -157,6 +157,75 @@ pub struct FileConfig {
     /// `[[tenant]]` tables.
     #[serde(default)]
     pub tenant: Vec<tenant::TenantConfig>,
+    #[serde(default)]
+    pub test_page: TestPageConfig,
+}
+
+/// `[test_page]`: the browser network test at `/test`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestPageConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default = "default_test_ttl")]
+    pub ttl_secs: u64,
+    #[serde(default = "default_test_allocations")]
+    pub allocations: u32,
+    #[serde(default = "default_test_bps")]
+    pub bytes_per_sec: u64,
+    #[serde(default = "default_min_mbps")]
+    pub min_mbps: f64,
+    #[serde(default)]
+    pub ice_urls: Vec<String>,
+    #[serde(default)]
+    pub regions: Vec<RegionConfig>,
+}
+
+impl Default for TestPageConfig {
+    fn default() -> Self {
+        TestPageConfig {
+            enabled: false,
+            ttl_secs: default_test_ttl(),
+            allocations: default_test_allocations(),
+            bytes_per_sec: default_test_bps(),
+            min_mbps: default_min_mbps(),
+            ice_urls: Vec::new(),
+            regions: Vec::new(),
+        }
+    }
+}
+
+/// One `[[test_page.regions]]`: another relay of the deployment, whose distance the page
+/// measures.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionConfig {
+    pub name: String,
+    /// Its HTTPS base URL, e.g. `https://relay-eu.example.org`.
+    pub url: String,
+}
+
+fn default_test_ttl() -> u64 {
+    300
+}
+fn default_test_allocations() -> u32 {
+    64
+}
+fn default_test_bps() -> u64 {
+    4_000_000
+}
+fn default_min_mbps() -> f64 {
+    6.0
+}
+
+/// The browser test page, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TestPageSettings {
+    pub ttl_secs: u64,
+    pub min_mbps: f64,
+    /// TURN URLs the page tests; empty: one per listener.
+    pub ice_urls: Vec<String>,
+    pub regions: Vec<RegionConfig>,
 }
 
 /// `[echo]`: the echo services, all off unless configured.
@@ -476,6 +545,8 @@ pub struct Settings {
     pub tenants: Vec<TenantSettings>,
     /// `auth.revoked_file`, already applied to `tenants`.
     pub revoked_file: Option<PathBuf>,
+    /// `[test_page]` when enabled; its tenant is in `tenants`.
+    pub test_page: Option<TestPageSettings>,
     pub source: String,
 }
 
@@ -693,6 +764,8 @@ impl Settings {
                 },
                 allow_peer: Vec::new(),
                 deny_peer: Vec::new(),
+                relay_only: false,
+                max_lifetime: None,
             });
         } else if !f.auth.api_keys.is_empty() || !f.auth.revoked.is_empty() {
             return Err(file_err(
@@ -701,6 +774,31 @@ impl Settings {
             ));
         }
         tenants.extend(tenant::resolve(&f.tenant, &realm, &quotas, &file_err)?);
+        // One secret in two tenants would let the first tenant's search claim the other's
+        // credentials in the default realm.
+        for (i, t) in tenants.iter().enumerate() {
+            let shared = t
+                .secrets
+                .iter()
+                .any(|s| tenants[..i].iter().any(|o| o.secrets.contains(s)));
+            if shared {
+                let key = match f.tenant.iter().position(|c| c.name == t.name) {
+                    Some(n) => format!("tenant[{n}].secrets"),
+                    None => "auth.secrets".to_owned(),
+                };
+                return Err(file_err(
+                    &key,
+                    "a secret of another tenant: each tenant needs its own".into(),
+                ));
+            }
+        }
+        let test_page = if f.test_page.enabled {
+            let (page, t) = tenant::test_page(&f.test_page, &realm, &file_err)?;
+            tenants.push(t);
+            Some(page)
+        } else {
+            None
+        };
         if let Some(path) = &f.auth.revoked_file {
             for (t, user) in read_revocations(path, &tenants)? {
                 if let Some(t) = tenants.iter_mut().find(|x| x.name == t) {
@@ -769,6 +867,7 @@ impl Settings {
             generated_secret,
             tenants,
             revoked_file: f.auth.revoked_file,
+            test_page,
             source,
         })
     }

@@ -15,5 +15,6 @@ pub mod io;
 pub mod metrics;
 pub mod proto;
 pub mod service;
+pub mod testpage;
 
 pub use error::Error;

@@ -432,7 +432,7 @@ allow = ["127.0.0.0/8"]
     loop {
         let (code, body) = try_http_get(metrics_addr, "/metrics").expect("metrics");
         assert_eq!(code, 200);
-        if body.lines().any(|l| l == "turnpike_allocations_total 3") {
+        if common::sum_series(&body, "turnpike_allocations_total") == 3.0 {
             break;
         }
         assert!(

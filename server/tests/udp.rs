@@ -207,14 +207,22 @@ async fn turn_crate_round_trip(relay: &Relay, user: &str, pass: &str) -> Result<
     let peer_addr = peer.local_addr().map_err(|e| e.to_string())?;
     for i in 0..20u8 {
         let payload = [i; 100];
-        conn.send_to(&payload, peer_addr)
-            .await
-            .map_err(|e| e.to_string())?;
         let mut buf = [0u8; 200];
-        let (n, from) = tokio::time::timeout(Duration::from_secs(3), peer.recv_from(&mut buf))
-            .await
-            .map_err(|_| format!("peer got nothing (packet {i})"))?
-            .map_err(|e| e.to_string())?;
+        // Resent (bounded) if lost: UDP on a loaded machine may drop, and the turn crate's
+        // first Send can race its own CreatePermission.
+        let mut got = None;
+        for _ in 0..3 {
+            conn.send_to(&payload, peer_addr)
+                .await
+                .map_err(|e| e.to_string())?;
+            if let Ok(r) =
+                tokio::time::timeout(Duration::from_secs(1), peer.recv_from(&mut buf)).await
+            {
+                got = Some(r.map_err(|e| e.to_string())?);
+                break;
+            }
+        }
+        let (n, from) = got.ok_or_else(|| format!("peer got nothing (packet {i})"))?;
         assert_eq!((&buf[..n], from), (&payload[..], relayed));
         peer.send_to(&[i ^ 0xff; 50], relayed)
             .await

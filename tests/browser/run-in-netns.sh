@@ -7,6 +7,9 @@
 set -euo pipefail
 bin=$1 cert=$2 key=$3
 here=$(cd "$(dirname "$0")" && pwd)
+# No IPv6 here: its addresses would appear a moment after the links come up, and Chromium
+# aborts a page load when the network changes under it (ERR_NETWORK_CHANGED).
+sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 || true
 ip link set lo up
 ip link add v0 type veth peer name v1
 ip addr add 10.99.0.1/24 dev v0

@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 
 use super::{parse_all, parse_net, PeerConfig, Secret, UserConfig};
 use crate::proto::quota::Quotas;
-use crate::proto::tenant::{DEFAULT_TENANT, NO_TENANT};
+use crate::proto::tenant::{DEFAULT_TENANT, NO_TENANT, TEST_PAGE_TENANT};
 use crate::Error;
 
 /// Longest TTL a credential service answer may carry unless configured (coturn's REST API
@@ -122,6 +122,11 @@ pub struct TenantSettings {
     /// Added to the relay's `[peer]` lists.
     pub allow_peer: Vec<IpNet>,
     pub deny_peer: Vec<IpNet>,
+    /// Allocations may reach only their own session's other allocations on this relay (the
+    /// test page's tenant).
+    pub relay_only: bool,
+    /// Longest allocation lifetime, below the relay's.
+    pub max_lifetime: Option<u32>,
 }
 
 type ErrAt<'a> = &'a dyn Fn(&str, String) -> Error;
@@ -213,7 +218,7 @@ pub(super) fn resolve(
                 format!("{:?}: 1-64 letters, digits, '-', '_' or '.'", t.name),
             ));
         }
-        if t.name == DEFAULT_TENANT || t.name == NO_TENANT {
+        if [DEFAULT_TENANT, NO_TENANT, TEST_PAGE_TENANT].contains(&t.name.as_str()) {
             return Err(e(
                 "name",
                 format!(
@@ -303,9 +308,85 @@ pub(super) fn resolve(
             quotas,
             allow_peer: parse_all(&t.peer.allow, parse_net).map_err(|r| e("peer.allow", r))?,
             deny_peer: parse_all(&t.peer.deny, parse_net).map_err(|r| e("peer.deny", r))?,
+            relay_only: false,
+            max_lifetime: None,
         });
     }
     Ok(out)
+}
+
+/// `[test_page]`: its settings, and the tenant its credentials belong to: a secret made at
+/// start, small quotas, a short lifetime, and peers limited to this relay's own allocations,
+/// so that a published page gives no one a relay.
+pub(super) fn test_page(
+    c: &super::TestPageConfig,
+    realm: &str,
+    err: ErrAt,
+) -> Result<(super::TestPageSettings, TenantSettings), Error> {
+    if c.ttl_secs == 0 || c.ttl_secs > 3600 {
+        return Err(err(
+            "test_page.ttl_secs",
+            "must be between 1 and 3600".into(),
+        ));
+    }
+    if c.allocations == 0 {
+        return Err(err("test_page.allocations", "must be above 0".into()));
+    }
+    if c.min_mbps.is_nan() || c.min_mbps < 0.0 {
+        return Err(err("test_page.min_mbps", "must be 0 or more".into()));
+    }
+    for (i, r) in c.regions.iter().enumerate() {
+        let ok = !r.name.is_empty()
+            && r.url.starts_with("https://")
+            && !r.url[8..].is_empty()
+            && !r.url[8..].contains(['/', '"', '\'', ' ']);
+        if !ok {
+            return Err(err(
+                &format!("test_page.regions[{i}]"),
+                format!(
+                    "{:?}: needs a name and a url https://HOST[:PORT] (no path)",
+                    r.url
+                ),
+            ));
+        }
+    }
+    let mut secret = [0u8; 24];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
+    let tenant = TenantSettings {
+        name: TEST_PAGE_TENANT.to_owned(),
+        realm: format!("{TEST_PAGE_TENANT}.{realm}"),
+        hostnames: Vec::new(),
+        origins: Vec::new(),
+        users: Vec::new(),
+        secrets: vec![Secret(secret.iter().map(|b| format!("{b:02x}")).collect())],
+        api_keys: Vec::new(),
+        revoked: Vec::new(),
+        credential_ttl: c.ttl_secs,
+        credential_max_ttl: c.ttl_secs,
+        ice_urls: ice_urls(&c.ice_urls, "test_page.ice_urls", err)?,
+        quotas: Quotas {
+            total_allocations: Some(c.allocations),
+            // A test holds two allocations per path; its user id is the visitor's address, so
+            // one source holds at most this many.
+            user_allocations: Some(8),
+            allocation_bandwidth: (c.bytes_per_sec != 0).then_some(c.bytes_per_sec),
+            user_bandwidth: None,
+            // A few tests at full speed at once, not `allocations` of them.
+            tenant_bandwidth: (c.bytes_per_sec != 0).then_some(c.bytes_per_sec.saturating_mul(4)),
+        },
+        allow_peer: Vec::new(),
+        deny_peer: Vec::new(),
+        relay_only: true,
+        // Allocations do not outlive the credentials.
+        max_lifetime: Some(c.ttl_secs as u32),
+    };
+    let page = super::TestPageSettings {
+        ttl_secs: c.ttl_secs,
+        min_mbps: c.min_mbps,
+        ice_urls: tenant.ice_urls.clone(),
+        regions: c.regions.clone(),
+    };
+    Ok((page, tenant))
 }
 
 pub(super) fn check_ice_urls(list: &[String], key: &str, err: ErrAt) -> Result<Vec<String>, Error> {
@@ -454,6 +535,13 @@ users = [{ name = "bob", password = "b" }]
             (
                 TWO.replace("allocations = 10", "allocatons = 10"),
                 "tenant[0].quota",
+            ),
+            (
+                TWO.replace(
+                    r#"users = [{ name = "bob", password = "b" }]"#,
+                    r#"secrets = ["a"]"#,
+                ),
+                "tenant[1].secrets",
             ),
         ];
         for (text, key) in cases {

@@ -8,7 +8,6 @@
 //! are not the relay's hot path. No reply is ever larger than its request, and every source is
 //! rate-limited, so an echo cannot be used as an amplifier or a reflector.
 
-pub mod limiter;
 pub mod wire;
 
 use std::collections::HashMap;
@@ -30,8 +29,8 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::config::EchoSettings;
 use crate::metrics::{EchoTransport, Metrics};
+use crate::proto::limiter::{self, Limiter, Rates};
 use crate::Error;
-use limiter::{Limiter, Rates};
 use wire::StreamEcho;
 
 /// A TCP echo connection is closed after this long without a byte from the client...

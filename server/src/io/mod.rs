@@ -47,7 +47,8 @@ const RELAY_SOCKET_BUFFER: usize = 1 << 20;
 /// Most ports held for EVEN-PORT reservations at once, so reservations cannot exhaust the port
 /// range or file descriptors; beyond, Allocate with the R bit gets 508.
 const MAX_RESERVATIONS: usize = 1024;
-const TICK: Duration = Duration::from_millis(500);
+/// Timers, counters, and a reload's revocations are handled at this pace.
+const TICK: Duration = Duration::from_millis(250);
 
 /// Where relay sockets bind and what clients are told.
 #[derive(Debug, Clone)]

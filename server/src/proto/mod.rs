@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod fuzz;
+pub mod limiter;
 pub mod policy;
 pub mod quota;
 pub mod server;

@@ -62,6 +62,10 @@ pub struct PeerPolicy {
     /// range: on these IPs only relay ports, that is other allocations, may be peers.
     own_ips: Vec<IpAddr>,
     relay_ports: (u16, u16),
+    /// Only other allocations of this relay may be peers (the browser test page's tenant).
+    relay_only: bool,
+    /// The relay's own addresses, loopback included, for `relay_only`.
+    relay_ips: Vec<IpAddr>,
 }
 
 impl PeerPolicy {
@@ -74,7 +78,20 @@ impl PeerPolicy {
             own_service: Vec::new(),
             own_ips: Vec::new(),
             relay_ports: (0, u16::MAX),
+            relay_only: false,
+            relay_ips: Vec::new(),
         }
+    }
+
+    /// A policy that lets allocations reach only other allocations of this relay (its own
+    /// addresses, relay port range): credentials under it relay nothing anywhere else.
+    pub fn relay_only(mut self) -> Self {
+        self.relay_only = true;
+        self
+    }
+
+    pub fn is_relay_only(&self) -> bool {
+        self.relay_only
     }
 
     /// Tells the policy where the relay listens and which addresses and ports are its own,
@@ -85,6 +102,12 @@ impl PeerPolicy {
         own_ips: Vec<IpAddr>,
         relay_ports: (u16, u16),
     ) {
+        self.relay_ips = own_ips
+            .iter()
+            .copied()
+            .map(normalize)
+            .filter(|ip| !ip.is_unspecified())
+            .collect();
         self.own_ips = listeners
             .iter()
             .map(SocketAddr::ip)
@@ -112,6 +135,13 @@ impl PeerPolicy {
         let relay_port = (self.relay_ports.0..=self.relay_ports.1).contains(&peer.port());
         if own_host && !relay_port {
             return Err(Denied::OwnHost);
+        }
+        if self.relay_only {
+            return if relay_port && self.relay_ips.contains(&ip) {
+                Ok(())
+            } else {
+                Err(Denied::Operator)
+            };
         }
         if self.deny.iter().any(|n| n.contains(&ip)) {
             return Err(Denied::Operator);
@@ -260,5 +290,24 @@ mod tests {
             Err(Denied::Default),
             "another host of the LAN"
         );
+    }
+
+    #[test]
+    fn relay_only_reaches_nothing_but_this_relays_allocations() {
+        let mut p = PeerPolicy::new(vec!["0.0.0.0/0".parse().expect("net")], vec![]).relay_only();
+        p.set_own_addresses(
+            vec![sa("0.0.0.0:3478")],
+            vec![
+                "10.99.0.1".parse().expect("ip"),
+                "127.0.0.1".parse().expect("ip"),
+            ],
+            (49152, 65535),
+        );
+        assert_eq!(p.check(sa("10.99.0.1:50000")), Ok(()));
+        assert_eq!(p.check(sa("127.0.0.1:50000")), Ok(()));
+        assert_eq!(p.check(sa("10.99.0.1:53")), Err(Denied::OwnHost));
+        assert_eq!(p.check(sa("10.99.0.1:3478")), Err(Denied::OwnService));
+        assert_eq!(p.check(sa("203.0.113.5:50000")), Err(Denied::Operator));
+        assert_eq!(p.check(sa("10.99.0.2:50000")), Err(Denied::Operator));
     }
 }

@@ -51,17 +51,30 @@ impl UserState {
         self.bandwidth.is_some() || self.tenant.bandwidth.is_some()
     }
 
-    /// Takes `bytes` from the user's and the tenant's bandwidth; false means drop the packet.
+    /// Takes `bytes` from the user's and the tenant's bandwidth; false means drop the packet,
+    /// which then costs neither anything.
     #[inline]
     pub fn allow(&self, now_ms: u64, bytes: usize) -> bool {
-        let user = match &self.bandwidth {
-            None => true,
-            Some(b) => b.allow(now_ms, bytes as i64),
-        };
-        user && match &self.tenant.bandwidth {
-            None => true,
-            Some(b) => b.allow(now_ms, bytes as i64),
+        let bytes = bytes as i64;
+        if !self
+            .bandwidth
+            .as_ref()
+            .is_none_or(|b| b.allow(now_ms, bytes))
+        {
+            return false;
         }
+        if self
+            .tenant
+            .bandwidth
+            .as_ref()
+            .is_none_or(|b| b.allow(now_ms, bytes))
+        {
+            return true;
+        }
+        if let Some(b) = &self.bandwidth {
+            b.tokens.fetch_add(bytes, Ordering::Relaxed);
+        }
+        false
     }
 }
 
@@ -222,6 +235,12 @@ impl TokenBucket {
         self.tokens -= bytes as i64;
         true
     }
+
+    /// Gives back what `allow` took for a packet dropped after all.
+    #[inline]
+    pub fn refund(&mut self, bytes: usize) {
+        self.tokens = (self.tokens + bytes as i64).min(self.rate as i64);
+    }
 }
 
 /// A token bucket shared between shards, kept with atomics so that packets take no lock.
@@ -320,6 +339,17 @@ mod tests {
         assert!(a.allow(0, 600));
         assert!(!b.allow(0, 600));
         assert!(b.allow(0, 400));
+        // A user's own bucket is not charged for a packet the tenant's refuses.
+        let per_user = Quotas {
+            user_bandwidth: Some(1000),
+            tenant_bandwidth: Some(1000),
+            ..Default::default()
+        };
+        let c = q.acquire(8, &per_user, "carol").expect("carol");
+        let d = q.acquire(8, &per_user, "dave").expect("dave");
+        assert!(d.allow(0, 900));
+        assert!(!c.allow(0, 900), "tenant bucket empty");
+        assert!(c.allow(1000, 1000), "carol's own bucket still full");
     }
 
     #[test]

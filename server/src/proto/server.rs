@@ -18,6 +18,7 @@ use rand::{rngs::StdRng, RngCore, SeedableRng};
 use rustc_hash::FxHashMap;
 
 use super::auth::{AuthError, Authenticated, Nonces, PASSWORD_ALGORITHMS};
+use super::limiter::{self, Limiter, Rates};
 use super::policy::normalize;
 use super::quota::{QuotaError, QuotaState, TokenBucket, UserState};
 use super::stun::{
@@ -31,6 +32,12 @@ pub const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
 /// How long a retransmitted request is answered from the cache (RFC 8489: 39.5 s of retries).
 const RESPONSE_CACHE_TTL: Duration = Duration::from_secs(40);
 const RESPONSE_CACHE_MAX: usize = 8192;
+/// Searches by secret a source may start: a burst of 40, then 20 a second (a client needs one
+/// per allocation and retransmission); beyond, 401 without the search.
+const SEARCH_RATE: Rates = Rates {
+    packets_per_sec: 20.0,
+    bytes_per_sec: 1.0,
+};
 /// Transport protocol number for UDP in REQUESTED-TRANSPORT.
 const PROTO_UDP: u8 = 17;
 const PROTO_TCP: u8 = 6;
@@ -70,6 +77,10 @@ pub struct Shared {
     /// Bumped by each reload; shards then check their allocations against the new
     /// configuration (revoked users, removed tenants).
     generation: AtomicU64,
+    /// Relayed addresses (TCP or not, address) of relay-only tenants' allocations (the test
+    /// page), with their owner (tenant, username hash): such an allocation may reach only its
+    /// own session's other allocations. Touched only for those tenants.
+    relayed: std::sync::Mutex<HashMap<(bool, SocketAddr), (u32, u64)>>,
 }
 
 impl Shared {
@@ -89,7 +100,12 @@ impl Shared {
             draining: AtomicBool::new(false),
             tenant_names: std::sync::Mutex::new(names),
             generation: AtomicU64::new(0),
+            relayed: Default::default(),
         }
+    }
+
+    fn relayed_addrs(&self) -> std::sync::MutexGuard<'_, HashMap<(bool, SocketAddr), (u32, u64)>> {
+        self.relayed.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Tenant names by stable id, for metrics labels.
@@ -394,6 +410,8 @@ struct Allocation {
     channels: Vec<Channel>,
     bucket: Option<TokenBucket>,
     tcp: bool,
+    /// For a relay-only tenant: the hash of the username, which its peers must share.
+    session: Option<u64>,
 }
 
 impl Allocation {
@@ -445,6 +463,8 @@ pub struct Core {
     shard: u32,
     /// TLS SNI host names of stream clients that sent one.
     hosts: FxHashMap<ClientId, Box<str>>,
+    /// Searches for a credential's tenant by secret (an HMAC per tenant), per source.
+    searches: Limiter,
     /// The configuration generation last checked for revocations.
     generation: u64,
 }
@@ -472,6 +492,7 @@ impl Core {
             stats: CoreStats::default(),
             shard: 0,
             hosts: FxHashMap::default(),
+            searches: Limiter::new(SEARCH_RATE, limiter::MAX_SOURCES),
             generation: shared_generation,
         }
     }
@@ -490,8 +511,17 @@ impl Core {
     }
 
     /// Takes the counters gathered since the last call.
+    /// Keeps the per-tenant vector's capacity, so the packet path does not grow it anew
+    /// after each call.
     pub fn take_stats(&mut self) -> CoreStats {
-        std::mem::take(&mut self.stats)
+        let out = self.stats.clone();
+        self.stats
+            .tenants
+            .iter_mut()
+            .for_each(|t| *t = TenantStats::default());
+        self.stats.dropped_packets = 0;
+        self.stats.malformed = 0;
+        out
     }
 
     /// Call after each `handle_*` call until it returns None.
@@ -578,7 +608,17 @@ impl Core {
             return true;
         }
         let now_ms = clock.millis(now);
-        a.bucket.as_mut().is_none_or(|b| b.allow(now_ms, len)) && a.user.allow(now_ms, len)
+        if !a.bucket.as_mut().is_none_or(|b| b.allow(now_ms, len)) {
+            return false;
+        }
+        if a.user.allow(now_ms, len) {
+            return true;
+        }
+        // A dropped packet costs the allocation nothing.
+        if let Some(b) = a.bucket.as_mut() {
+            b.refund(len);
+        }
+        false
     }
 
     fn send_indication(
@@ -616,7 +656,7 @@ impl Core {
         if !a.has_permission(peer.ip(), now)
             || !a.family_ok(peer)
             || own.contains(&Some(peer))
-            || !peer_allowed(&self.shared.config().tenants, a.tenant, peer)
+            || !peer_allowed(&self.shared, &self.shared.config().tenants, a, peer)
         {
             self.stats.dropped_packets += 1;
             return ClientAction::None;
@@ -735,17 +775,22 @@ impl Core {
         let unix = self.clock.unix(now);
         let config = self.shared.config();
         let host = self.hosts.get(&client).map(|h| &**h);
-        let auth =
-            match config
-                .tenants
-                .authenticate(msg, &self.shared.nonces, client.addr, host, unix)
-            {
-                Ok(a) => a,
-                Err((tenant, e)) => {
-                    drop(config);
-                    return self.auth_failure(msg, client, tenant.unwrap_or(0), e, unix);
-                }
-            };
+        let searches = &mut self.searches;
+        let mut may_search = || searches.allow(client.addr.ip(), 0, now);
+        let auth = match config.tenants.authenticate(
+            msg,
+            &self.shared.nonces,
+            client.addr,
+            host,
+            unix,
+            &mut may_search,
+        ) {
+            Ok(a) => a,
+            Err((tenant, e)) => {
+                drop(config);
+                return self.auth_failure(msg, client, tenant.unwrap_or(0), e, unix);
+            }
+        };
         let revoked = config
             .tenants
             .get(auth.tenant)
@@ -1019,7 +1064,7 @@ impl Core {
         if (want_v4 && !config.relay_v4) || (want_v6 && !config.relay_v6) {
             return Err(440);
         }
-        let lifetime = self.lifetime(msg);
+        let lifetime = self.lifetime(msg, auth.tenant);
         let tenant = config.tenants.get(auth.tenant).ok_or(403u16)?;
         let user = self
             .shared
@@ -1051,13 +1096,20 @@ impl Core {
         }))
     }
 
-    /// RFC 8656 §7.2: the requested lifetime, at least the default and at most the maximum.
-    fn lifetime(&self, msg: &Message<'_>) -> u32 {
+    /// RFC 8656 §7.2: the requested lifetime, at least the default and at most the maximum;
+    /// a tenant may cap both lower.
+    fn lifetime(&self, msg: &Message<'_>, tenant: u32) -> u32 {
         let c = self.shared.config();
-        match msg.get_u32(attr::LIFETIME) {
+        let cap = c
+            .tenants
+            .get(tenant)
+            .and_then(|t| t.max_lifetime)
+            .unwrap_or(u32::MAX);
+        let l = match msg.get_u32(attr::LIFETIME) {
             None => c.default_lifetime,
             Some(l) => l.max(c.default_lifetime).min(c.max_lifetime),
-        }
+        };
+        l.min(cap).max(1)
     }
 
     /// Finishes an Allocate once the IO layer has bound the relay sockets; the success
@@ -1076,12 +1128,18 @@ impl Core {
             }
         };
         let expires = now + Duration::from_secs(u64::from(p.lifetime));
-        let bandwidth = self
+        let (bandwidth, relay_only) = self
             .shared
             .config()
             .tenants
             .get(p.auth.tenant)
-            .and_then(|t| t.quotas.allocation_bandwidth);
+            .map_or((None, false), |t| {
+                (t.quotas.allocation_bandwidth, t.policy.is_relay_only())
+            });
+        let session = relay_only.then(|| {
+            use std::hash::BuildHasher;
+            rustc_hash::FxBuildHasher.hash_one(&p.auth.username)
+        });
         self.slots[id.0 as usize] = Some(Allocation {
             client: p.client,
             tenant: p.auth.tenant,
@@ -1094,8 +1152,18 @@ impl Core {
             channels: Vec::new(),
             bucket: bandwidth.map(TokenBucket::new),
             tcp: p.tcp,
+            session,
         });
         self.by_client.insert(p.client, id);
+        if let Some(s) = session {
+            let owner = (p.auth.tenant, s);
+            self.shared.relayed_addrs().extend(
+                [relayed.v4, relayed.v6]
+                    .into_iter()
+                    .flatten()
+                    .map(|r| ((p.tcp, r), owner)),
+            );
+        }
         self.stats.tenant(p.auth.tenant).allocations_created += 1;
         self.count(p.auth.tenant, method::ALLOCATE, 0);
         let shared = Arc::clone(&self.shared);
@@ -1156,7 +1224,8 @@ impl Core {
             self.free(id);
             return Ok(0);
         }
-        let lifetime = self.lifetime(msg);
+        let tenant = self.slot(id).map_or(0, |a| a.tenant);
+        let lifetime = self.lifetime(msg, tenant);
         if let Some(Some(a)) = self.slots.get_mut(id.0 as usize) {
             a.expires = now + Duration::from_secs(u64::from(lifetime));
         }
@@ -1185,7 +1254,9 @@ impl Core {
         // refuses those) and so never becomes anyone's client.
         let own = [alloc.relayed.v4, alloc.relayed.v6];
         let tenant = alloc.tenant;
-        if own.contains(&Some(peer)) || !peer_allowed(&self.shared.config().tenants, tenant, peer) {
+        if own.contains(&Some(peer))
+            || !peer_allowed(&self.shared, &self.shared.config().tenants, alloc, peer)
+        {
             self.stats.tenant(tenant).peer_denied += 1;
             return Err(403);
         }
@@ -1295,6 +1366,12 @@ impl Core {
         };
         self.by_client.remove(&a.client);
         self.shared.quotas.release(a.tenant, &a.user_id, &a.user);
+        if a.session.is_some() {
+            let mut relayed = self.shared.relayed_addrs();
+            for r in [a.relayed.v4, a.relayed.v6].into_iter().flatten() {
+                relayed.remove(&(a.tcp, r));
+            }
+        }
         self.free_slots.push(id.0);
         self.forget_tcp_connections(|conn| conn.alloc == id);
         self.events.push_back(Event::Freed(id));
@@ -1409,12 +1486,17 @@ fn unknown_required(msg: &Message<'_>) -> ([u16; 8], usize) {
 /// ADDRESS-ERROR-CODE (RFC 8656 §18.13) for a refused IPv6 additional family: 440.
 const ADDRESS_ERROR_V6: [u8; 32] = *b"\x02\x00\x04\x28Address Family not Supported";
 
-/// Whether tenant `id`'s policy lets its allocations reach `peer`; a tenant removed by a
-/// reload reaches nothing.
-fn peer_allowed(tenants: &Tenants, id: u32, peer: SocketAddr) -> bool {
-    tenants
-        .get(id)
-        .is_some_and(|t: &Tenant| t.policy.check(peer).is_ok())
+/// Whether allocation `a`'s tenant policy lets it reach `peer`; a tenant removed by a reload
+/// reaches nothing, and a relay-only tenant's allocation reaches only its own session's
+/// other allocations.
+fn peer_allowed(shared: &Shared, tenants: &Tenants, a: &Allocation, peer: SocketAddr) -> bool {
+    tenants.get(a.tenant).is_some_and(|t: &Tenant| {
+        t.policy.check(peer).is_ok()
+            && (!t.policy.is_relay_only()
+                || a.session.is_some_and(|s| {
+                    shared.relayed_addrs().get(&(a.tcp, peer)) == Some(&(a.tenant, s))
+                }))
+    })
 }
 
 /// Adds SOFTWARE, the integrity the request used, and FINGERPRINT.

@@ -20,6 +20,8 @@ use super::stun::{attr, Message};
 pub const DEFAULT_TENANT: &str = "default";
 /// The metrics label of requests no tenant claims.
 pub const NO_TENANT: &str = "none";
+/// The tenant of the browser test page's credentials.
+pub const TEST_PAGE_TENANT: &str = "test-page";
 
 /// One customer of the relay.
 #[derive(Debug)]
@@ -37,6 +39,9 @@ pub struct Tenant {
     pub policy: PeerPolicy,
     /// User ids (the user part of an ephemeral username) and usernames refused from now on.
     pub revoked: HashSet<String>,
+    /// Longest allocation lifetime for this tenant, below the relay's (the test page's
+    /// allocations do not outlive its credentials).
+    pub max_lifetime: Option<u32>,
     /// Stable id (never reused for another name while the relay runs), assigned by
     /// `Shared`: what allocations and counters refer to across reloads.
     pub id: u32,
@@ -52,6 +57,7 @@ impl Tenant {
             quotas: Quotas::default(),
             policy,
             revoked: HashSet::new(),
+            max_lifetime: None,
             id: 0,
         }
     }
@@ -159,7 +165,9 @@ impl Tenants {
     }
 
     /// Authenticates a request and finds its tenant (whose stable id the result carries). An
-    /// error names the tenant it is counted against, where one is known.
+    /// error names the tenant it is counted against, where one is known. `may_search` is asked
+    /// before credentials are tried against other tenants' secrets (an HMAC per secret), so
+    /// the caller can bound that work per source.
     pub fn authenticate(
         &self,
         msg: &Message<'_>,
@@ -167,6 +175,7 @@ impl Tenants {
         client: SocketAddr,
         host: Option<&str>,
         unix_now: u64,
+        may_search: &mut dyn FnMut() -> bool,
     ) -> Result<Authenticated, (Option<u32>, AuthError)> {
         let hint = || self.named(msg.get_all(attr::ORIGIN), host).map(|t| t.id);
         let signed = Signed::check(msg, nonces, client, unix_now).map_err(|e| (hint(), e))?;
@@ -174,28 +183,42 @@ impl Tenants {
             a.tenant = t.id;
             a
         };
-        if let Some(t) = self
+        let named = self
             .list
             .iter()
-            .find(|t| t.realm().as_bytes() == signed.realm)
-        {
-            return t
-                .credentials
-                .verify(msg, &signed, t.realm(), true, unix_now)
-                .map(|a| claim(t, a))
-                .map_err(|e| (Some(t.id), e));
-        }
-        if signed.realm != self.realm.as_bytes() {
-            return Err((hint(), AuthError::UnknownRealm));
-        }
-        // The default realm has no tenant of its own: an ephemeral credential is tried
-        // against each tenant's secrets, keyed with the realm the client signed with.
-        let mut worst = AuthError::UnknownUser;
-        for t in &self.list {
+            .find(|t| t.realm().as_bytes() == signed.realm);
+        let default_realm = signed.realm == self.realm.as_bytes();
+        let mut first = None;
+        if let Some(t) = named {
             match t
                 .credentials
-                .verify(msg, &signed, &self.realm, false, unix_now)
+                .verify(msg, &signed, t.realm(), true, unix_now)
             {
+                Ok(a) => return Ok(claim(t, a)),
+                Err(e) => first = Some((Some(t.id), e)),
+            }
+        } else if !default_realm {
+            first = Some((hint(), AuthError::UnknownRealm));
+        }
+        // In the default realm, after its own tenant: an ephemeral credential is tried against
+        // each other tenant's secrets, keyed with the realm the client signed with. In a
+        // tenant's realm, only relay-only tenants' secrets are (the test page opened under a
+        // tenant's host name): their allocations reach nothing but each other, and they are
+        // counted as theirs, so no tenant's credentials ever work as another's.
+        let realm = std::str::from_utf8(signed.realm).unwrap_or_default();
+        let candidates: Vec<&Tenant> = self
+            .list
+            .iter()
+            .filter(|t| named.is_none_or(|n| n.id != t.id))
+            .filter(|t| default_realm || t.policy.is_relay_only())
+            .filter(|t| !t.credentials.secrets().is_empty())
+            .collect();
+        if candidates.is_empty() || !may_search() {
+            return Err(first.unwrap_or((None, AuthError::UnknownUser)));
+        }
+        let mut worst = AuthError::UnknownUser;
+        for t in candidates {
+            match t.credentials.verify(msg, &signed, realm, false, unix_now) {
                 Ok(a) => return Ok(claim(t, a)),
                 Err(e) => {
                     if rank(e) > rank(worst) {
@@ -204,7 +227,7 @@ impl Tenants {
                 }
             }
         }
-        Err((None, worst))
+        Err(first.unwrap_or((None, worst)))
     }
 }
 
@@ -281,7 +304,7 @@ mod tests {
     fn auth(t: &Tenants, packet: &[u8]) -> Result<Authenticated, (Option<u32>, AuthError)> {
         let nonces = Nonces::new([1; 32], 600, true);
         let msg = Message::parse(packet).expect("parse");
-        t.authenticate(&msg, &nonces, client(), None, NOW)
+        t.authenticate(&msg, &nonces, client(), None, NOW, &mut || true)
     }
 
     #[test]
@@ -327,6 +350,47 @@ mod tests {
         assert_eq!(
             auth(&t, &signed(&n, &late, "relay.example", &pass)).err(),
             Some((None, AuthError::Expired))
+        );
+    }
+
+    #[test]
+    fn beside_a_default_tenant_other_tenants_secrets_still_work_in_the_default_realm() {
+        let mut t = tenants();
+        let mut default = Tenant::new(
+            DEFAULT_TENANT,
+            Credentials::new("relay.example", [], ["default-secret".into()]),
+            PeerPolicy::default(),
+        );
+        default.id = 3;
+        t.list.push(default);
+        let n = Nonces::new([1; 32], 600, true);
+        let eph = format!("{}:erin", NOW + 60);
+        let ok = auth(
+            &t,
+            &signed(
+                &n,
+                &eph,
+                "relay.example",
+                &ephemeral_password("acme-secret", &eph),
+            ),
+        )
+        .expect("acme by secret");
+        assert_eq!(ok.tenant, 1);
+        let ok = auth(
+            &t,
+            &signed(
+                &n,
+                &eph,
+                "relay.example",
+                &ephemeral_password("default-secret", &eph),
+            ),
+        )
+        .expect("default");
+        assert_eq!(ok.tenant, 3);
+        assert_eq!(
+            auth(&t, &signed(&n, &eph, "relay.example", "wrong")).err(),
+            Some((Some(3), AuthError::BadIntegrity)),
+            "counted against the default tenant"
         );
     }
 

@@ -1,4 +1,5 @@
-//! The per-source rate limit of the echo services, sans IO (time is passed in).
+//! A per-source rate limit, sans IO (time is passed in): the echo services, the credential
+//! service's wrong keys, the test page's sessions and the relay's search for a tenant by secret.
 //!
 //! A token bucket per source, for packets and for bytes, each holding two seconds' worth
 //! (with the defaults: bursts of 200 packets and 2 MB, then 100 packets/s and 1 MB/s). An
@@ -124,11 +125,16 @@ impl Limiter {
         }
     }
 
-    /// Whether `ip` has no message left now (takes nothing).
+    /// Whether `ip` has no message left now (takes nothing). While the table is full of
+    /// active sources, a source it does not know counts as exhausted, as `allow` refuses it.
     pub fn exhausted(&mut self, ip: IpAddr, now: Instant) -> bool {
         let rates = self.rates;
+        if !self.table.contains_key(&key(ip)) && self.table.len() >= self.max_sources {
+            self.sweep(now);
+        }
+        let full = self.table.len() >= self.max_sources;
         match self.table.get_mut(&key(ip)) {
-            None => false,
+            None => full,
             Some(b) => {
                 Self::refill(rates, b, now);
                 b.packets < 1.0
@@ -253,5 +259,21 @@ mod tests {
             assert!(l.len() <= 1000);
         }
         assert_eq!(passed, 1000, "only the first 1000 sources got through");
+    }
+
+    #[test]
+    fn exhausted_refuses_unknown_sources_while_the_table_is_full() {
+        let rates = Rates {
+            packets_per_sec: 1.0,
+            bytes_per_sec: 1.0,
+        };
+        let mut l = Limiter::new(rates, 2);
+        let now = Instant::now();
+        assert!(l.allow(ip("192.0.2.1"), 0, now));
+        assert!(l.allow(ip("192.0.2.2"), 0, now));
+        assert!(!l.exhausted(ip("192.0.2.1"), now));
+        assert!(l.exhausted(ip("192.0.2.3"), now), "full of active sources");
+        let later = now + Duration::from_secs(3);
+        assert!(!l.exhausted(ip("192.0.2.3"), later), "quiet sources swept");
     }
 }
