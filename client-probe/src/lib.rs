@@ -8,7 +8,10 @@
 //! - [`select`]: statistics and the choice of the nearest relay (no IO).
 //! - [`report`]: table, JSON, `iceServers`, firewall table.
 //! - [`watch`]: the exporter.
+//! - [`load`]: the load generator (`turnpike-probe load`), with [`batch`] for its syscalls.
 
+pub mod batch;
+pub mod load;
 pub mod probe;
 pub mod regions;
 pub mod report;

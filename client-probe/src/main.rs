@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use turnpike_probe::probe::{Options, Proxy};
 use turnpike_probe::select::{Selector, DEFAULT_PREFERENCE};
-use turnpike_probe::{regions, report, select, watch};
+use turnpike_probe::{load, regions, report, select, watch};
 
 #[derive(Parser)]
 #[command(
@@ -54,6 +54,223 @@ enum Command {
         #[arg(long = "margin-ratio", default_value_t = 0.2)]
         margin_ratio: f64,
     },
+    /// Load-test one relay: many allocations sending at a set rate; loss, RTT and jitter.
+    Load(LoadArgs),
+}
+
+#[derive(Args)]
+struct LoadArgs {
+    /// The relay, HOST:PORT.
+    #[arg(long)]
+    relay: String,
+    /// udp, tcp or tls to the relay (raw: bare UDP to a forwarder at PORT+i, no TURN).
+    #[arg(long, default_value = "udp", value_parser = ["udp", "tcp", "tls", "raw"])]
+    transport: String,
+    /// Long-term credential user name.
+    #[arg(long)]
+    user: Option<String>,
+    /// Long-term credential password.
+    #[arg(long)]
+    password: Option<String>,
+    /// Shared secret: mint coturn-style ephemeral credentials (`expiry:user`, HMAC-SHA1).
+    #[arg(long, env = "TURNPIKE_LOAD_SECRET")]
+    secret: Option<String>,
+    /// Accept any TLS certificate (self-signed test relays).
+    #[arg(long)]
+    insecure: bool,
+    /// CA certificates (PEM) to trust for TLS instead of the public web roots.
+    #[arg(long = "ca-file", value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+    /// TLS server name (default: the relay's host).
+    #[arg(long = "tls-name")]
+    tls_name: Option<String>,
+    /// Concurrent allocations.
+    #[arg(long, short = 'n', default_value_t = 10)]
+    allocations: usize,
+    /// Packets per second per allocation (0: hold the allocations idle).
+    #[arg(long, default_value_t = 50.0, conflicts_with = "bitrate")]
+    rate: f64,
+    /// Bits per second per allocation (payload), instead of --rate.
+    #[arg(long)]
+    bitrate: Option<f64>,
+    /// Payload bytes per packet.
+    #[arg(long, default_value_t = 172)]
+    size: usize,
+    /// Seconds of sending (at most 3600).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// peer: echo peers run by the generator; c2c: allocations in pairs echo each other.
+    #[arg(long, default_value = "peer", value_parser = ["peer", "c2c"])]
+    mode: String,
+    /// Send indications instead of channels.
+    #[arg(long = "send-indications")]
+    send_indications: bool,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Address the generator's peers bind (default: the one the kernel uses to the relay).
+    #[arg(long = "peer-ip")]
+    peer_ip: Option<std::net::IpAddr>,
+    /// raw transport: the peer's port, where the forwarder sends.
+    #[arg(long = "peer-port", default_value_t = 0)]
+    peer_port: u16,
+    /// Allocations set up at once.
+    #[arg(long = "setup-concurrency", default_value_t = 64)]
+    setup_concurrency: usize,
+    /// Milliseconds to wait for each answer or connection during setup.
+    #[arg(long = "timeout-ms", default_value_t = 5000)]
+    timeout_ms: u64,
+    /// Print one JSON document instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+impl LoadArgs {
+    fn options(&self) -> Result<load::Options, String> {
+        use std::net::ToSocketAddrs;
+        let relay = self
+            .relay
+            .to_socket_addrs()
+            .map_err(|e| format!("--relay {}: {e}", self.relay))?
+            .next()
+            .ok_or_else(|| format!("--relay {}: no address", self.relay))?;
+        let (username, password) = match (&self.secret, &self.user, &self.password) {
+            (Some(secret), user, _) => turnpike_probe::probe::ephemeral_credentials(
+                secret,
+                user.as_deref().unwrap_or("load"),
+                3600 + self.duration as u64,
+            ),
+            (None, Some(u), Some(p)) => (u.clone(), p.clone()),
+            (None, _, _) if self.transport == "raw" => (String::new(), String::new()),
+            (None, _, _) => return Err("give --user and --password, or --secret".into()),
+        };
+        let rate = match self.bitrate {
+            Some(bps) => bps / (self.size.max(1) * 8) as f64,
+            None => self.rate,
+        };
+        if !(self.duration.is_finite() && self.duration > 0.0) {
+            return Err("--duration: more than 0 seconds".into());
+        }
+        let opts = load::Options {
+            relay,
+            transport: match self.transport.as_str() {
+                "tcp" => load::Transport::Tcp,
+                "tls" => load::Transport::Tls,
+                "raw" => load::Transport::Raw,
+                _ => load::Transport::Udp,
+            },
+            tls_name: self.tls_name.clone().unwrap_or_else(|| {
+                self.relay
+                    .rsplit_once(':')
+                    .map(|(h, _)| h.trim_matches(['[', ']']).to_owned())
+                    .unwrap_or_default()
+            }),
+            insecure: self.insecure,
+            ca_file: self.ca_file.clone(),
+            username,
+            password,
+            allocations: self.allocations,
+            rate,
+            size: self.size,
+            duration: Duration::from_secs_f64(self.duration.min(load::MAX_DURATION_SECS + 1.0)),
+            mode: if self.mode == "c2c" {
+                load::Mode::C2c
+            } else {
+                load::Mode::Peer
+            },
+            send_indications: self.send_indications,
+            threads: self
+                .threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+                .clamp(1, 64),
+            peer_ip: self.peer_ip,
+            peer_port: self.peer_port,
+            setup_concurrency: self.setup_concurrency.clamp(1, 4096),
+            timeout: Duration::from_millis(self.timeout_ms.max(1)),
+        };
+        opts.validate()?;
+        Ok(opts)
+    }
+}
+
+/// The multi-threaded runtime, with `threads` workers (default: one per core).
+fn runtime(threads: Option<usize>) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        b.worker_threads(n);
+    }
+    b.enable_all().build().map_err(|e| {
+        eprintln!("turnpike-probe: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+/// Raises the soft open-files limit to the hard one: a socket per allocation.
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn load_main(args: LoadArgs) -> ExitCode {
+    let opts = match args.options() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("turnpike-probe load: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    raise_nofile();
+    let rt = match runtime(Some(opts.threads)) {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        let bar = indicatif::ProgressBar::new(0);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}",
+        ) {
+            bar.set_style(style);
+        }
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let result = rt.block_on(load::run(&opts, &bar, |setup| {
+        // A line other programs (the benchmark) wait for before measuring idle allocations.
+        eprintln!(
+            "turnpike-probe load: {} allocations ready ({:.0}/s)",
+            opts.allocations, setup.per_second
+        );
+    }));
+    // Flows that did not stop in time must not keep the process alive.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    match result {
+        Ok(report) => {
+            if args.json {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            } else {
+                print!("{}", load::table(&report));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("turnpike-probe load: {e}");
+            if args.json {
+                let doc = serde_json::json!({ "error": e.to_string(), "failure": e.failure().to_string() });
+                println!("{doc}");
+            }
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Args)]
@@ -109,6 +326,10 @@ impl Common {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let cli = match cli.command {
+        Command::Load(args) => return load_main(args),
+        command => Cli { command },
+    };
     let _ = tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
@@ -117,15 +338,9 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info".into()),
         )
         .try_init();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match runtime(None) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("turnpike-probe: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match cli.command {
         Command::Measure {
@@ -211,5 +426,6 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Load(args) => load_main(args),
     }
 }

@@ -61,21 +61,24 @@ impl std::str::FromStr for Proxy {
 pub fn credentials(region: &Region) -> (String, String) {
     match (&region.secret, &region.username, &region.password) {
         (Some(secret), user, _) => {
-            let expiry = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0)
-                + 3600;
-            let username = turnpike::proto::auth::ephemeral_username(
-                expiry,
-                Some(user.as_deref().unwrap_or("probe")),
-            );
-            let password = turnpike::proto::auth::ephemeral_password(secret, &username);
-            (username, password)
+            ephemeral_credentials(secret, user.as_deref().unwrap_or("probe"), 3600)
         }
         (None, Some(u), Some(p)) => (u.clone(), p.clone()),
         _ => (String::new(), String::new()),
     }
+}
+
+/// coturn-style ephemeral credentials from a shared secret: `expiry:user` and its
+/// base64 HMAC-SHA1, valid for `secs` from now.
+pub fn ephemeral_credentials(secret: &str, user: &str, secs: u64) -> (String, String) {
+    let expiry = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        + secs;
+    let username = turnpike::proto::auth::ephemeral_username(expiry, Some(user));
+    let password = turnpike::proto::auth::ephemeral_password(secret, &username);
+    (username, password)
 }
 
 fn ms(d: Duration) -> f64 {

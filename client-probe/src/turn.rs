@@ -1,6 +1,6 @@
 //! A small TURN client over UDP, TCP or TLS (optionally through an HTTP CONNECT proxy), built
 //! on the relay's own codec. It does what a probe needs: Binding, Allocate, CreatePermission,
-//! Send and Data indications, Refresh, with long-term authentication.
+//! ChannelBind, Send and Data indications, ChannelData, Refresh, with long-term authentication.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -51,15 +51,66 @@ pub enum Conn {
     Stream(Box<dyn Stream>),
 }
 
-/// Credentials and the state long-term authentication learns (realm, nonce).
+/// A connection to the relay and the credentials that sign its requests.
 pub struct TurnClient {
     conn: Conn,
+    creds: Credentials,
+    rbuf: Vec<u8>,
+}
+
+/// Credentials and the state long-term authentication learns (realm, nonce): what signs a
+/// request, with or without the connection it goes out on.
+pub struct Credentials {
     username: String,
     password: String,
     realm: Option<String>,
     nonce: Option<Vec<u8>>,
-    rbuf: Vec<u8>,
     next: u64,
+}
+
+impl Credentials {
+    fn tid(&mut self) -> TransactionId {
+        self.next = self.next.wrapping_add(1);
+        let mut t = [0u8; 16];
+        t[..4].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
+        t[4..12].copy_from_slice(&self.next.to_be_bytes());
+        t[12..].copy_from_slice(&rand::random::<[u8; 4]>());
+        TransactionId(t)
+    }
+
+    /// A message of `class` and method `m`; requests other than Binding are signed once a
+    /// realm and nonce are known.
+    pub fn build(
+        &mut self,
+        m: u16,
+        class: Class,
+        extra: &(dyn Fn(&mut Builder<'_>) + Sync),
+    ) -> (Vec<u8>, TransactionId) {
+        let tid = self.tid();
+        let mut buf = Vec::new();
+        let mut b = Builder::new(&mut buf, class, m, tid);
+        extra(&mut b);
+        if let (Some(realm), Some(nonce)) = (&self.realm, &self.nonce) {
+            if class == Class::Request && m != method::BINDING {
+                let key = long_term_key(&self.username, realm, &self.password);
+                b.attr(attr::USERNAME, self.username.as_bytes())
+                    .attr(attr::REALM, realm.as_bytes())
+                    .attr(attr::NONCE, nonce)
+                    .integrity_sha1(&key);
+            }
+        }
+        b.fingerprint();
+        (buf, tid)
+    }
+
+    /// Takes realm and nonce from a 401 or 438 answer.
+    pub fn learn(&mut self, msg: &Message<'_>) {
+        self.realm = msg
+            .get(attr::REALM)
+            .map(|r| String::from_utf8_lossy(r).into_owned())
+            .or(self.realm.take());
+        self.nonce = msg.get(attr::NONCE).map(<[u8]>::to_vec);
+    }
 }
 
 const RETRANSMIT: Duration = Duration::from_millis(250);
@@ -68,22 +119,21 @@ impl TurnClient {
     pub fn new(conn: Conn, username: &str, password: &str) -> Self {
         TurnClient {
             conn,
-            username: username.to_owned(),
-            password: password.to_owned(),
-            realm: None,
-            nonce: None,
+            creds: Credentials {
+                username: username.to_owned(),
+                password: password.to_owned(),
+                realm: None,
+                nonce: None,
+                next: rand::random(),
+            },
             rbuf: Vec::new(),
-            next: rand::random(),
         }
     }
 
-    fn tid(&mut self) -> TransactionId {
-        self.next = self.next.wrapping_add(1);
-        let mut t = [0u8; 16];
-        t[..4].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
-        t[4..12].copy_from_slice(&self.next.to_be_bytes());
-        t[12..].copy_from_slice(&rand::random::<[u8; 4]>());
-        TransactionId(t)
+    /// Hands the connection and the learnt credentials over to a data loop, with any bytes
+    /// already read from a stream and not yet framed.
+    pub fn into_parts(self) -> (Conn, Credentials, Vec<u8>) {
+        (self.conn, self.creds, self.rbuf)
     }
 
     async fn send(&mut self, packet: &[u8]) -> Result<(), Failure> {
@@ -148,30 +198,16 @@ impl TurnClient {
         &mut self,
         m: u16,
         class: Class,
-        extra: &dyn Fn(&mut Builder<'_>),
+        extra: &(dyn Fn(&mut Builder<'_>) + Sync),
     ) -> (Vec<u8>, TransactionId) {
-        let tid = self.tid();
-        let mut buf = Vec::new();
-        let mut b = Builder::new(&mut buf, class, m, tid);
-        extra(&mut b);
-        if let (Some(realm), Some(nonce)) = (&self.realm, &self.nonce) {
-            if class == Class::Request && m != method::BINDING {
-                let key = long_term_key(&self.username, realm, &self.password);
-                b.attr(attr::USERNAME, self.username.as_bytes())
-                    .attr(attr::REALM, realm.as_bytes())
-                    .attr(attr::NONCE, nonce)
-                    .integrity_sha1(&key);
-            }
-        }
-        b.fingerprint();
-        (buf, tid)
+        self.creds.build(m, class, extra)
     }
 
     /// One request and its response (retransmitted over UDP), authenticating as needed.
     pub async fn request(
         &mut self,
         m: u16,
-        extra: &dyn Fn(&mut Builder<'_>),
+        extra: &(dyn Fn(&mut Builder<'_>) + Sync),
         timeout: Duration,
     ) -> Result<Vec<u8>, Failure> {
         let deadline = Instant::now() + timeout;
@@ -185,18 +221,14 @@ impl TurnClient {
             }
             let (code, reason) = error_code(&msg);
             let retry = match code {
-                401 if self.nonce.is_none() => true,
+                401 if self.creds.nonce.is_none() => true,
                 438 => true,
                 _ => false,
             };
             if !retry {
                 return Err(Failure::Status(code, reason));
             }
-            self.realm = msg
-                .get(attr::REALM)
-                .map(|r| String::from_utf8_lossy(r).into_owned())
-                .or(self.realm.take());
-            self.nonce = msg.get(attr::NONCE).map(<[u8]>::to_vec);
+            self.creds.learn(&msg);
         }
         Err(Failure::Status(401, "Unauthorized".into()))
     }
@@ -276,6 +308,26 @@ impl TurnClient {
         .map(|_| ())
     }
 
+    /// ChannelBind (RFC 8656 §11): `channel` (0x4000-0x4FFF) to `peer`, which also installs or
+    /// refreshes the permission for the peer's address.
+    pub async fn channel_bind(
+        &mut self,
+        channel: u16,
+        peer: SocketAddr,
+        timeout: Duration,
+    ) -> Result<(), Failure> {
+        self.request(
+            method::CHANNEL_BIND,
+            &|b| {
+                b.u32(attr::CHANNEL_NUMBER, u32::from(channel) << 16)
+                    .xor_address(attr::XOR_PEER_ADDRESS, peer);
+            },
+            timeout,
+        )
+        .await
+        .map(|_| ())
+    }
+
     pub async fn send_to(&mut self, peer: SocketAddr, data: &[u8]) -> Result<(), Failure> {
         let (packet, _) = self.build(method::SEND, Class::Indication, &|b| {
             b.xor_address(attr::XOR_PEER_ADDRESS, peer)
@@ -313,7 +365,19 @@ impl TurnClient {
     }
 }
 
-fn error_code(msg: &Message<'_>) -> (u16, String) {
+/// Writes a ChannelData message (RFC 8656 §12.4) for `payload` on `channel` into `out`,
+/// padded to a multiple of four bytes when `pad` (streams need it; UDP may omit it).
+pub fn channel_data(channel: u16, payload: &[u8], pad: bool, out: &mut Vec<u8>) {
+    out.extend_from_slice(&channel.to_be_bytes());
+    out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    out.extend_from_slice(payload);
+    if pad {
+        out.resize(out.len() + (4 - payload.len() % 4) % 4, 0);
+    }
+}
+
+/// The code and reason of a STUN error response.
+pub fn error_code(msg: &Message<'_>) -> (u16, String) {
     match msg.get(attr::ERROR_CODE) {
         Some(v) if v.len() >= 4 => (
             u16::from(v[2] & 7) * 100 + u16::from(v[3]),

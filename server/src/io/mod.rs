@@ -4,24 +4,29 @@
 //! per listener bound with SO_REUSEPORT, so the kernel spreads clients over the shards by
 //! 4-tuple hash and a shard owns every allocation made through its sockets. Nothing on the
 //! packet path takes a lock or allocates: the shard's sockets and core live in `Rc`/`RefCell`,
-//! datagrams are read into one shard-wide buffer at an offset of four bytes so a ChannelData
-//! header can be written in front without a copy, and sends are non-blocking (a full socket
-//! buffer drops the datagram, as a router would).
+//! datagrams are read in batches (`recvmmsg`) at an offset of four bytes so a ChannelData
+//! header can be written in front without a copy, and what a turn of the event loop sends
+//! leaves at its end with one `sendmmsg` per socket, GSO where datagrams share a destination
+//! and size ([`batch`] has the measurements). Sends are non-blocking: a full socket buffer
+//! drops the datagram, as a router would.
 
+pub mod batch;
 pub mod stream;
 mod tcp_relay;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket as StdUdpSocket};
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rand::{Rng, RngCore};
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
+
+use batch::{RecvBatch, TxQueue, UdpSock, BATCH, TX_MAX};
 
 use crate::config::{Listener, Settings, Transport};
 use crate::metrics::Metrics;
@@ -31,10 +36,11 @@ use crate::proto::{
 };
 use crate::Error;
 
-/// Largest UDP payload plus the ChannelData header room.
-const BUF_LEN: usize = 4 + 65_536;
-/// Datagrams one socket handles before yielding, so a busy socket cannot starve the others.
-const BUDGET: usize = 64;
+/// Largest UDP payload.
+const MAX_DATAGRAM: usize = 65_536;
+/// Batches (of up to `BATCH` datagrams) one socket handles before yielding, so a busy socket
+/// cannot starve the others.
+const BUDGET: usize = 4;
 /// How long a port reserved by EVEN-PORT's R bit is held (RFC 8656 §7.2: about 30 s).
 const RESERVATION_TTL: Duration = Duration::from_secs(30);
 const RELAY_SOCKET_BUFFER: usize = 1 << 20;
@@ -251,8 +257,8 @@ pub fn bind_listeners(
 type Reservations = Arc<Mutex<HashMap<[u8; 8], (StdUdpSocket, Instant)>>>;
 
 struct RelaySlot {
-    v4: Option<Rc<UdpSocket>>,
-    v6: Option<Rc<UdpSocket>>,
+    v4: Option<Rc<UdpSock>>,
+    v6: Option<Rc<UdpSock>>,
     /// RFC 6062: the listening socket's address, which outgoing peer connections use too.
     tcp: Option<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
@@ -272,12 +278,16 @@ impl Drop for RelaySlot {
 
 struct Shard {
     core: RefCell<Core>,
-    listeners: Vec<Rc<UdpSocket>>,
+    listeners: Vec<Rc<UdpSock>>,
     streams: Arc<stream::StreamContext>,
     conns: RefCell<HashMap<u32, Rc<stream::Outbox>>>,
     next_conn: Cell<u32>,
     relays: RefCell<Vec<Option<RelaySlot>>>,
-    buf: RefCell<Box<[u8]>>,
+    /// Receive buffers of the relay sockets' loops (each listener loop has its own).
+    buf: RefCell<RecvBatch>,
+    /// Datagrams sent during this turn of the event loop, flushed at its end.
+    tx: RefCell<TxQueue>,
+    tx_ready: tokio::sync::Notify,
     plan: RelayPlan,
     reservations: Reservations,
     metrics: Arc<Metrics>,
@@ -316,7 +326,7 @@ pub fn run_shard(setup: ShardSetup, stop: tokio::sync::watch::Receiver<bool>) ->
         let listeners = setup
             .sockets
             .into_iter()
-            .map(|s| UdpSocket::from_std(s).map(Rc::new))
+            .map(|s| batch::register(s).map(Rc::new))
             .collect::<Result<Vec<_>, _>>()?;
         let shard = Rc::new(Shard {
             core: RefCell::new(
@@ -335,7 +345,9 @@ pub fn run_shard(setup: ShardSetup, stop: tokio::sync::watch::Receiver<bool>) ->
             conns: RefCell::new(HashMap::new()),
             next_conn: Cell::new(stream::STREAM_BASE),
             relays: RefCell::new(Vec::new()),
-            buf: RefCell::new(vec![0u8; BUF_LEN].into_boxed_slice()),
+            buf: RefCell::new(RecvBatch::new(MAX_DATAGRAM)),
+            tx: RefCell::new(TxQueue::new()),
+            tx_ready: tokio::sync::Notify::new(),
             plan: setup.plan,
             reservations: setup.reservations,
             metrics: setup.metrics,
@@ -343,6 +355,7 @@ pub fn run_shard(setup: ShardSetup, stop: tokio::sync::watch::Receiver<bool>) ->
         for i in 0..shard.listeners.len() {
             tokio::task::spawn_local(listener_loop(Rc::clone(&shard), i));
         }
+        tokio::task::spawn_local(flush_loop(Rc::clone(&shard)));
         for (l, cfg) in setup.tcp {
             let l = tokio::net::TcpListener::from_std(l)?;
             tokio::task::spawn_local(stream::accept_loop(Rc::clone(&shard), l, cfg));
@@ -358,59 +371,95 @@ pub fn run_shard(setup: ShardSetup, stop: tokio::sync::watch::Receiver<bool>) ->
         shard.core.borrow_mut().free_all();
         shard.process_events();
         shard.tick();
+        shard.tx.borrow_mut().flush();
         Ok(())
     })
 }
 
+/// Sends what the shard queued, once the tasks made ready in this turn of the event loop have
+/// run: a task woken by the first datagram queued runs after the tasks already waiting.
+async fn flush_loop(shard: Rc<Shard>) {
+    loop {
+        shard.tx_ready.notified().await;
+        shard.tx.borrow_mut().flush();
+    }
+}
+
+/// One `recvmmsg` on a registered socket: `None` when the socket is drained (its readiness
+/// cleared), else the count read. A count below `BATCH` means the queue was empty, so
+/// readiness is cleared without another call that would only fail with `WouldBlock`;
+/// a datagram arriving after the call raises readiness again (edge-triggered epoll).
+fn recv_batch(
+    guard: &mut tokio::io::unix::AsyncFdReadyGuard<'_, StdUdpSocket>,
+    batch: &mut RecvBatch,
+) -> Option<usize> {
+    match batch.recv(guard.get_inner().as_raw_fd()) {
+        Ok(n) => {
+            if n < BATCH {
+                guard.clear_ready();
+            }
+            Some(n)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            guard.clear_ready();
+            None
+        }
+        // ICMP errors surface on later reads of a UDP socket; they concern one peer.
+        Err(_) => Some(0),
+    }
+}
+
 async fn listener_loop(shard: Rc<Shard>, index: usize) {
     let sock = Rc::clone(&shard.listeners[index]);
+    let mut batch = RecvBatch::new(MAX_DATAGRAM);
     loop {
-        if sock.readable().await.is_err() {
+        let Ok(mut guard) = sock.readable().await else {
             return;
-        }
+        };
         let mut drained = false;
         for _ in 0..BUDGET {
-            let mut buf = shard.buf.borrow_mut();
-            let (n, from) = match sock.try_recv_from(&mut buf[4..]) {
-                Ok(r) => r,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    drained = true;
-                    break;
-                }
-                // ICMP errors surface on later reads of a UDP socket; they concern one peer.
-                Err(_) => continue,
+            let Some(n) = recv_batch(&mut guard, &mut batch) else {
+                drained = true;
+                break;
             };
-            let client = ClientId {
-                listener: index as u32,
-                addr: from,
-            };
-            let action =
-                shard
-                    .core
-                    .borrow_mut()
-                    .handle_client(&buf[4..4 + n], client, Instant::now());
-            match action {
-                ClientAction::None => {}
-                ClientAction::Reply => {
-                    let _ = sock.try_send_to(shard.core.borrow().output(), from);
-                }
-                ClientAction::Relay {
-                    alloc,
-                    peer,
-                    start,
-                    end,
-                } => {
-                    shard.send_to_peer(alloc, peer, &buf[4 + start..4 + end]);
-                }
-                // TCP allocations, and so Connect and ConnectionBind, exist only on streams.
-                ClientAction::Connect { .. } | ClientAction::Bind { .. } => {}
-                ClientAction::Allocate(pending) => {
-                    drop(buf);
-                    shard.allocate(pending);
-                    let _ = sock.try_send_to(shard.core.borrow().output(), from);
+            let now = Instant::now();
+            for i in 0..n {
+                let Some(from) = batch.source(i) else {
+                    continue;
+                };
+                let client = ClientId {
+                    listener: index as u32,
+                    addr: from,
+                };
+                let packet = batch.payload(i);
+                let action = shard.core.borrow_mut().handle_client(packet, client, now);
+                match action {
+                    ClientAction::None => {}
+                    ClientAction::Reply => {
+                        let _ = sock.get_ref().send_to(shard.core.borrow().output(), from);
+                    }
+                    ClientAction::Relay {
+                        alloc,
+                        peer,
+                        start,
+                        end,
+                    } => {
+                        shard.send_to_peer(alloc, peer, &packet[start..end]);
+                    }
+                    // TCP allocations, and so Connect and ConnectionBind, exist only on streams.
+                    ClientAction::Connect { .. } | ClientAction::Bind { .. } => {}
+                    ClientAction::Allocate(pending) => {
+                        shard.allocate(pending);
+                        let _ = sock.get_ref().send_to(shard.core.borrow().output(), from);
+                    }
                 }
             }
+            if n < BATCH && n > 0 {
+                drained = true;
+                break;
+            }
         }
+        drop(guard);
         shard.process_events();
         if !drained {
             tokio::task::yield_now().await;
@@ -418,37 +467,44 @@ async fn listener_loop(shard: Rc<Shard>, index: usize) {
     }
 }
 
-async fn relay_loop(shard: Rc<Shard>, alloc: AllocId, sock: Rc<UdpSocket>) {
+async fn relay_loop(shard: Rc<Shard>, alloc: AllocId, sock: Rc<UdpSock>) {
     loop {
-        if sock.readable().await.is_err() {
+        let Ok(mut guard) = sock.readable().await else {
             return;
-        }
+        };
         let mut drained = false;
         for _ in 0..BUDGET {
-            let mut buf = shard.buf.borrow_mut();
-            let (n, peer) = match sock.try_recv_from(&mut buf[4..]) {
-                Ok(r) => r,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    drained = true;
-                    break;
-                }
-                Err(_) => continue,
+            let mut batch = shard.buf.borrow_mut();
+            let Some(n) = recv_batch(&mut guard, &mut batch) else {
+                drained = true;
+                break;
             };
-            let action =
-                shard
+            let now = Instant::now();
+            for i in 0..n {
+                let Some(peer) = batch.source(i) else {
+                    continue;
+                };
+                let (buf, len) = batch.slot_mut(i);
+                let action = shard
                     .core
                     .borrow_mut()
-                    .handle_peer(alloc, peer, &mut buf, n, Instant::now());
-            match action {
-                PeerAction::Drop => {}
-                PeerAction::ChannelData { client, len } => {
-                    shard.send_to_client(client, &buf[..4 + len])
-                }
-                PeerAction::DataIndication { client } => {
-                    shard.send_to_client(client, shard.core.borrow().output());
+                    .handle_peer(alloc, peer, buf, len, now);
+                match action {
+                    PeerAction::Drop => {}
+                    PeerAction::ChannelData { client, len } => {
+                        shard.send_to_client(client, &buf[..4 + len])
+                    }
+                    PeerAction::DataIndication { client } => {
+                        shard.send_to_client(client, shard.core.borrow().output());
+                    }
                 }
             }
+            if n < BATCH && n > 0 {
+                drained = true;
+                break;
+            }
         }
+        drop(guard);
         if !drained {
             tokio::task::yield_now().await;
         }
@@ -456,12 +512,25 @@ async fn relay_loop(shard: Rc<Shard>, alloc: AllocId, sock: Rc<UdpSocket>) {
 }
 
 impl Shard {
+    /// Queues a datagram for the end of this turn of the event loop.
+    #[inline]
+    fn queue(&self, sock: &Rc<UdpSock>, to: SocketAddr, data: &[u8]) {
+        let mut tx = self.tx.borrow_mut();
+        if tx.is_empty() {
+            self.tx_ready.notify_one();
+        }
+        tx.push(sock, to, data);
+        if tx.len() >= TX_MAX {
+            tx.flush();
+        }
+    }
+
     /// Sends to a client over its UDP listener or queues it on its stream connection.
     #[inline]
     fn send_to_client(&self, client: ClientId, data: &[u8]) {
         if client.listener < stream::STREAM_BASE {
             if let Some(l) = self.listeners.get(client.listener as usize) {
-                let _ = l.try_send_to(data, client.addr);
+                self.queue(l, client.addr, data);
             }
         } else if let Some(conn) = self.conns.borrow().get(&client.listener) {
             conn.push(data);
@@ -476,7 +545,7 @@ impl Shard {
         };
         let sock = if peer.is_ipv4() { &slot.v4 } else { &slot.v6 };
         if let Some(s) = sock {
-            let _ = s.try_send_to(payload, peer);
+            self.queue(s, peer, payload);
         }
     }
 
@@ -545,12 +614,12 @@ impl Shard {
         }
         let dont_fragment = p.dont_fragment;
         let id = self.core.borrow_mut().complete_allocate(*p, relayed, now);
-        let register = |s: Option<StdUdpSocket>| -> Option<Rc<UdpSocket>> {
+        let register = |s: Option<StdUdpSocket>| -> Option<Rc<UdpSock>> {
             let s = s?;
             if dont_fragment {
                 set_dont_fragment(&s);
             }
-            UdpSocket::from_std(s).ok().map(Rc::new)
+            batch::register(s).ok().map(Rc::new)
         };
         let mut slot = RelaySlot {
             v4: register(v4),

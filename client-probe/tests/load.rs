@@ -1,0 +1,218 @@
+//! `turnpike-probe load` against a real relay on loopback: every transport in both modes,
+//! Send indications with ephemeral credentials, a refused password, and the bounds.
+
+#[path = "../../server/tests/common/mod.rs"]
+mod common;
+
+use std::process::Command;
+
+use common::{Relay, TestCert};
+
+const SECRET: &str = "load-secret";
+
+fn relay(cert: &TestCert) -> Relay {
+    Relay::start(&[
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--listen",
+        "tls://127.0.0.1:0",
+        "--cert",
+        cert.cert.to_str().expect("path"),
+        "--key",
+        cert.key.to_str().expect("path"),
+        "--allow-peer",
+        "127.0.0.0/8",
+        "--user",
+        "alice:wonderland",
+        "--auth-secret",
+        SECRET,
+    ])
+}
+
+/// Runs the load generator (killed after 60 s); exit success, stdout, stderr.
+fn load(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg(env!("CARGO_BIN_EXE_turnpike-probe"))
+        .arg("load")
+        .args(args)
+        .output()
+        .expect("run turnpike-probe load");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn report(stdout: &str) -> serde_json::Value {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON in:\n{stdout}"));
+    serde_json::from_str(line).expect("one JSON document")
+}
+
+/// 4 allocations at 200 packets/s for 2 s: everything sent comes back, with sane figures.
+fn check_clean_run(relay_addr: &str, transport: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "--relay",
+        relay_addr,
+        "--transport",
+        transport,
+        "--allocations",
+        "4",
+        "--rate",
+        "200",
+        "--duration",
+        "2",
+        "--size",
+        "120",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let (ok, out, err) = load(&args);
+    assert!(ok, "{transport} {extra:?}: failed\n{out}\n{err}");
+    let r = report(&out);
+    let n = |k: &str| r[k].as_u64().unwrap_or_else(|| panic!("{k} in {r}"));
+    let what = format!("{transport} {extra:?}: {r}");
+    // 4 flows x 200/s x 2 s, less at most one tick of pacing per flow.
+    assert!((1550..=1604).contains(&n("sent")), "{what}");
+    assert_eq!(n("received"), n("sent"), "{what}");
+    assert_eq!(n("lost"), 0, "{what}");
+    assert_eq!(n("duplicates"), 0, "{what}");
+    assert_eq!(r["setup"]["allocations"], 4, "{what}");
+    let per_echo = if r["mode"] == "c2c" { 4 } else { 2 };
+    assert_eq!(n("relayed"), per_echo * n("received"), "{what}");
+    let rtt = &r["rtt_ms"];
+    let ms = |k: &str| rtt[k].as_f64().unwrap_or_else(|| panic!("rtt {k} in {r}"));
+    assert!(ms("p50") > 0.0, "{what}");
+    assert!(ms("p50") <= ms("p90"), "{what}");
+    assert!(ms("p90") <= ms("p99"), "{what}");
+    assert!(ms("p99") <= ms("max"), "{what}");
+    // Loopback through a relay: well under a second even on a loaded machine.
+    assert!(ms("max") < 1000.0, "{what}");
+    assert!(r["jitter_ms"].as_f64().is_some_and(|j| j >= 0.0), "{what}");
+    r
+}
+
+fn every_transport(mode: &str) {
+    let cert = TestCert::new("load", &["turn.test", "127.0.0.1"]);
+    let relay = relay(&cert);
+    let cred = [
+        "--user",
+        "alice",
+        "--password",
+        "wonderland",
+        "--mode",
+        mode,
+    ];
+    for (transport, addr) in [
+        ("udp", relay.udp),
+        ("tcp", relay.addr_of("tcp")),
+        ("tls", relay.addr_of("tls")),
+    ] {
+        let mut extra = cred.to_vec();
+        if transport == "tls" {
+            extra.push("--insecure");
+        }
+        let r = check_clean_run(&addr.to_string(), transport, &extra);
+        assert_eq!(r["transport"], transport);
+        assert_eq!(r["mode"], mode);
+        assert_eq!(r["framing"], "channel");
+    }
+}
+
+#[test]
+fn channels_to_peers_over_udp_tcp_and_tls() {
+    every_transport("peer");
+}
+
+#[test]
+fn channels_client_to_client_over_udp_tcp_and_tls() {
+    every_transport("c2c");
+}
+
+#[test]
+fn send_indications_with_ephemeral_credentials() {
+    let cert = TestCert::new("load-send", &["127.0.0.1"]);
+    let relay = relay(&cert);
+    for (transport, mode) in [("udp", "peer"), ("udp", "c2c"), ("tcp", "peer")] {
+        let addr = if transport == "udp" {
+            relay.udp
+        } else {
+            relay.addr_of("tcp")
+        };
+        let r = check_clean_run(
+            &addr.to_string(),
+            transport,
+            &["--secret", SECRET, "--send-indications", "--mode", mode],
+        );
+        assert_eq!(r["framing"], "send-indication");
+    }
+}
+
+#[test]
+fn a_wrong_password_fails_with_the_reason() {
+    let cert = TestCert::new("load-401", &["127.0.0.1"]);
+    let relay = relay(&cert);
+    let addr = relay.udp.to_string();
+    let (ok, out, err) = load(&[
+        "--relay",
+        &addr,
+        "--user",
+        "alice",
+        "--password",
+        "not-it",
+        "--duration",
+        "1",
+        "--json",
+    ]);
+    assert!(!ok, "a refused allocation must fail the run:\n{out}\n{err}");
+    assert!(err.contains("401"), "{err}");
+    let r = report(&out);
+    assert!(
+        r["failure"].as_str().is_some_and(|f| f.starts_with("401")),
+        "{r}"
+    );
+    // A shared secret the relay does not know is refused the same way.
+    let (ok, _, err) = load(&["--relay", &addr, "--secret", "other", "--duration", "1"]);
+    assert!(!ok && err.contains("401"), "{err}");
+}
+
+#[test]
+fn duration_size_and_count_are_bounded() {
+    for (flag, value) in [
+        ("--duration", "3601"),
+        ("--size", "8"),
+        ("--allocations", "0"),
+        ("--allocations", "20001"),
+        ("--rate", "1000000"),
+    ] {
+        let (ok, _, err) = load(&[
+            "--relay",
+            "127.0.0.1:9",
+            "--user",
+            "a",
+            "--password",
+            "b",
+            flag,
+            value,
+        ]);
+        assert!(!ok, "{flag} {value} accepted");
+        assert!(err.contains(flag), "{flag} {value}: {err}");
+    }
+    let (ok, _, err) = load(&[
+        "--relay",
+        "127.0.0.1:9",
+        "--user",
+        "a",
+        "--password",
+        "b",
+        "--mode",
+        "c2c",
+        "--allocations",
+        "3",
+    ]);
+    assert!(!ok && err.contains("even"), "{err}");
+}
