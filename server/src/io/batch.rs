@@ -14,6 +14,11 @@
 //! - [`TxQueue`] collects what the shard sends during one event-loop turn and leaves with one
 //!   `sendmmsg` per socket; datagrams of one size to one destination go as a single GSO send
 //!   (`UDP_SEGMENT`), which the kernel splits after routing them once.
+//!
+//! Written here rather than taken from `quinn-udp`, the maintained crate for batched UDP,
+//! because that crate sends one transmit (one destination) per `sendmsg`, while a relay
+//! socket's datagrams of one event-loop turn go to many clients and peers: one `sendmmsg`
+//! for all of them is what took the figures above from 4.92 s to 2.5 s.
 
 use std::cell::Cell;
 use std::io;
