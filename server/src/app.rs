@@ -405,12 +405,13 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
         if let Err(e) = echo_sockets.spawn(&echo) {
             tracing::error!(error = %e, "echo services not started");
         }
+        let mut stop = StopSignals::new();
         let mut hangup =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let mut poll_files = tokio::time::interval(Duration::from_millis(250));
         loop {
             tokio::select! {
-                _ = wait_for_signal() => break,
+                _ = stop.recv() => break,
                 Some(_) = async { hangup.as_mut()?.recv().await } => reloader.reload("SIGHUP"),
                 _ = poll_files.tick() => {
                     if reloader.changed() {
@@ -431,7 +432,7 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
         while shared.quotas.active() > 0 && Instant::now() < deadline {
             tokio::select! {
                 _ = poll.tick() => {}
-                _ = wait_for_signal() => break,
+                _ = stop.recv() => break,
             }
         }
         tracing::info!(active = shared.quotas.active(), "stopping");
@@ -470,17 +471,39 @@ fn raise_open_files_limit() {
     );
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, listened to once for the whole run: a signal that arrives while the
+/// main loop is busy elsewhere is kept for the next `recv`, not lost with a dropped listener.
+struct StopSignals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    fn new() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        StopSignals {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
+        }
+    }
+
+    async fn recv(&mut self) {
+        let term = async {
+            match self.term.as_mut() {
+                Some(s) => s.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        let int = async {
+            match self.int.as_mut() {
+                Some(s) => s.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = term => {}
+            _ = int => {}
+        }
     }
 }
 
