@@ -206,7 +206,15 @@ pub(super) fn resolve(
     let mut out: Vec<TenantSettings> = Vec::new();
     for (i, t) in list.iter().enumerate() {
         let at = |k: &str| format!("tenant[{i}].{k}");
-        let e = |k: &str, r: String| err(&at(k), r);
+        // Errors name the tenant too, not only its index.
+        let e = |k: &str, r: String| {
+            let who = if t.name.is_empty() {
+                String::new()
+            } else {
+                format!("tenant {:?}: ", t.name)
+            };
+            err(&at(k), format!("{who}{r}"))
+        };
         let name_ok = !t.name.is_empty()
             && t.name.len() <= 64
             && t.name
