@@ -11,22 +11,7 @@ use common::{Relay, TestCert};
 const SECRET: &str = "load-secret";
 
 fn relay(cert: &TestCert) -> Relay {
-    Relay::start(&[
-        "--listen",
-        "tcp://127.0.0.1:0",
-        "--listen",
-        "tls://127.0.0.1:0",
-        "--cert",
-        cert.cert.to_str().expect("path"),
-        "--key",
-        cert.key.to_str().expect("path"),
-        "--allow-peer",
-        "127.0.0.0/8",
-        "--user",
-        "alice:wonderland",
-        "--auth-secret",
-        SECRET,
-    ])
+    Relay::with_streams(cert, &["--auth-secret", SECRET])
 }
 
 /// Runs the load generator (killed after 60 s); exit success, stdout, stderr.

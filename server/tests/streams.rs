@@ -16,25 +16,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use turnpike::proto::stun::{attr, method, Builder, Class, TransactionId, MAGIC_COOKIE};
 
-fn relay_with_streams(cert: &TestCert, extra: &[&str]) -> Relay {
-    let mut args = vec![
-        "--listen",
-        "tcp://127.0.0.1:0",
-        "--listen",
-        "tls://127.0.0.1:0",
-        "--cert",
-        cert.cert.to_str().expect("path"),
-        "--key",
-        cert.key.to_str().expect("path"),
-        "--allow-peer",
-        "127.0.0.0/8",
-        "--user",
-        "alice:wonderland",
-    ];
-    args.extend_from_slice(extra);
-    Relay::start(&args)
-}
-
 fn binding(tid_byte: u8) -> (Vec<u8>, TransactionId) {
     let mut t = [tid_byte; 16];
     t[..4].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
@@ -47,7 +28,7 @@ fn binding(tid_byte: u8) -> (Vec<u8>, TransactionId) {
 #[test]
 fn coturn_uclient_over_tcp_and_tls_loses_nothing() {
     let cert = TestCert::new("uclient", &["turn.test", "127.0.0.1"]);
-    let relay = relay_with_streams(&cert, &[]);
+    let relay = Relay::with_streams(&cert, &[]);
     let tcp = relay.addr_of("tcp").port().to_string();
     let tls = relay.addr_of("tls").port().to_string();
     let out = run_tool(
@@ -120,7 +101,7 @@ fn coturn_uclient_over_tcp_and_tls_loses_nothing() {
 #[tokio::test]
 async fn https_http_and_turn_share_one_tls_port() {
     let cert = TestCert::new("share", &["turn.test", "127.0.0.1"]);
-    let relay = relay_with_streams(&cert, &[]);
+    let relay = Relay::with_streams(&cert, &[]);
     let port = relay.addr_of("tls");
 
     // HTTPS as a browser or curl sends it: ALPN http/1.1 and h2.
@@ -196,7 +177,7 @@ async fn https_http_and_turn_share_one_tls_port() {
 #[tokio::test]
 async fn tcp_allocation_relays_and_ends_with_its_connection() {
     let cert = TestCert::new("tcpalloc", &["turn.test"]);
-    let relay = relay_with_streams(&cert, &[]);
+    let relay = Relay::with_streams(&cert, &[]);
     let mut tcp = TcpStream::connect(relay.addr_of("tcp"))
         .await
         .expect("connect");
@@ -450,7 +431,7 @@ async fn connections_per_ip_are_capped_and_idle_ones_closed() {
 #[tokio::test]
 async fn turn_over_tls_through_an_http_connect_proxy() {
     let cert = TestCert::new("proxy", &["turn.test", "127.0.0.1"]);
-    let relay = relay_with_streams(&cert, &[]);
+    let relay = Relay::with_streams(&cert, &[]);
     let tls_addr = relay.addr_of("tls");
     // A real proxy: tinyproxy on loopback, allowing CONNECT to the relay's TLS port only.
     let proxy_port = free_port();
@@ -530,7 +511,7 @@ async fn turn_over_tls_through_an_http_connect_proxy() {
 #[test]
 fn aioice_relays_over_udp_tcp_and_tls() {
     let cert = TestCert::new("aioice", &["turn.test", "127.0.0.1"]);
-    let relay = relay_with_streams(&cert, &[]);
+    let relay = Relay::with_streams(&cert, &[]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/aioice_client.py");
     for (transport, addr) in [
         ("udp", relay.udp),
@@ -693,7 +674,7 @@ async fn sighup_and_file_changes_reload_without_dropping_allocations() {
 #[test]
 fn coturn_uclient_over_rfc6062_tcp_allocations_loses_nothing() {
     let cert = TestCert::new("rfc6062", &["turn.test"]);
-    let relay = relay_with_streams(&cert, &[]);
+    let relay = Relay::with_streams(&cert, &[]);
     let tcp = relay.addr_of("tcp").port().to_string();
     // -T: TCP relaying; -y: the two clients Connect to each other's relayed TCP address, so
     // both Connect and ConnectionAttempt/ConnectionBind are exercised.
@@ -769,7 +750,7 @@ async fn tcp_allocations_obey_the_peer_policy() {
 #[test]
 fn tls_listeners_speak_tls_1_2_and_1_3_only() {
     let cert = TestCert::new("versions", &["turn.test", "127.0.0.1"]);
-    let relay = relay_with_streams(&cert, &[]);
+    let relay = Relay::with_streams(&cert, &[]);
     let addr = relay.addr_of("tls").to_string();
     let handshake = |version: &str| {
         // `openssl s_client` reads stdin; give it none so it ends after the handshake.

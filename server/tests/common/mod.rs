@@ -79,6 +79,27 @@ impl Relay {
         Self::spawn(&args)
     }
 
+    /// Starts the relay with TCP and TLS listeners besides UDP, loopback peers allowed and
+    /// the static user alice:wonderland, plus `extra` flags.
+    pub fn with_streams(cert: &TestCert, extra: &[&str]) -> Relay {
+        let mut args = vec![
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--listen",
+            "tls://127.0.0.1:0",
+            "--cert",
+            cert.cert.to_str().expect("path"),
+            "--key",
+            cert.key.to_str().expect("path"),
+            "--allow-peer",
+            "127.0.0.0/8",
+            "--user",
+            "alice:wonderland",
+        ];
+        args.extend_from_slice(extra);
+        Self::start(&args)
+    }
+
     pub fn spawn(args: &[&str]) -> Relay {
         let mut child = Command::new(relay_binary())
             .args(args)
