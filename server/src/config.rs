@@ -768,7 +768,7 @@ impl Settings {
                 revoked: f.auth.revoked.clone(),
                 credential_ttl,
                 credential_max_ttl,
-                ice_urls: tenant::check_ice_urls(&f.auth.ice_urls, "auth.ice_urls", &file_err)?,
+                ice_urls: tenant::ice_urls(&f.auth.ice_urls, "auth.ice_urls", &file_err)?,
                 quotas: crate::proto::quota::Quotas {
                     total_allocations: None,
                     ..quotas.clone()

@@ -183,7 +183,7 @@ pub(super) fn ttls(
     Ok((ttl, max))
 }
 
-fn ice_urls(list: &[String], key: &str, err: ErrAt) -> Result<Vec<String>, Error> {
+pub(super) fn ice_urls(list: &[String], key: &str, err: ErrAt) -> Result<Vec<String>, Error> {
     for (i, u) in list.iter().enumerate() {
         if !(u.starts_with("turn:") || u.starts_with("turns:") || u.starts_with("stun:")) {
             return Err(err(
@@ -396,10 +396,6 @@ pub(super) fn test_page(
         regions: c.regions.clone(),
     };
     Ok((page, tenant))
-}
-
-pub(super) fn check_ice_urls(list: &[String], key: &str, err: ErrAt) -> Result<Vec<String>, Error> {
-    ice_urls(list, key, err)
 }
 
 /// Reads a revocation file: one entry a line, `USER` (revoked in every tenant) or
