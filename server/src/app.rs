@@ -84,9 +84,11 @@ fn core_config(
         max_lifetime: settings.max_lifetime,
         nonce_lifetime: settings.nonce_lifetime_secs,
         max_permissions: settings.max_permissions,
+        max_tcp_connections: settings.max_tcp_connections,
         relay_v4: plan.v4.is_some(),
         relay_v6: plan.v6.is_some(),
         software: settings.software.clone(),
+        relay_ports: plan.ports,
     }
 }
 
@@ -233,6 +235,7 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
         config,
         QuotaState::new(settings.quotas.total_allocations),
         nonce_key,
+        Instant::now(),
     ));
     let metrics = Arc::new(Metrics::new());
     metrics.set_capacity(settings.quotas.total_allocations, plan.ports);
@@ -327,13 +330,22 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let reservations = io::new_reservations();
+    let admission = io::admission::Admission::new(
+        settings.max_connections_per_ip,
+        settings.max_unallocated_connections,
+    );
+    let http_limits = io::stream::HttpLimits {
+        headers: Duration::from_secs(settings.tcp_handshake_timeout_secs),
+        long_poll_max: Duration::from_secs(settings.echo.long_poll_max_secs),
+    };
     let streams = Arc::new(io::stream::StreamContext {
         tls: arc_swap::ArcSwapOption::new(tls),
         upstream: settings.https_upstream,
         web_hostnames: settings.web_hostnames.clone(),
-        max_per_ip: settings.max_connections_per_ip,
+        admission: Arc::clone(&admission),
+        handshake_timeout: http_limits.headers,
         idle_timeout: Duration::from_secs(settings.tcp_idle_timeout_secs),
-        per_ip: Default::default(),
+        long_poll_max: http_limits.long_poll_max,
         pending: Default::default(),
         http: metrics::router(
             Arc::clone(&metrics),
@@ -400,7 +412,13 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
         if let Some(l) = metrics_listener {
             let app =
                 metrics::router(Arc::clone(&metrics), Arc::clone(&shared), true).merge(echo_routes);
-            tokio::spawn(metrics::serve(l, app));
+            tokio::spawn(metrics::serve(
+                l,
+                app,
+                Arc::clone(&admission),
+                http_limits,
+                Arc::clone(&metrics),
+            ));
         }
         if let Err(e) = echo_sockets.spawn(&echo) {
             tracing::error!(error = %e, "echo services not started");

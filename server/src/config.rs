@@ -319,6 +319,10 @@ pub struct TcpConfig {
     pub max_connections_per_ip: u32,
     #[serde(default = "default_idle")]
     pub idle_timeout_secs: u64,
+    #[serde(default = "default_handshake")]
+    pub handshake_timeout_secs: u64,
+    #[serde(default = "default_unallocated")]
+    pub max_unallocated_connections: usize,
 }
 
 impl Default for TcpConfig {
@@ -326,6 +330,8 @@ impl Default for TcpConfig {
         TcpConfig {
             max_connections_per_ip: default_per_ip(),
             idle_timeout_secs: default_idle(),
+            handshake_timeout_secs: default_handshake(),
+            max_unallocated_connections: default_unallocated(),
         }
     }
 }
@@ -335,6 +341,12 @@ fn default_per_ip() -> u32 {
 }
 fn default_idle() -> u64 {
     60
+}
+fn default_handshake() -> u64 {
+    10
+}
+fn default_unallocated() -> usize {
+    4096
 }
 
 #[derive(Debug, Deserialize)]
@@ -401,6 +413,8 @@ pub struct AllocationConfig {
     pub max_lifetime_secs: u32,
     #[serde(default = "default_max_permissions")]
     pub max_permissions: usize,
+    #[serde(default = "default_max_tcp_connections")]
+    pub max_tcp_connections: usize,
 }
 
 impl Default for AllocationConfig {
@@ -409,6 +423,7 @@ impl Default for AllocationConfig {
             default_lifetime_secs: default_lifetime(),
             max_lifetime_secs: default_max_lifetime(),
             max_permissions: default_max_permissions(),
+            max_tcp_connections: default_max_tcp_connections(),
         }
     }
 }
@@ -465,6 +480,9 @@ fn default_max_lifetime() -> u32 {
 fn default_max_permissions() -> usize {
     64
 }
+fn default_max_tcp_connections() -> usize {
+    32
+}
 
 /// A password or shared secret: its `Debug` never shows it, so it cannot reach a log.
 #[derive(Clone, PartialEq, Eq)]
@@ -520,6 +538,8 @@ pub struct Settings {
     pub https_metrics: bool,
     pub max_connections_per_ip: u32,
     pub tcp_idle_timeout_secs: u64,
+    pub tcp_handshake_timeout_secs: u64,
+    pub max_unallocated_connections: usize,
     pub echo: EchoSettings,
     pub relay_ips: Vec<IpAddr>,
     /// (advertised, bound) pairs.
@@ -537,6 +557,7 @@ pub struct Settings {
     pub default_lifetime: u32,
     pub max_lifetime: u32,
     pub max_permissions: usize,
+    pub max_tcp_connections: usize,
     pub allow_peer: Vec<IpNet>,
     pub deny_peer: Vec<IpNet>,
     pub quotas: crate::proto::quota::Quotas,
@@ -660,11 +681,28 @@ impl Settings {
             ),
             _ => None,
         };
-        if f.tcp.max_connections_per_ip == 0 {
-            return Err(file_err(
+        for (key, zero) in [
+            (
                 "tcp.max_connections_per_ip",
-                "must be above 0".into(),
-            ));
+                f.tcp.max_connections_per_ip == 0,
+            ),
+            ("tcp.idle_timeout_secs", f.tcp.idle_timeout_secs == 0),
+            (
+                "tcp.handshake_timeout_secs",
+                f.tcp.handshake_timeout_secs == 0,
+            ),
+            (
+                "tcp.max_unallocated_connections",
+                f.tcp.max_unallocated_connections == 0,
+            ),
+            (
+                "allocation.max_tcp_connections",
+                f.allocation.max_tcp_connections == 0,
+            ),
+        ] {
+            if zero {
+                return Err(file_err(key, "must be above 0".into()));
+            }
         }
         let external_ips = if cli.external_ips.is_empty() {
             parse_all(&f.external_ips, parse_external).map_err(|e| file_err("external_ips", e))?
@@ -884,6 +922,8 @@ impl Settings {
             https_metrics: f.https.metrics,
             max_connections_per_ip: f.tcp.max_connections_per_ip,
             tcp_idle_timeout_secs: f.tcp.idle_timeout_secs,
+            tcp_handshake_timeout_secs: f.tcp.handshake_timeout_secs,
+            max_unallocated_connections: f.tcp.max_unallocated_connections,
             echo,
             relay_ips,
             external_ips,
@@ -900,6 +940,7 @@ impl Settings {
             default_lifetime: f.allocation.default_lifetime_secs,
             max_lifetime,
             max_permissions: f.allocation.max_permissions,
+            max_tcp_connections: f.allocation.max_tcp_connections,
             allow_peer,
             deny_peer,
             quotas,

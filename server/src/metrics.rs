@@ -13,6 +13,8 @@ use prometheus::{
     Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::io::admission::{Admission, Refused};
+use crate::io::stream::{serve_http_stream, HttpLimits};
 use crate::proto::auth::AuthError;
 use crate::proto::server::{CoreStats, METHODS, RESULTS};
 use crate::proto::tenant::NO_TENANT;
@@ -33,6 +35,7 @@ pub const BUILD_INFO: &str = "turnpike_build_info";
 pub const ECHO_PACKETS_TOTAL: &str = "turnpike_echo_packets_total";
 pub const ECHO_DROPPED_TOTAL: &str = "turnpike_echo_dropped_total";
 pub const TENANT_ALLOCATIONS_ACTIVE: &str = "turnpike_tenant_allocations_active";
+pub const CONNECTIONS_REFUSED_TOTAL: &str = "turnpike_connections_refused_total";
 
 /// The echo services, the `transport` label of the echo metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +79,7 @@ pub struct Metrics {
     relay_ports: IntGauge,
     echo_packets: [IntCounter; 4],
     echo_dropped: [IntCounter; 4],
+    connections_refused: [IntCounter; 2],
 }
 
 /// The metric families with a `tenant` label.
@@ -225,8 +229,14 @@ impl Metrics {
             "Echo requests not answered (rate limit, loop protection, limits); TCP reads delayed by the rate limit.",
             &["transport"],
         );
+        let refused_vec = counter_vec(
+            CONNECTIONS_REFUSED_TOTAL,
+            "Stream connections closed at once: their source holds too many, or too many hold no allocation.",
+            &["reason"],
+        );
         Metrics {
             registry,
+            connections_refused: Refused::ALL.map(|r| refused_vec.with_label_values(&[r.label()])),
             allocations_active,
             families,
             tenants: std::sync::Mutex::new(Vec::new()),
@@ -250,6 +260,11 @@ impl Metrics {
             let c = self.families.counters(&names[tenants.len()]);
             tenants.push(c);
         }
+    }
+
+    /// A stream connection refused by [`crate::io::admission`].
+    pub fn connection_refused(&self, why: Refused) {
+        self.connections_refused[why as usize].inc();
     }
 
     /// One echo reply sent.
@@ -362,11 +377,39 @@ pub fn router(metrics: Arc<Metrics>, shared: Arc<Shared>, with_metrics: bool) ->
 }
 
 /// Serves the endpoints (built by [`router`] with metrics, plus any echo routes) on a bound
-/// listener until the process ends. Handlers see the client address as `ConnectInfo`.
-pub async fn serve(listener: tokio::net::TcpListener, app: Router) {
-    let app = app.into_make_service_with_connect_info::<SocketAddr>();
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!(error = %e, "metrics server stopped");
+/// listener until the process ends, under the same admission and time limits as the HTTP on
+/// the relay's stream listeners. Handlers see the client address as `ConnectInfo`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    admission: Arc<Admission>,
+    limits: HttpLimits,
+    metrics: Arc<Metrics>,
+) {
+    let mut backoff = std::time::Duration::from_millis(10);
+    loop {
+        let (tcp, from) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "metrics accept failed; backing off");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+                continue;
+            }
+        };
+        backoff = std::time::Duration::from_millis(10);
+        let admitted = match admission.admit(from.ip()) {
+            Ok(a) => a,
+            Err(why) => {
+                metrics.connection_refused(why);
+                continue;
+            }
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let _admitted = admitted;
+            let _ = serve_http_stream(app, tcp, from, false, limits).await;
+        });
     }
 }
 

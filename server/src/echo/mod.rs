@@ -51,6 +51,8 @@ pub const WS_IDLE: Duration = Duration::from_secs(60);
 pub const WS_LIFETIME: Duration = Duration::from_secs(600);
 /// ...and once this many bytes were echoed.
 pub const WS_MAX_BYTES: usize = 4 << 20;
+/// Where the long-poll echo is served.
+pub const LONG_POLL_PATH: &str = "/echo/poll";
 /// Long-polls held at once, in all; beyond, 503.
 const MAX_LONG_POLLS: usize = 4096;
 const UDP_BUFFER: usize = 1 << 20;
@@ -63,7 +65,8 @@ pub struct Echo {
     long_poll_max: Duration,
     conns_per_ip_max: u32,
     /// Open TCP echo connections and WebSockets: in all, and per source.
-    conns: Mutex<(usize, HashMap<IpAddr, u32>)>,
+    /// Per source: an IPv4 address or an IPv6 /64 ([`limiter::source_key`]).
+    conns: Mutex<(usize, HashMap<u128, u32>)>,
     long_polls: AtomicUsize,
 }
 
@@ -100,15 +103,16 @@ impl Echo {
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<ConnGuard> {
         let mut g = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let (total, per_ip) = &mut *g;
-        let n = per_ip.get(&ip).copied().unwrap_or(0);
+        let key = limiter::source_key(ip);
+        let n = per_ip.get(&key).copied().unwrap_or(0);
         if *total >= MAX_CONNECTIONS || n >= self.conns_per_ip_max {
             return None;
         }
         *total += 1;
-        per_ip.insert(ip, n + 1);
+        per_ip.insert(key, n + 1);
         Some(ConnGuard {
             echo: Arc::clone(self),
-            ip,
+            key,
         })
     }
 }
@@ -116,7 +120,7 @@ impl Echo {
 /// Counts a TCP echo connection or WebSocket for as long as it lives.
 struct ConnGuard {
     echo: Arc<Echo>,
-    ip: IpAddr,
+    key: u128,
 }
 
 impl Drop for ConnGuard {
@@ -124,10 +128,10 @@ impl Drop for ConnGuard {
         let mut g = self.echo.conns.lock().unwrap_or_else(|e| e.into_inner());
         let (total, per_ip) = &mut *g;
         *total = total.saturating_sub(1);
-        if let Some(n) = per_ip.get_mut(&self.ip) {
+        if let Some(n) = per_ip.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
-                per_ip.remove(&self.ip);
+                per_ip.remove(&self.key);
             }
         }
     }
@@ -323,7 +327,7 @@ pub fn routes(echo: &Arc<Echo>) -> Router {
         r = r.route("/echo/ws", get(ws_handler));
     }
     if !echo.long_poll_max.is_zero() {
-        r = r.route("/echo/poll", get(poll_handler));
+        r = r.route(LONG_POLL_PATH, get(poll_handler));
     }
     r.with_state(Arc::clone(echo))
 }

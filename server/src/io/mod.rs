@@ -10,6 +10,7 @@
 //! and size ([`batch`] has the measurements). Sends are non-blocking: a full socket buffer
 //! drops the datagram, as a router would.
 
+pub mod admission;
 pub mod batch;
 pub mod stream;
 mod tcp_relay;
@@ -22,7 +23,7 @@ use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rand::{Rng, RngCore};
+use rand::RngCore;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::task::JoinHandle;
 
@@ -30,9 +31,9 @@ use batch::{RecvBatch, TxQueue, UdpSock, BATCH, TX_MAX};
 
 use crate::config::{Listener, Settings, Transport};
 use crate::metrics::Metrics;
+use crate::proto::ports::{PortLease, RelayPorts, RelayTransport};
 use crate::proto::{
-    AllocId, ClientAction, ClientId, Clock, Core, Event, PeerAction, PendingAllocate, RelayAddrs,
-    Shared,
+    AllocId, ClientAction, ClientId, Core, Event, PeerAction, PendingAllocate, RelayAddrs, Shared,
 };
 use crate::Error;
 
@@ -49,6 +50,17 @@ const RELAY_SOCKET_BUFFER: usize = 1 << 20;
 const MAX_RESERVATIONS: usize = 1024;
 /// Timers, counters, and a reload's revocations are handled at this pace.
 const TICK: Duration = Duration::from_millis(250);
+/// Ports tried per relay socket before an Allocate gets 508: a port the registry hands out may
+/// still be held by another process.
+const BIND_ATTEMPTS: usize = 16;
+
+/// The wall clock in Unix seconds, read at each call (it may step while the relay runs).
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
 
 /// Where relay sockets bind and what clients are told.
 #[derive(Debug, Clone)]
@@ -175,7 +187,10 @@ impl Bound {
 
 /// A bound, non-blocking TCP socket with SO_REUSEADDR and SO_REUSEPORT: listener shards
 /// share an address this way, and so do an RFC 6062 allocation's listener and its outgoing
-/// connections.
+/// connections (RFC 6062 §5.2 has them leave from the relayed address, which Linux allows
+/// beside a listening socket only with SO_REUSEPORT on both). An allocation's port is its own
+/// by the relay's port registry, and [`pin_to_first`] keeps any other socket that joins the
+/// port from receiving its peers' connections.
 fn tcp_socket(addr: SocketAddr) -> std::io::Result<Socket> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if addr.is_ipv6() {
@@ -186,6 +201,47 @@ fn tcp_socket(addr: SocketAddr) -> std::io::Result<Socket> {
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
     Ok(sock)
+}
+
+/// Attaches a reuseport program that hands every new connection to the first listener of the
+/// port's SO_REUSEPORT group: the allocation's own, even if another socket (another process of
+/// the same user) binds the port too. Set before `listen`.
+fn pin_to_first(sock: &Socket) -> std::io::Result<()> {
+    // One classic BPF instruction: return 0, the index of the group's first socket.
+    let mut code = [libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: 0,
+    }];
+    let prog = libc::sock_fprog {
+        len: code.len() as u16,
+        filter: code.as_mut_ptr(),
+    };
+    // SAFETY: fd is a valid socket owned by `sock`; `prog` points at `code`, both alive for
+    // the call, and the kernel copies the program.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&prog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The listening socket of an RFC 6062 allocation on `addr`.
+fn tcp_relay_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let sock = tcp_socket(addr)?;
+    pin_to_first(&sock)?;
+    sock.listen(128)?;
+    Ok(sock.into())
 }
 
 fn tcp_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
@@ -254,7 +310,14 @@ pub fn bind_listeners(
 
 /// Sockets held for EVEN-PORT reservations, shared by the shards because the second Allocate
 /// usually comes from another client port, which may hash to another shard.
-type Reservations = Arc<Mutex<HashMap<[u8; 8], (StdUdpSocket, Instant)>>>;
+type Reservations = Arc<Mutex<HashMap<[u8; 8], (RelaySocket, Instant)>>>;
+
+/// A UDP relay socket on a port the registry gave it; the port is given back once the socket
+/// is closed (fields drop in order).
+pub struct RelaySocket {
+    sock: StdUdpSocket,
+    lease: PortLease,
+}
 
 struct RelaySlot {
     v4: Option<Rc<UdpSock>>,
@@ -290,6 +353,7 @@ struct Shard {
     tx_ready: tokio::sync::Notify,
     plan: RelayPlan,
     reservations: Reservations,
+    ports: Arc<RelayPorts>,
     metrics: Arc<Metrics>,
 }
 
@@ -316,11 +380,6 @@ pub fn run_shard(setup: ShardSetup, stop: tokio::sync::watch::Receiver<bool>) ->
         .build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let now = Instant::now();
-        let unix = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
         let mut seed = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut seed);
         let listeners = setup
@@ -328,18 +387,9 @@ pub fn run_shard(setup: ShardSetup, stop: tokio::sync::watch::Receiver<bool>) ->
             .into_iter()
             .map(|s| batch::register(s).map(Rc::new))
             .collect::<Result<Vec<_>, _>>()?;
+        let ports = Arc::clone(&setup.shared.ports);
         let shard = Rc::new(Shard {
-            core: RefCell::new(
-                Core::new(
-                    setup.shared,
-                    Clock {
-                        epoch: now,
-                        epoch_unix: unix,
-                    },
-                    seed,
-                )
-                .with_shard(setup.index),
-            ),
+            core: RefCell::new(Core::new(setup.shared, seed).with_shard(setup.index)),
             listeners,
             streams: setup.streams,
             conns: RefCell::new(HashMap::new()),
@@ -350,6 +400,7 @@ pub fn run_shard(setup: ShardSetup, stop: tokio::sync::watch::Receiver<bool>) ->
             tx_ready: tokio::sync::Notify::new(),
             plan: setup.plan,
             reservations: setup.reservations,
+            ports,
             metrics: setup.metrics,
         });
         for i in 0..shard.listeners.len() {
@@ -422,7 +473,7 @@ async fn listener_loop(shard: Rc<Shard>, index: usize) {
                 drained = true;
                 break;
             };
-            let now = Instant::now();
+            let (now, unix) = (Instant::now(), unix_now());
             for i in 0..n {
                 let Some(from) = batch.source(i) else {
                     continue;
@@ -432,7 +483,10 @@ async fn listener_loop(shard: Rc<Shard>, index: usize) {
                     addr: from,
                 };
                 let packet = batch.payload(i);
-                let action = shard.core.borrow_mut().handle_client(packet, client, now);
+                let action = shard
+                    .core
+                    .borrow_mut()
+                    .handle_client(packet, client, now, unix);
                 match action {
                     ClientAction::None => {}
                     ClientAction::Reply => {
@@ -467,7 +521,9 @@ async fn listener_loop(shard: Rc<Shard>, index: usize) {
     }
 }
 
-async fn relay_loop(shard: Rc<Shard>, alloc: AllocId, sock: Rc<UdpSock>) {
+/// Reads what peers send to one relay socket; holds the socket's port lease, so the port is
+/// free again only once this loop and its socket are gone.
+async fn relay_loop(shard: Rc<Shard>, alloc: AllocId, sock: Rc<UdpSock>, _lease: PortLease) {
     loop {
         let Ok(mut guard) = sock.readable().await else {
             return;
@@ -590,8 +646,7 @@ impl Shard {
             return self.allocate_tcp(*p);
         }
         let now = Instant::now();
-        let bound = self.bind_relay(&p);
-        let (v4, v6, reserved) = match bound {
+        let (v4, v6, reserved) = match self.bind_relay(&p) {
             Ok(b) => b,
             Err(code) => {
                 tracing::warn!(code, "allocation failed: no relay port");
@@ -599,9 +654,21 @@ impl Shard {
                 return;
             }
         };
-        let advertised = |s: &Option<StdUdpSocket>, fam: &Option<(IpAddr, IpAddr)>| {
-            let port = s.as_ref()?.local_addr().ok()?.port();
-            Some(SocketAddr::new(fam.as_ref()?.1, port))
+        // RFC 8656 §7.2: DONT-FRAGMENT the relay cannot honour is an unknown
+        // comprehension-required attribute.
+        if p.dont_fragment {
+            if let Some(e) = [&v4, &v6]
+                .into_iter()
+                .flatten()
+                .find_map(|s| set_dont_fragment(&s.sock).err())
+            {
+                tracing::warn!(error = %e, "DONT-FRAGMENT cannot be set: 420");
+                self.core.borrow_mut().fail_allocate(*p, 420, now);
+                return;
+            }
+        }
+        let advertised = |s: &Option<RelaySocket>, fam: &Option<(IpAddr, IpAddr)>| {
+            Some(SocketAddr::new(fam.as_ref()?.1, s.as_ref()?.lease.port()))
         };
         let relayed = RelayAddrs {
             v4: advertised(&v4, &self.plan.v4),
@@ -612,28 +679,28 @@ impl Shard {
                 r.insert(token, (sock, now + RESERVATION_TTL));
             }
         }
-        let dont_fragment = p.dont_fragment;
         let id = self.core.borrow_mut().complete_allocate(*p, relayed, now);
-        let register = |s: Option<StdUdpSocket>| -> Option<Rc<UdpSock>> {
-            let s = s?;
-            if dont_fragment {
-                set_dont_fragment(&s);
-            }
-            batch::register(s).ok().map(Rc::new)
-        };
         let mut slot = RelaySlot {
-            v4: register(v4),
-            v6: register(v6),
+            v4: None,
+            v6: None,
             tcp: None,
             tasks: Vec::new(),
             ended: Arc::new(tokio::sync::Notify::new()),
         };
-        for s in [&slot.v4, &slot.v6].into_iter().flatten() {
+        for (s, side) in [(v4, &mut slot.v4), (v6, &mut slot.v6)] {
+            let Some(RelaySocket { sock, lease }) = s else {
+                continue;
+            };
+            let Ok(sock) = batch::register(sock).map(Rc::new) else {
+                continue;
+            };
             slot.tasks.push(tokio::task::spawn_local(relay_loop(
                 Rc::clone(self),
                 id,
-                Rc::clone(s),
+                Rc::clone(&sock),
+                lease,
             )));
+            *side = Some(sock);
         }
         self.install(id, slot);
         tracing::debug!(alloc = id.0, ?relayed, "allocation created");
@@ -654,9 +721,9 @@ impl Shard {
         p: &PendingAllocate,
     ) -> Result<
         (
-            Option<StdUdpSocket>,
-            Option<StdUdpSocket>,
-            Option<StdUdpSocket>,
+            Option<RelaySocket>,
+            Option<RelaySocket>,
+            Option<RelaySocket>,
         ),
         u16,
     > {
@@ -667,9 +734,7 @@ impl Shard {
                 .ok()
                 .and_then(|mut r| r.remove(&token));
             return match taken {
-                Some((s, _)) if s.local_addr().is_ok_and(|a| a.is_ipv4()) => {
-                    Ok((Some(s), None, None))
-                }
+                Some((s, _)) if s.lease.ip().is_ipv4() => Ok((Some(s), None, None)),
                 Some((s, _)) => Ok((None, Some(s), None)),
                 None => Err(508),
             };
@@ -682,52 +747,86 @@ impl Shard {
         {
             return Err(508);
         }
-        let (lo, hi) = self.plan.ports;
-        let mut rng = rand::thread_rng();
-        let mut family = |fam: &Option<(IpAddr, IpAddr)>,
-                          want: bool|
-         -> Result<Option<(StdUdpSocket, Option<StdUdpSocket>)>, u16> {
+        let reserve = p.new_token.is_some();
+        let family = |fam: &Option<(IpAddr, IpAddr)>, want: bool| {
             if !want {
                 return Ok(None);
             }
             let Some((bind, _)) = fam else {
                 return Err(440);
             };
-            for _ in 0..64 {
-                let mut port = rng.gen_range(lo..=hi);
-                if p.even_port {
-                    port &= !1;
-                    if port < lo || port == u16::MAX {
-                        continue;
-                    }
-                }
-                let Ok(s) = udp_socket(SocketAddr::new(*bind, port), false, RELAY_SOCKET_BUFFER)
-                else {
-                    continue;
-                };
-                if p.new_token.is_none() {
-                    return Ok(Some((s, None)));
-                }
-                if port < hi {
-                    if let Ok(next) =
-                        udp_socket(SocketAddr::new(*bind, port + 1), false, RELAY_SOCKET_BUFFER)
-                    {
-                        return Ok(Some((s, Some(next))));
-                    }
-                }
-            }
-            Err(508)
+            self.bind_udp(*bind, p.even_port, reserve).map(Some)
         };
         let v4 = family(&self.plan.v4, p.want_v4)?;
         let v6 = family(&self.plan.v6, p.want_v6)?;
-        let reserved = v4.as_ref().and_then(|(_, r)| r.as_ref()).is_some();
         let (v4, r4) = v4.map_or((None, None), |(s, r)| (Some(s), r));
         let (v6, r6) = v6.map_or((None, None), |(s, r)| (Some(s), r));
-        Ok((v4, v6, if reserved { r4 } else { r6 }))
+        Ok((v4, v6, r4.or(r6)))
+    }
+
+    /// A UDP relay socket on `ip`, on a port the registry hands out (an even one for
+    /// EVEN-PORT), and with `reserve_next` the socket of the next port too.
+    fn bind_udp(
+        &self,
+        ip: IpAddr,
+        even: bool,
+        reserve_next: bool,
+    ) -> Result<(RelaySocket, Option<RelaySocket>), u16> {
+        let mut rng = rand::thread_rng();
+        // Ports another process holds stay taken until this call ends, so they are not drawn
+        // again.
+        let mut refused = Vec::new();
+        let bind = |lease: PortLease| match udp_socket(
+            SocketAddr::new(ip, lease.port()),
+            false,
+            RELAY_SOCKET_BUFFER,
+        ) {
+            Ok(sock) => Ok(RelaySocket { sock, lease }),
+            Err(_) => Err(lease),
+        };
+        for _ in 0..BIND_ATTEMPTS {
+            let lease = self
+                .ports
+                .take(RelayTransport::Udp, ip, even, &mut rng)
+                .ok_or(508u16)?;
+            let next = if reserve_next {
+                let port = lease.port().checked_add(1);
+                match port.and_then(|n| self.ports.take_port(RelayTransport::Udp, ip, n)) {
+                    Some(l) => Some(l),
+                    None => {
+                        refused.push(lease);
+                        continue;
+                    }
+                }
+            } else {
+                None
+            };
+            let first = match bind(lease) {
+                Ok(s) => s,
+                Err(lease) => {
+                    refused.push(lease);
+                    refused.extend(next);
+                    continue;
+                }
+            };
+            let Some(next) = next else {
+                return Ok((first, None));
+            };
+            match bind(next) {
+                Ok(second) => return Ok((first, Some(second))),
+                Err(lease) => {
+                    refused.push(lease);
+                    refused.push(first.lease);
+                }
+            }
+        }
+        Err(508)
     }
 }
 
-fn set_dont_fragment(s: &StdUdpSocket) {
+/// Sets the DF bit on what the socket sends (RFC 8656 §14/§15): IP_PMTUDISC_DO for IPv4,
+/// IPV6_DONTFRAG for IPv6.
+fn set_dont_fragment(s: &StdUdpSocket) -> std::io::Result<()> {
     let fd = std::os::fd::AsRawFd::as_raw_fd(s);
     let is_v4 = s.local_addr().is_ok_and(|a| a.is_ipv4());
     let (level, opt, val) = if is_v4 {
@@ -740,13 +839,18 @@ fn set_dont_fragment(s: &StdUdpSocket) {
         (libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 1)
     };
     // SAFETY: fd is a valid socket owned by `s`; the option value is a c_int.
-    unsafe {
+    let rc = unsafe {
         libc::setsockopt(
             fd,
             level,
             opt,
             (&val as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }

@@ -8,7 +8,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
@@ -19,16 +19,17 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
+use super::admission::{Admission, Admitted};
+use super::tcp_relay::{ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN};
 use super::Shard;
 use crate::config::{Listener, Transport};
-use crate::proto::{ClientAction, ClientId};
+use crate::proto::{ClientAction, ClientId, TcpQuota};
 
 pub use crate::proto::STREAM_BASE;
 /// Most bytes queued towards one slow stream client before datagrams for it are dropped.
 const OUTBOX_MAX: usize = 1 << 20;
 /// Longest STUN message or ChannelData frame on a stream.
 const MAX_FRAME: usize = 4 + 65_535 + 3;
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// ALPN ids: RFC 7443 for TURN and STUN, then HTTP/1.1 for the built-in endpoints.
 pub const ALPN_TURN: &[u8] = b"stun.turn";
@@ -48,31 +49,21 @@ pub struct StreamContext {
     pub upstream: Option<SocketAddr>,
     /// SNI names sent to the upstream; empty means every HTTP client when an upstream is set.
     pub web_hostnames: Vec<String>,
-    pub max_per_ip: u32,
+    /// Connections per source, and without an allocation in all.
+    pub admission: Arc<Admission>,
+    /// From accept to the first TURN frame or the end of the HTTP request headers: the PROXY
+    /// header, the TLS handshake and the first bytes must all arrive within it. HTTP
+    /// connections get it again for each further request's headers (keep-alive).
+    pub handshake_timeout: Duration,
+    /// A connection that holds no allocation is closed after this long without a byte.
     pub idle_timeout: Duration,
-    pub per_ip: Mutex<HashMap<IpAddr, u32>>,
+    /// Longest long-poll echo hold: an HTTP request's answer is due within the handshake
+    /// timeout, or this beside it for the long-poll echo.
+    pub long_poll_max: Duration,
     pub http: axum::Router,
     /// RFC 6062 peer connections waiting for their ConnectionBind, which any shard may get:
     /// the socket, and the wake-up for when its allocation ends.
     pub pending: Mutex<HashMap<u32, (std::net::TcpStream, Arc<Notify>)>>,
-}
-
-/// Counts a source's connection for as long as it lives.
-struct PerIpGuard<'a> {
-    ctx: &'a StreamContext,
-    ip: IpAddr,
-}
-
-impl Drop for PerIpGuard<'_> {
-    fn drop(&mut self) {
-        let mut m = self.ctx.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = m.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.ip);
-            }
-        }
-    }
 }
 
 impl StreamContext {
@@ -80,16 +71,6 @@ impl StreamContext {
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<u32, (std::net::TcpStream, Arc<Notify>)>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn admit(&self, ip: IpAddr) -> Option<PerIpGuard<'_>> {
-        let mut m = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(ip).or_insert(0);
-        if *n >= self.max_per_ip {
-            return None;
-        }
-        *n += 1;
-        Some(PerIpGuard { ctx: self, ip })
     }
 }
 
@@ -125,17 +106,23 @@ impl Outbox {
     }
 }
 
-/// Accepts connections on one of this shard's stream listeners.
+/// Accepts connections on one of this shard's stream listeners. A failed accept (EMFILE:
+/// out of descriptors) backs off, doubling, rather than spinning on the queued connection.
 pub(super) async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, cfg: Listener) {
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         let (tcp, from) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                if backoff == ACCEPT_BACKOFF_MIN {
+                    tracing::warn!(error = %e, "accept failed; backing off");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 continue;
             }
         };
+        backoff = ACCEPT_BACKOFF_MIN;
         let _ = tcp.set_nodelay(true);
         let shard = Rc::clone(&shard);
         tokio::task::spawn_local(async move {
@@ -153,8 +140,10 @@ async fn connection(
     cfg: Listener,
 ) -> std::io::Result<()> {
     let ctx = Arc::clone(&shard.streams);
+    // One deadline for everything before the connection says what it is.
+    let deadline = tokio::time::Instant::now() + ctx.handshake_timeout;
     let client_addr = if cfg.proxy_protocol {
-        match tokio::time::timeout(HELLO_TIMEOUT, read_proxy_header(&tcp)).await {
+        match tokio::time::timeout_at(deadline, read_proxy_header(&tcp)).await {
             Ok(Ok(Some(a))) => a,
             Ok(Ok(None)) => from,
             _ => return Ok(()),
@@ -162,12 +151,16 @@ async fn connection(
     } else {
         from
     };
-    let Some(_guard) = ctx.admit(client_addr.ip()) else {
-        tracing::debug!(client = %client_addr, "too many connections from this address");
-        return Ok(());
+    let admitted = match ctx.admission.admit(client_addr.ip()) {
+        Ok(a) => a,
+        Err(why) => {
+            shard.metrics.connection_refused(why);
+            tracing::debug!(client = %client_addr, reason = why.label(), "connection refused");
+            return Ok(());
+        }
     };
     let mut first = [0u8; 1];
-    let n = tokio::time::timeout(HELLO_TIMEOUT, tcp.peek(&mut first))
+    let n = tokio::time::timeout_at(deadline, tcp.peek(&mut first))
         .await
         .map_err(timeout)??;
     if n == 0 {
@@ -178,11 +171,20 @@ async fn connection(
     // other first byte is HTTP, whose methods would collide with ChannelData's 0x40-0x7F.
     if first[0] != 0x16 || cfg.transport != Transport::Tls {
         return match first[0] {
-            0x00 | 0x01 => turn_stream(&shard, tcp, client_addr, None, Vec::new()).await,
-            _ => serve_http(&ctx, tcp, client_addr, false).await,
+            0x00 | 0x01 => {
+                let start = Start {
+                    client_addr,
+                    host: None,
+                    head: Vec::new(),
+                    deadline,
+                    admitted,
+                };
+                turn_stream(&shard, tcp, start).await
+            }
+            _ => serve_http(&ctx, tcp, client_addr, false, admitted).await,
         };
     }
-    let hello = tokio::time::timeout(HELLO_TIMEOUT, client_hello(&tcp))
+    let hello = tokio::time::timeout_at(deadline, client_hello(&tcp))
         .await
         .map_err(timeout)??;
     let wants_turn = hello.alpn.iter().any(|p| p == ALPN_TURN || p == ALPN_STUN);
@@ -202,28 +204,49 @@ async fn connection(
     let Some(config) = ctx.tls.load_full() else {
         return Ok(());
     };
-    let start =
-        tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
-    let tls = start.into_stream(config).await?;
+    let handshake = async {
+        let start =
+            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
+        start.into_stream(config).await
+    };
+    let tls = tokio::time::timeout_at(deadline, handshake)
+        .await
+        .map_err(timeout)??;
     let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
     // The SNI host name selects the client's tenant.
     let host = tls.get_ref().1.server_name().map(str::to_owned);
     match alpn.as_deref() {
         Some(ALPN_TURN) | Some(ALPN_STUN) => {
-            turn_stream(&shard, tls, client_addr, host, Vec::new()).await
+            let start = Start {
+                client_addr,
+                host,
+                head: Vec::new(),
+                deadline,
+                admitted,
+            };
+            turn_stream(&shard, tls, start).await
         }
-        Some(_) => serve_http(&ctx, tls, client_addr, true).await,
+        Some(_) => serve_http(&ctx, tls, client_addr, true, admitted).await,
         None => {
             // No ALPN (most TURN clients, Chromium among them): the first decrypted byte says.
             let mut tls = tls;
             let mut head = vec![0u8; 4096];
-            let n = tokio::time::timeout(HELLO_TIMEOUT, tls.read(&mut head))
+            let n = tokio::time::timeout_at(deadline, tls.read(&mut head))
                 .await
                 .map_err(timeout)??;
             head.truncate(n);
             match head.first() {
                 None => Ok(()),
-                Some(0x00 | 0x01) => turn_stream(&shard, tls, client_addr, host, head).await,
+                Some(0x00 | 0x01) => {
+                    let start = Start {
+                        client_addr,
+                        host,
+                        head,
+                        deadline,
+                        admitted,
+                    };
+                    turn_stream(&shard, tls, start).await
+                }
                 Some(_) => {
                     serve_http(
                         &ctx,
@@ -234,12 +257,24 @@ async fn connection(
                         },
                         client_addr,
                         true,
+                        admitted,
                     )
                     .await
                 }
             }
         }
     }
+}
+
+/// What a TURN stream starts with: the client (as a PROXY header named it), the TLS SNI name
+/// (which selects the tenant), bytes already read, the deadline of its first frame, and its
+/// place among the admitted connections.
+struct Start {
+    client_addr: SocketAddr,
+    host: Option<String>,
+    head: Vec<u8>,
+    deadline: tokio::time::Instant,
+    admitted: Admitted,
 }
 
 fn timeout(_: tokio::time::error::Elapsed) -> std::io::Error {
@@ -382,35 +417,74 @@ async fn serve_http<S>(
     stream: S,
     client: SocketAddr,
     tls: bool,
+    _admitted: Admitted,
 ) -> std::io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let router = ctx.http.clone();
+    let limits = HttpLimits {
+        headers: ctx.handshake_timeout,
+        long_poll_max: ctx.long_poll_max,
+    };
+    serve_http_stream(ctx.http.clone(), stream, client, tls, limits).await
+}
+
+/// How long an HTTP client may take: to send a request's headers (and, between requests of a
+/// kept-alive connection, to start the next), and to send the rest of a request so it can be
+/// answered; the long-poll echo's hold comes on top of the latter.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    pub headers: Duration,
+    pub long_poll_max: Duration,
+}
+
+/// Serves `router` on one HTTP/1.1 connection within `limits`: slow headers close the
+/// connection, a slow request body gets 408.
+pub async fn serve_http_stream<S>(
+    router: axum::Router,
+    stream: S,
+    client: SocketAddr,
+    tls: bool,
+    limits: HttpLimits,
+) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    use axum::response::IntoResponse;
     let service =
         hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             req.extensions_mut()
                 .insert(axum::extract::ConnectInfo(client));
             req.extensions_mut().insert(Secure(tls));
+            let answer_within = if req.uri().path() == crate::echo::LONG_POLL_PATH {
+                limits.headers + limits.long_poll_max
+            } else {
+                limits.headers
+            };
             let mut router = router.clone();
-            tower_service::Service::call(&mut router, req)
+            let call = tower_service::Service::call(&mut router, req);
+            async move {
+                match tokio::time::timeout(answer_within, call).await {
+                    Ok(answer) => answer,
+                    Err(_) => Ok((
+                        axum::http::StatusCode::REQUEST_TIMEOUT,
+                        "request too slow\n",
+                    )
+                        .into_response()),
+                }
+            }
         });
     hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.headers)
         .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
         .with_upgrades()
         .await
         .map_err(std::io::Error::other)
 }
 
-/// Runs TURN over a stream: STUN messages and ChannelData framed back to back. `host` is the
-/// TLS SNI name, which selects the tenant.
-async fn turn_stream<S>(
-    shard: &Rc<Shard>,
-    stream: S,
-    client_addr: SocketAddr,
-    host: Option<String>,
-    head: Vec<u8>,
-) -> std::io::Result<()>
+/// Runs TURN over a stream: STUN messages and ChannelData framed back to back.
+async fn turn_stream<S>(shard: &Rc<Shard>, stream: S, start: Start) -> std::io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + 'static,
 {
@@ -420,29 +494,41 @@ where
         .set(if id == u32::MAX { STREAM_BASE } else { id + 1 });
     let client = ClientId {
         listener: id,
-        addr: client_addr,
+        addr: start.client_addr,
     };
-    if let Some(h) = &host {
+    if let Some(h) = &start.host {
         shard.core.borrow_mut().set_client_host(client, h);
     }
     let outbox = Rc::new(Outbox::new());
     shard.conns.borrow_mut().insert(id, Rc::clone(&outbox));
     let (mut rd, wr) = tokio::io::split(stream);
     let writer = tokio::task::spawn_local(write_loop(Rc::clone(&outbox), wr));
-    let result = read_loop(shard, &mut rd, client, &outbox, head).await;
+    let mut admitted = start.admitted;
+    let result = read_loop(
+        shard,
+        &mut rd,
+        client,
+        &outbox,
+        start.head,
+        start.deadline,
+        &mut admitted,
+    )
+    .await;
     outbox.closed.set(true);
     shard.conns.borrow_mut().remove(&id);
     shard.core.borrow_mut().close_client(client);
     shard.process_events();
     match result {
         // RFC 6062: this data connection is bound; once the success response is written it
-        // carries the peer's bytes unframed.
-        Ok(Some((connection, early))) => {
+        // carries the peer's bytes unframed, as part of its allocation.
+        Ok(Some((connection, quota, early))) => {
+            admitted.allocated();
             outbox.notify.notify_one();
             let Ok(Some(wr)) = writer.await else {
+                shard.core.borrow().shared().connection_ended(connection);
                 return Ok(());
             };
-            shard.pipe(connection, rd.unsplit(wr), &early).await
+            shard.pipe(connection, rd.unsplit(wr), &early, quota).await
         }
         Ok(None) => {
             writer.abort();
@@ -456,16 +542,22 @@ where
 }
 
 /// Reads frames until the connection closes (`None`), or until a ConnectionBind made it an
-/// RFC 6062 data connection (the connection id, and any bytes read after the request).
+/// RFC 6062 data connection (the connection id, its quota, and any bytes read after the
+/// request). The first frame is due by `deadline`; later, a connection that holds no
+/// allocation is closed after the idle timeout without a byte, or when it cannot count as
+/// unallocated again.
 async fn read_loop<R: AsyncRead + Unpin>(
     shard: &Rc<Shard>,
     rd: &mut R,
     client: ClientId,
     outbox: &Outbox,
     mut buf: Vec<u8>,
-) -> std::io::Result<Option<(u32, Vec<u8>)>> {
+    deadline: tokio::time::Instant,
+    admitted: &mut Admitted,
+) -> std::io::Result<Option<(u32, TcpQuota, Vec<u8>)>> {
     let idle = shard.streams.idle_timeout;
     let mut chunk = vec![0u8; 16 * 1024];
+    let mut framed = false;
     loop {
         let mut pos = 0;
         while let Some(len) = frame_len(&buf[pos..]) {
@@ -478,10 +570,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
             if buf.len() - pos < len {
                 break;
             }
+            framed = true;
             let bound = handle_frame(shard, &buf[pos..pos + len], client, outbox);
             pos += len;
-            if let Some(connection) = bound {
-                return Ok(Some((connection, buf.split_off(pos))));
+            if let Some((connection, quota)) = bound {
+                return Ok(Some((connection, quota, buf.split_off(pos))));
             }
         }
         if pos < buf.len() && frame_len(&buf[pos..]).is_none() && buf.len() - pos >= 4 {
@@ -491,12 +584,24 @@ async fn read_loop<R: AsyncRead + Unpin>(
             ));
         }
         buf.drain(..pos);
-        // A connection that holds no allocation must show activity; one that does lives as
-        // long as its allocation, which the client refreshes.
+        // A connection that holds an allocation lives as long as it, which the client
+        // refreshes; one that holds none must show activity, and its first frame must come
+        // within the handshake deadline.
         let n = if shard.core.borrow().has_allocation(client) {
+            admitted.allocated();
             rd.read(&mut chunk).await?
         } else {
-            tokio::time::timeout(idle, rd.read(&mut chunk))
+            if !admitted.unallocated() {
+                return Err(std::io::Error::other(
+                    "too many connections without an allocation",
+                ));
+            }
+            let until = if framed {
+                tokio::time::Instant::now() + idle
+            } else {
+                deadline
+            };
+            tokio::time::timeout_at(until, rd.read(&mut chunk))
                 .await
                 .map_err(timeout)??
         };
@@ -521,12 +626,19 @@ fn frame_len(buf: &[u8]) -> Option<usize> {
     }
 }
 
-/// Handles one frame; returns the connection id when it bound this connection (RFC 6062).
-fn handle_frame(shard: &Rc<Shard>, frame: &[u8], client: ClientId, outbox: &Outbox) -> Option<u32> {
-    let action = shard
-        .core
-        .borrow_mut()
-        .handle_client(frame, client, Instant::now());
+/// Handles one frame; returns the connection id and its quota when it bound this connection
+/// (RFC 6062).
+fn handle_frame(
+    shard: &Rc<Shard>,
+    frame: &[u8],
+    client: ClientId,
+    outbox: &Outbox,
+) -> Option<(u32, TcpQuota)> {
+    let action =
+        shard
+            .core
+            .borrow_mut()
+            .handle_client(frame, client, Instant::now(), super::unix_now());
     let mut bound = None;
     match action {
         ClientAction::None => {}
@@ -548,9 +660,9 @@ fn handle_frame(shard: &Rc<Shard>, frame: &[u8], client: ClientId, outbox: &Outb
             peer,
             connection,
         } => shard.start_connect(alloc, peer, connection),
-        ClientAction::Bind { connection } => {
+        ClientAction::Bind { connection, quota } => {
             outbox.push(shard.core.borrow().output());
-            bound = Some(connection);
+            bound = Some((connection, quota));
         }
     }
     shard.process_events();

@@ -6,15 +6,31 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rand::Rng;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use super::{RelaySlot, Shard};
-use crate::proto::{AllocId, PendingAllocate, RelayAddrs};
+use super::{RelaySlot, Shard, BIND_ATTEMPTS};
+use crate::proto::ports::{PortLease, RelayTransport};
+use crate::proto::{AllocId, PendingAllocate, RelayAddrs, TcpQuota};
 
 /// RFC 6062 §5.2: how long a Connect may take before it fails with 447.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// After a failed accept (EMFILE, ENFILE, ENOBUFS), the listener waits this long, doubling up
+/// to [`ACCEPT_BACKOFF_MAX`], instead of trying again at once: the connection that could not
+/// be accepted stays queued, so an immediate retry would spin.
+pub(super) const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+pub(super) const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Bytes read at once from either side of a data connection.
+const PIPE_CHUNK: usize = 16 * 1024;
+/// How often a data connection whose quota is spent looks again.
+const QUOTA_WAIT: Duration = Duration::from_millis(10);
+
+/// An allocation's listening socket and the lease of its port, closed and given back together
+/// (fields drop in order).
+struct RelayListener {
+    listener: TcpListener,
+    _lease: PortLease,
+}
 
 impl Shard {
     /// Binds the listening socket of a TCP allocation and completes it.
@@ -25,18 +41,10 @@ impl Shard {
         } else {
             self.plan.v4
         };
-        let (lo, hi) = self.plan.ports;
-        let bound = fam.and_then(|(bind, advertised)| {
-            let mut rng = rand::thread_rng();
-            (0..64).find_map(|_| {
-                let addr = SocketAddr::new(bind, rng.gen_range(lo..=hi));
-                let sock = super::tcp_socket(addr).ok()?;
-                sock.listen(128).ok()?;
-                let listener = TcpListener::from_std(sock.into()).ok()?;
-                Some((listener, addr, SocketAddr::new(advertised, addr.port())))
-            })
-        });
-        let Some((listener, local, advertised)) = bound else {
+        let Some((bound, local, advertised)) = fam.and_then(|(ip, advertised)| {
+            let (listener, local) = self.bind_tcp_relay(ip)?;
+            Some((listener, local, SocketAddr::new(advertised, local.port())))
+        }) else {
             self.core.borrow_mut().fail_allocate(p, 508, now);
             return;
         };
@@ -59,12 +67,35 @@ impl Shard {
             tasks: vec![tokio::task::spawn_local(accept_peers(
                 Rc::clone(self),
                 id,
-                listener,
+                bound,
             ))],
             ended: Arc::new(tokio::sync::Notify::new()),
         };
         self.install(id, slot);
         tracing::debug!(alloc = id.0, %advertised, "TCP allocation created");
+    }
+
+    /// A listening socket on `ip`, on a TCP port of the registry's.
+    fn bind_tcp_relay(&self, ip: std::net::IpAddr) -> Option<(RelayListener, SocketAddr)> {
+        let mut rng = rand::thread_rng();
+        // Ports another process holds stay taken until this call ends (not drawn again).
+        let mut refused = Vec::new();
+        for _ in 0..BIND_ATTEMPTS {
+            let lease = self.ports.take(RelayTransport::Tcp, ip, false, &mut rng)?;
+            let addr = SocketAddr::new(ip, lease.port());
+            let bound = super::tcp_relay_listener(addr).and_then(TcpListener::from_std);
+            match bound {
+                Ok(listener) => {
+                    let relay = RelayListener {
+                        listener,
+                        _lease: lease,
+                    };
+                    return Some((relay, addr));
+                }
+                Err(_) => refused.push(lease),
+            }
+        }
+        None
     }
 
     /// Opens the connection a Connect asked for and answers the client.
@@ -121,35 +152,104 @@ impl Shard {
         }
     }
 
-    /// Joins a bound data connection with its peer connection until either side closes or
-    /// the allocation ends. `early` holds bytes the client sent right after ConnectionBind.
+    /// Joins a bound data connection with its peer connection until both sides have closed,
+    /// either fails, or the allocation ends; the bytes are charged to `quota` and counted in
+    /// the metrics. `early` holds bytes the client sent right after ConnectionBind.
     pub(super) async fn pipe<S>(
         &self,
         connection: u32,
-        mut client: S,
+        client: S,
         early: &[u8],
+        quota: TcpQuota,
     ) -> std::io::Result<()>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
-        let Some((peer, ended)) = self.streams.pending_peers().remove(&connection) else {
-            return Ok(());
+        let taken = self.streams.pending_peers().remove(&connection);
+        let result = match taken {
+            None => Ok(()),
+            Some((peer, ended)) => {
+                let peer = tokio::net::TcpStream::from_std(peer)?;
+                let ended = ended.notified();
+                let (mut client_rd, mut client_wr) = tokio::io::split(client);
+                let (mut peer_rd, mut peer_wr) = tokio::io::split(peer);
+                let both = async {
+                    self.charge(&quota, early.len(), true).await;
+                    peer_wr.write_all(early).await?;
+                    let up = self.relay_bytes(&mut client_rd, &mut peer_wr, &quota, true);
+                    let down = self.relay_bytes(&mut peer_rd, &mut client_wr, &quota, false);
+                    tokio::try_join!(up, down).map(|_| ())
+                };
+                tokio::select! {
+                    r = both => r,
+                    _ = ended => Ok(()),
+                }
+            }
         };
-        let mut peer = tokio::net::TcpStream::from_std(peer)?;
-        let ended = ended.notified();
-        peer.write_all(early).await?;
-        tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut client, &mut peer) => r.map(|_| ()),
-            _ = ended => Ok(()),
+        self.core.borrow().shared().connection_ended(connection);
+        result
+    }
+
+    /// Copies one direction of a data connection until end of stream, each read waiting until
+    /// the quotas have room for it.
+    async fn relay_bytes<R, W>(
+        &self,
+        from: &mut R,
+        to: &mut W,
+        quota: &TcpQuota,
+        to_peer: bool,
+    ) -> std::io::Result<()>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut buf = vec![0u8; quota.max_chunk(PIPE_CHUNK)];
+        loop {
+            let n = from.read(&mut buf).await?;
+            if n == 0 {
+                return to.shutdown().await;
+            }
+            self.charge(quota, n, to_peer).await;
+            to.write_all(&buf[..n]).await?;
+        }
+    }
+
+    /// Waits until the quotas let `bytes` through, then counts them. More than the smallest
+    /// bucket holds is taken in parts.
+    async fn charge(&self, quota: &TcpQuota, bytes: usize, to_peer: bool) {
+        let shared = Arc::clone(self.core.borrow().shared());
+        let part = quota.max_chunk(bytes);
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(part);
+            while !quota.allow(&shared, Instant::now(), n) {
+                tokio::time::sleep(QUOTA_WAIT).await;
+            }
+            left -= n;
+        }
+        if bytes > 0 {
+            self.core
+                .borrow_mut()
+                .count_stream_bytes(quota.tenant, to_peer, bytes);
         }
     }
 }
 
-async fn accept_peers(shard: Rc<Shard>, alloc: AllocId, listener: TcpListener) {
+/// Accepts the peers of one TCP allocation (closed by the core without a permission or beyond
+/// the allocation's connection limit).
+async fn accept_peers(shard: Rc<Shard>, alloc: AllocId, relay: RelayListener) {
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            continue;
+        let (stream, peer) = match relay.listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(alloc = alloc.0, error = %e, "peer accept failed; backing off");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
         };
+        backoff = ACCEPT_BACKOFF_MIN;
         let now = Instant::now();
         let attempt = shard.core.borrow_mut().peer_connected(alloc, peer, now);
         let Some((client, connection)) = attempt else {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::auth::Credentials;
 use super::policy::PeerPolicy;
 use super::quota::QuotaState;
-use super::server::{AllocId, ClientAction, ClientId, Clock, Core, CoreConfig, RelayAddrs, Shared};
+use super::server::{AllocId, ClientAction, ClientId, Core, CoreConfig, RelayAddrs, Shared};
 use super::stun::{attr, method, Builder, Class, Message, TransactionId};
 use super::tenant::Tenants;
 
@@ -43,18 +43,17 @@ pub fn core(data: &[u8]) -> super::TenantStats {
         max_lifetime: 3600,
         nonce_lifetime: 600,
         max_permissions: 8,
+        max_tcp_connections: 8,
         relay_v4: true,
         relay_v6: true,
         software: None,
+        relay_ports: (49152, 65535),
     };
-    let shared = Arc::new(Shared::new(config, QuotaState::new(None), [0; 32]));
     let start = Instant::now();
-    let clock = Clock {
-        epoch: start,
-        epoch_unix: 1_800_000_000,
-    };
+    let shared = Arc::new(Shared::new(config, QuotaState::new(None), [0; 32], start));
+    let unix_at = |now: Instant| 1_800_000_000 + (now - start).as_secs();
     let mut now = start;
-    let mut core = Core::new(Arc::clone(&shared), clock, [0; 32]);
+    let mut core = Core::new(Arc::clone(&shared), [0; 32]);
     let key = super::auth::long_term_key("u", REALM, "p");
     let mut bytes = data.iter().copied();
     let mut next = move || bytes.next();
@@ -85,7 +84,7 @@ pub fn core(data: &[u8]) -> super::TenantStats {
         let mut nonce = [0u8; 37];
         let nonce = shared
             .nonces
-            .issue(client.addr, clock.unix(now), &mut nonce)
+            .issue(client.addr, unix_at(now), &mut nonce)
             .to_vec();
         let signed = |packet: &mut Vec<u8>, m: u16, extra: &dyn Fn(&mut Builder<'_>)| {
             let mut b = Builder::new(packet, Class::Request, m, tid);
@@ -178,7 +177,12 @@ pub fn core(data: &[u8]) -> super::TenantStats {
                 continue;
             }
         }
-        let action = core.handle_client(&packet, client, now);
+        let action = core.handle_client(&packet, client, now, unix_at(now));
+        if let ClientAction::Bind { connection, .. } = action {
+            if flags & 2 != 0 {
+                shared.connection_ended(connection);
+            }
+        }
         if let ClientAction::Connect { connection, .. } = action {
             connections.push(connection);
             let _ = core.connect_done(connection, flags & 1 == 0, now);

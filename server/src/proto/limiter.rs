@@ -49,8 +49,9 @@ pub struct Limiter {
     last_sweep: Option<Instant>,
 }
 
-/// The key of a source: IPv4 as its IPv4-mapped IPv6 form, IPv6 as its /64.
-fn key(ip: IpAddr) -> u128 {
+/// The key of a source: IPv4 as its IPv4-mapped IPv6 form, IPv6 as its /64 (one host commonly
+/// holds a whole /64, so limits per IPv6 address would limit nothing).
+pub fn source_key(ip: IpAddr) -> u128 {
     match ip.to_canonical() {
         IpAddr::V4(v4) => u128::from(v4.to_ipv6_mapped()),
         IpAddr::V6(v6) => u128::from(v6) & !u128::from(u64::MAX),
@@ -99,7 +100,7 @@ impl Limiter {
     /// May `ip` send one message of `len` bytes now? Takes the tokens when it may; a refused
     /// message takes nothing.
     pub fn allow(&mut self, ip: IpAddr, len: usize, now: Instant) -> bool {
-        let k = key(ip);
+        let k = source_key(ip);
         let rates = self.rates;
         if !self.table.contains_key(&k) {
             if self.table.len() >= self.max_sources {
@@ -129,11 +130,11 @@ impl Limiter {
     /// active sources, a source it does not know counts as exhausted, as `allow` refuses it.
     pub fn exhausted(&mut self, ip: IpAddr, now: Instant) -> bool {
         let rates = self.rates;
-        if !self.table.contains_key(&key(ip)) && self.table.len() >= self.max_sources {
+        if !self.table.contains_key(&source_key(ip)) && self.table.len() >= self.max_sources {
             self.sweep(now);
         }
         let full = self.table.len() >= self.max_sources;
-        match self.table.get_mut(&key(ip)) {
+        match self.table.get_mut(&source_key(ip)) {
             None => full,
             Some(b) => {
                 Self::refill(rates, b, now);

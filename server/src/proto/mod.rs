@@ -6,12 +6,13 @@ pub mod auth;
 pub mod fuzz;
 pub mod limiter;
 pub mod policy;
+pub mod ports;
 pub mod quota;
 pub mod server;
 pub mod stun;
 pub mod tenant;
 
 pub use server::{
-    AllocId, ClientAction, ClientId, Clock, Core, CoreConfig, CoreStats, Event, PeerAction,
-    PendingAllocate, RelayAddrs, Shared, TenantStats, STREAM_BASE,
+    AllocId, ClientAction, ClientId, Core, CoreConfig, CoreStats, Event, PeerAction,
+    PendingAllocate, RelayAddrs, Shared, TcpQuota, TenantStats, STREAM_BASE,
 };

@@ -76,6 +76,15 @@ impl UserState {
         }
         false
     }
+
+    /// The lowest bandwidth quota over this user (its own or its tenant's), bytes per second.
+    pub fn min_rate(&self) -> Option<u64> {
+        [&self.bandwidth, &self.tenant.bandwidth]
+            .into_iter()
+            .flatten()
+            .map(|b| b.rate)
+            .min()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -281,6 +290,21 @@ impl AtomicBucket {
             return false;
         }
         true
+    }
+
+    /// Gives back what `allow` took for bytes not sent after all.
+    pub fn refund(&self, bytes: i64) {
+        let cap = self.rate as i64;
+        let _ = self
+            .tokens
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                Some((t + bytes).min(cap))
+            });
+    }
+
+    /// Bytes per second.
+    pub fn rate(&self) -> u64 {
+        self.rate
     }
 }
 

@@ -15,6 +15,8 @@ const EPOCH_UNIX: u64 = 1_800_000_000;
 struct Harness {
     core: Core,
     now: Instant,
+    /// The wall clock the IO layer would read, in Unix seconds.
+    unix: u64,
     next_port: u16,
     relay_ip: IpAddr,
 }
@@ -27,7 +29,7 @@ struct Client {
     tid: u8,
 }
 
-fn config(quotas: Quotas, allow_loopback: bool) -> Arc<Shared> {
+fn config(quotas: Quotas, allow_loopback: bool, epoch: Instant) -> Arc<Shared> {
     let allow = if allow_loopback {
         vec!["127.0.0.0/8".parse().expect("net")]
     } else {
@@ -59,14 +61,17 @@ fn config(quotas: Quotas, allow_loopback: bool) -> Arc<Shared> {
         max_lifetime: 3600,
         nonce_lifetime: 600,
         max_permissions: 4,
+        max_tcp_connections: 8,
         relay_v4: true,
         relay_v6: false,
         software: Some("turnpike-test".into()),
+        relay_ports: (49152, 65535),
     };
     Arc::new(Shared::new(
         cfg,
         QuotaState::new(quotas.total_allocations),
         [9; 32],
+        epoch,
     ))
 }
 
@@ -77,13 +82,10 @@ impl Harness {
 
     fn with(quotas: Quotas, allow_loopback: bool) -> Self {
         let now = Instant::now();
-        let clock = Clock {
-            epoch: now,
-            epoch_unix: EPOCH_UNIX,
-        };
         Harness {
-            core: Core::new(config(quotas, allow_loopback), clock, [1; 32]),
+            core: Core::new(config(quotas, allow_loopback, now), [1; 32]),
             now,
+            unix: EPOCH_UNIX,
             next_port: 50000,
             relay_ip: "127.0.0.1".parse().expect("ip"),
         }
@@ -91,12 +93,13 @@ impl Harness {
 
     fn advance(&mut self, secs: u64) {
         self.now += Duration::from_secs(secs);
+        self.unix += secs;
         self.core.handle_timeout(self.now);
     }
 
     /// Sends a datagram; binds relay addresses when the core asks; returns the reply, if any.
     fn send(&mut self, packet: &[u8], from: ClientId) -> Option<Vec<u8>> {
-        match self.core.handle_client(packet, from, self.now) {
+        match self.core.handle_client(packet, from, self.now, self.unix) {
             ClientAction::None => None,
             ClientAction::Reply => Some(self.core.output().to_vec()),
             ClientAction::Relay { .. } => panic!("unexpected relay"),
@@ -516,7 +519,7 @@ fn channels_relay_both_ways_and_data_indications_without_a_channel() {
     assert_eq!(code(&h.send(&req, c.id).expect("reply")), None);
 
     let data = [0x40, 0x01, 0, 3, b'a', b'b', b'c', 0];
-    match h.core.handle_client(&data, c.id, h.now) {
+    match h.core.handle_client(&data, c.id, h.now, h.unix) {
         ClientAction::Relay {
             alloc: a,
             peer: p,
@@ -584,12 +587,12 @@ fn send_indications_need_a_permission_and_permissions_expire() {
     };
     let ind = send(1);
     assert!(matches!(
-        h.core.handle_client(&ind, c.id, h.now),
+        h.core.handle_client(&ind, c.id, h.now, h.unix),
         ClientAction::None
     ));
     let req = c.request(method::CREATE_PERMISSION, peer_attr(peer));
     assert_eq!(code(&h.send(&req, c.id).expect("reply")), None);
-    match h.core.handle_client(&ind, c.id, h.now) {
+    match h.core.handle_client(&ind, c.id, h.now, h.unix) {
         ClientAction::Relay {
             peer: p,
             start,
@@ -602,12 +605,12 @@ fn send_indications_need_a_permission_and_permissions_expire() {
     }
     h.advance(299);
     assert!(matches!(
-        h.core.handle_client(&ind, c.id, h.now),
+        h.core.handle_client(&ind, c.id, h.now, h.unix),
         ClientAction::Relay { .. }
     ));
     h.advance(2);
     assert!(matches!(
-        h.core.handle_client(&ind, c.id, h.now),
+        h.core.handle_client(&ind, c.id, h.now, h.unix),
         ClientAction::None
     ));
     let mut buf = [0u8; 16];
@@ -712,7 +715,7 @@ fn bandwidth_quota_drops_excess_packets() {
     let relayed = (0..5)
         .filter(|_| {
             matches!(
-                h.core.handle_client(&data, c.id, h.now),
+                h.core.handle_client(&data, c.id, h.now, h.unix),
                 ClientAction::Relay { .. }
             )
         })
@@ -720,7 +723,7 @@ fn bandwidth_quota_drops_excess_packets() {
     assert_eq!(relayed, 2);
     h.now += Duration::from_millis(500);
     assert!(matches!(
-        h.core.handle_client(&data, c.id, h.now),
+        h.core.handle_client(&data, c.id, h.now, h.unix),
         ClientAction::Relay { .. }
     ));
 }
@@ -799,7 +802,7 @@ fn malformed_datagrams_never_disturb_an_allocation() {
         if i % 3 == 0 && junk.len() > 1 {
             junk[0] = 0x40 | (junk[0] & 0x0f);
         }
-        let _ = h.core.handle_client(&junk, c.id, h.now);
+        let _ = h.core.handle_client(&junk, c.id, h.now, h.unix);
         let _ = h.core.handle_client(
             &junk,
             ClientId {
@@ -807,11 +810,12 @@ fn malformed_datagrams_never_disturb_an_allocation() {
                 addr: "127.0.0.1:1".parse().expect("a"),
             },
             h.now,
+            h.unix,
         );
     }
     let data = [0x40, 0x00, 0, 1, b'x'];
     assert!(matches!(
-        h.core.handle_client(&data, c.id, h.now),
+        h.core.handle_client(&data, c.id, h.now, h.unix),
         ClientAction::Relay { .. }
     ));
 }
@@ -851,7 +855,7 @@ fn send_indications_to_the_relays_own_ports_are_dropped() {
         Builder::new(&mut buf, Class::Indication, method::SEND, tid)
             .xor_address(attr::XOR_PEER_ADDRESS, target.parse().expect("a"))
             .attr(attr::DATA, b"x");
-        let action = h.core.handle_client(&buf, c.id, h.now);
+        let action = h.core.handle_client(&buf, c.id, h.now, h.unix);
         assert_eq!(
             matches!(action, ClientAction::Relay { .. }),
             relayed,

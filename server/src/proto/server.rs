@@ -20,7 +20,8 @@ use rustc_hash::FxHashMap;
 use super::auth::{AuthError, Authenticated, Nonces, PASSWORD_ALGORITHMS};
 use super::limiter::{self, Limiter, Rates};
 use super::policy::normalize;
-use super::quota::{QuotaError, QuotaState, TokenBucket, UserState};
+use super::ports::RelayPorts;
+use super::quota::{AtomicBucket, QuotaError, QuotaState, TokenBucket, UserState};
 use super::stun::{
     self, attr, channel_data_header, method, Builder, Class, Message, TransactionId,
 };
@@ -54,11 +55,16 @@ pub struct CoreConfig {
     pub nonce_lifetime: u64,
     /// Most permissions (and, separately, channels) one allocation may hold.
     pub max_permissions: usize,
+    /// Most peer connections (connecting, waiting for ConnectionBind, or bound) one RFC 6062
+    /// TCP allocation may hold.
+    pub max_tcp_connections: usize,
     /// Which relay families this relay can allocate.
     pub relay_v4: bool,
     pub relay_v6: bool,
     /// SOFTWARE attribute; None sends none.
     pub software: Option<String>,
+    /// The relay port range. Read once, when [`Shared`] is made: a reload does not change it.
+    pub relay_ports: (u16, u16),
 }
 
 /// What every shard of one relay shares.
@@ -81,10 +87,21 @@ pub struct Shared {
     /// page), with their owner (tenant, username hash): such an allocation may reach only its
     /// own session's other allocations. Touched only for those tenants.
     relayed: std::sync::Mutex<HashMap<(bool, SocketAddr), (u32, u64)>>,
+    /// The relay ports in use, per relay address and transport.
+    pub ports: Arc<RelayPorts>,
+    /// Where the millisecond clock of the bandwidth buckets starts: one for every shard, since
+    /// a user's and a tenant's buckets are shared by the shards.
+    epoch: Instant,
 }
 
 impl Shared {
-    pub fn new(mut config: CoreConfig, quotas: QuotaState, nonce_key: [u8; 32]) -> Self {
+    /// `epoch`: any instant before the first packet; the bandwidth buckets count from it.
+    pub fn new(
+        mut config: CoreConfig,
+        quotas: QuotaState,
+        nonce_key: [u8; 32],
+        epoch: Instant,
+    ) -> Self {
         let nonces = Nonces::new(
             nonce_key,
             config.nonce_lifetime,
@@ -92,6 +109,7 @@ impl Shared {
         );
         let mut names = vec![NO_TENANT.to_owned()];
         assign_tenant_ids(&mut config.tenants, &mut names);
+        let ports = RelayPorts::new(config.relay_ports);
         Shared {
             config: arc_swap::ArcSwap::from_pointee(config),
             tcp_conns: std::sync::Mutex::new(HashMap::new()),
@@ -101,7 +119,15 @@ impl Shared {
             tenant_names: std::sync::Mutex::new(names),
             generation: AtomicU64::new(0),
             relayed: Default::default(),
+            ports,
+            epoch,
         }
+    }
+
+    /// Milliseconds since the epoch, the clock of the bandwidth buckets.
+    #[inline]
+    pub fn millis(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
     fn relayed_addrs(&self) -> std::sync::MutexGuard<'_, HashMap<(bool, SocketAddr), (u32, u64)>> {
@@ -205,8 +231,9 @@ pub enum ClientAction {
         connection: u32,
     },
     /// RFC 6062 ConnectionBind succeeded: send `output()`, then join this client connection
-    /// with the peer connection `connection`, byte for byte.
-    Bind { connection: u32 },
+    /// with the peer connection `connection`, byte for byte, charging `quota` for what
+    /// passes; call [`Shared::connection_ended`] when either side closes.
+    Bind { connection: u32, quota: TcpQuota },
 }
 
 /// What the IO layer must do with a datagram a peer sent to a relay socket.
@@ -410,6 +437,9 @@ struct Allocation {
     channels: Vec<Channel>,
     bucket: Option<TokenBucket>,
     tcp: bool,
+    /// RFC 6062: the allocation's bandwidth, shared by its data connections, which may run on
+    /// other shards.
+    tcp_bucket: Option<Arc<AtomicBucket>>,
     /// For a relay-only tenant: the hash of the username, which its peers must share.
     session: Option<u64>,
 }
@@ -429,26 +459,9 @@ impl Allocation {
     }
 }
 
-/// Maps monotonic time to Unix time, for ephemeral credential expiry and nonces.
-#[derive(Debug, Clone, Copy)]
-pub struct Clock {
-    pub epoch: Instant,
-    pub epoch_unix: u64,
-}
-
-impl Clock {
-    pub fn unix(&self, now: Instant) -> u64 {
-        self.epoch_unix + now.saturating_duration_since(self.epoch).as_secs()
-    }
-    pub fn millis(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.epoch).as_millis() as u64
-    }
-}
-
 /// One shard's TURN state.
 pub struct Core {
     shared: Arc<Shared>,
-    clock: Clock,
     rng: StdRng,
     slots: Vec<Option<Allocation>>,
     free_slots: Vec<u32>,
@@ -476,11 +489,10 @@ impl Core {
         self
     }
 
-    pub fn new(shared: Arc<Shared>, clock: Clock, seed: [u8; 32]) -> Self {
+    pub fn new(shared: Arc<Shared>, seed: [u8; 32]) -> Self {
         let shared_generation = shared.generation();
         Core {
             shared,
-            clock,
             rng: StdRng::from_seed(seed),
             slots: Vec::new(),
             free_slots: Vec::new(),
@@ -540,7 +552,17 @@ impl Core {
 
     /// Handles a datagram from a client. For ChannelData this is one hash lookup and a scan
     /// of the allocation's few channels, with no allocation and no copy.
-    pub fn handle_client(&mut self, packet: &[u8], client: ClientId, now: Instant) -> ClientAction {
+    ///
+    /// `now` drives timers and rates; `unix` is the wall clock in Unix seconds, which judges
+    /// ephemeral credentials and nonces. Pass both as read at the call, not one derived from
+    /// the other: the wall clock may step (NTP) while the relay runs.
+    pub fn handle_client(
+        &mut self,
+        packet: &[u8],
+        client: ClientId,
+        now: Instant,
+        unix: u64,
+    ) -> ClientAction {
         if stun::is_channel_data(packet) {
             return self.client_channel_data(packet, client, now);
         }
@@ -549,7 +571,7 @@ impl Core {
             return ClientAction::None;
         };
         match msg.class() {
-            Class::Request => self.request(&msg, client, now),
+            Class::Request => self.request(&msg, client, now, unix),
             Class::Indication if msg.method() == method::SEND => {
                 self.send_indication(&msg, client, now)
             }
@@ -588,7 +610,7 @@ impl Core {
         };
         let peer = ch.peer;
         let counters = self.stats.tenant(a.tenant);
-        if !Self::within_bandwidth(a, &self.clock, now, len) {
+        if !Self::within_bandwidth(a, &self.shared, now, len) {
             counters.quota_dropped += 1;
             return ClientAction::None;
         }
@@ -603,11 +625,11 @@ impl Core {
     }
 
     #[inline]
-    fn within_bandwidth(a: &mut Allocation, clock: &Clock, now: Instant, len: usize) -> bool {
+    fn within_bandwidth(a: &mut Allocation, shared: &Shared, now: Instant, len: usize) -> bool {
         if a.bucket.is_none() && !a.user.limited() {
             return true;
         }
-        let now_ms = clock.millis(now);
+        let now_ms = shared.millis(now);
         if !a.bucket.as_mut().is_none_or(|b| b.allow(now_ms, len)) {
             return false;
         }
@@ -662,7 +684,7 @@ impl Core {
             return ClientAction::None;
         }
         let counters = self.stats.tenant(a.tenant);
-        if !Self::within_bandwidth(a, &self.clock, now, data.len()) {
+        if !Self::within_bandwidth(a, &self.shared, now, data.len()) {
             counters.quota_dropped += 1;
             return ClientAction::None;
         }
@@ -697,7 +719,7 @@ impl Core {
             return PeerAction::Drop;
         }
         let counters = self.stats.tenant(a.tenant);
-        if !Self::within_bandwidth(a, &self.clock, now, len) {
+        if !Self::within_bandwidth(a, &self.shared, now, len) {
             counters.quota_dropped += 1;
             return PeerAction::Drop;
         }
@@ -741,7 +763,13 @@ impl Core {
             .map_or(0, |t| t.id)
     }
 
-    fn request(&mut self, msg: &Message<'_>, client: ClientId, now: Instant) -> ClientAction {
+    fn request(
+        &mut self,
+        msg: &Message<'_>,
+        client: ClientId,
+        now: Instant,
+        unix: u64,
+    ) -> ClientAction {
         let m = msg.method();
         if m == method::BINDING {
             let tenant = self.unclaimed(msg, client);
@@ -772,7 +800,6 @@ impl Core {
             self.out.extend_from_slice(cached);
             return ClientAction::Reply;
         }
-        let unix = self.clock.unix(now);
         let config = self.shared.config();
         let host = self.hosts.get(&client).map(|h| &**h);
         let searches = &mut self.searches;
@@ -826,9 +853,9 @@ impl Core {
                 Err(code) => Err(code),
             },
             method::CONNECTION_BIND => match self.connection_bind(msg, &auth, existing) {
-                Ok(connection) => {
+                Ok((connection, quota)) => {
                     let _ = self.finish(msg, client, &auth, Ok(None), now);
-                    return ClientAction::Bind { connection };
+                    return ClientAction::Bind { connection, quota };
                 }
                 Err(code) => Err(code),
             },
@@ -1150,8 +1177,17 @@ impl Core {
             expires,
             permissions: Vec::new(),
             channels: Vec::new(),
-            bucket: bandwidth.map(TokenBucket::new),
+            bucket: if p.tcp {
+                None
+            } else {
+                bandwidth.map(TokenBucket::new)
+            },
             tcp: p.tcp,
+            tcp_bucket: if p.tcp {
+                bandwidth.map(|b| Arc::new(AtomicBucket::new(b)))
+            } else {
+                None
+            },
             session,
         });
         self.by_client.insert(p.client, id);
@@ -1187,7 +1223,9 @@ impl Core {
         id
     }
 
-    /// Refuses a pending Allocate (no port free: 508; unknown reservation token: 508).
+    /// Refuses a pending Allocate: 508 when no port is free or the reservation token is
+    /// unknown; 420 when the DONT-FRAGMENT it asked for cannot be set on the relay socket
+    /// (RFC 8656 §7.2 then treats the attribute as unknown).
     pub fn fail_allocate(&mut self, p: PendingAllocate, code: u16, now: Instant) {
         self.shared
             .quotas
@@ -1196,6 +1234,9 @@ impl Core {
         let shared = Arc::clone(&self.shared);
         let mut b = Builder::new(&mut self.out, Class::Error, method::ALLOCATE, p.tid);
         b.error(code, reason(code));
+        if code == 420 {
+            b.unknown_attributes(&[attr::DONT_FRAGMENT]);
+        }
         sign(&mut b, &shared, &p.auth);
         self.cache_response(p.client, p.tid, now);
     }
@@ -1533,6 +1574,7 @@ fn install_permission(
 
 #[path = "tcp_alloc.rs"]
 mod tcp_alloc;
+pub use tcp_alloc::TcpQuota;
 
 #[cfg(test)]
 #[path = "scenarios.rs"]

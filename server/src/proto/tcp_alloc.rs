@@ -5,7 +5,9 @@
 //! from a ConnectionAttempt indication; either way it then opens a new data connection and
 //! sends ConnectionBind with the CONNECTION-ID, after which that connection carries the peer's
 //! bytes unframed. Connection ids live in [`Shared`], since the data connection may land on
-//! another shard than the allocation; the IO layer holds the sockets.
+//! another shard than the allocation; the IO layer holds the sockets. A connection stays
+//! registered while it is bound, until the IO layer reports its end, so that an allocation
+//! holds at most `max_tcp_connections` at once.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -27,22 +29,103 @@ pub(super) struct TcpConn {
     deadline: Instant,
     /// Connect in progress: the request to answer when the IO layer reports back.
     connecting: Option<(ClientId, TransactionId, Authenticated)>,
+    /// A ConnectionBind joined it with a data connection.
+    bound: bool,
+    quota: TcpQuota,
+}
+
+/// What a bound data connection is charged against and counted as: its allocation's tenant,
+/// user and bandwidth. Bytes wait (TCP cannot drop them) until every bucket has room.
+#[derive(Debug, Clone)]
+pub struct TcpQuota {
+    pub tenant: u32,
+    pub user: Arc<UserState>,
+    pub allocation: Option<Arc<AtomicBucket>>,
+}
+
+impl TcpQuota {
+    /// The most bytes one read may take: no more than the smallest bucket holds.
+    pub fn max_chunk(&self, want: usize) -> usize {
+        let rates = [
+            self.allocation.as_ref().map(|b| b.rate()),
+            self.user.min_rate(),
+        ];
+        let least = rates.into_iter().flatten().min().unwrap_or(u64::MAX);
+        want.min(usize::try_from(least).unwrap_or(usize::MAX))
+            .max(1)
+    }
+
+    /// Takes `bytes` from every bucket, or nothing (false: wait and ask again).
+    pub fn allow(&self, shared: &Shared, now: Instant, bytes: usize) -> bool {
+        let now_ms = shared.millis(now);
+        if !self
+            .allocation
+            .as_ref()
+            .is_none_or(|b| b.allow(now_ms, bytes as i64))
+        {
+            return false;
+        }
+        if self.user.allow(now_ms, bytes) {
+            return true;
+        }
+        if let Some(b) = &self.allocation {
+            b.refund(bytes as i64);
+        }
+        false
+    }
 }
 
 impl Shared {
     fn tcp_conns(&self) -> std::sync::MutexGuard<'_, HashMap<u32, TcpConn>> {
         self.tcp_conns.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// A bound RFC 6062 data connection closed (on any shard): its allocation may hold
+    /// another.
+    pub fn connection_ended(&self, connection: u32) {
+        self.tcp_conns().remove(&connection);
+    }
 }
 
 impl Core {
-    fn add_tcp_connection(&mut self, conn: TcpConn) -> u32 {
+    /// Registers a connection of allocation `alloc`, or None when it holds its most already.
+    fn add_tcp_connection(
+        &mut self,
+        alloc: AllocId,
+        peer: SocketAddr,
+        deadline: Instant,
+        connecting: Option<(ClientId, TransactionId, Authenticated)>,
+    ) -> Option<u32> {
+        let max = self.shared.config().max_tcp_connections;
+        let a = self.slot(alloc)?;
+        let conn = TcpConn {
+            shard: self.shard,
+            alloc,
+            peer,
+            username: a.username.clone(),
+            deadline,
+            connecting,
+            bound: false,
+            quota: TcpQuota {
+                tenant: a.tenant,
+                user: Arc::clone(&a.user),
+                allocation: a.tcp_bucket.clone(),
+            },
+        };
+        let shard = self.shard;
         let mut conns = self.shared.tcp_conns();
+        let held = conns
+            .values()
+            .filter(|c| c.shard == shard && c.alloc == alloc)
+            .count();
+        if held >= max {
+            return None;
+        }
         loop {
             let id = self.rng.next_u32();
             if id != 0 && !conns.contains_key(&id) {
                 conns.insert(id, conn);
-                return id;
+                return Some(id);
             }
         }
     }
@@ -73,14 +156,11 @@ impl Core {
         {
             return Err(446);
         }
-        let connection = self.add_tcp_connection(TcpConn {
-            shard,
-            alloc: id,
-            peer,
-            username: auth.username.clone(),
-            deadline: now + BIND_DEADLINE,
-            connecting: Some((client, msg.transaction_id(), auth.clone())),
-        });
+        let connecting = Some((client, msg.transaction_id(), auth.clone()));
+        let Some(connection) = self.add_tcp_connection(id, peer, now + BIND_DEADLINE, connecting)
+        else {
+            return Err(508);
+        };
         Ok(ClientAction::Connect {
             alloc: id,
             peer,
@@ -138,15 +218,12 @@ impl Core {
             self.stats.dropped_packets += 1;
             return None;
         }
-        let (client, username) = (a.client, a.username.clone());
-        let connection = self.add_tcp_connection(TcpConn {
-            shard: self.shard,
-            alloc,
-            peer,
-            username,
-            deadline: now + BIND_DEADLINE,
-            connecting: None,
-        });
+        let client = a.client;
+        let Some(connection) = self.add_tcp_connection(alloc, peer, now + BIND_DEADLINE, None)
+        else {
+            self.stats.dropped_packets += 1;
+            return None;
+        };
         let mut tid = [0u8; 16];
         tid[..4].copy_from_slice(&stun::MAGIC_COOKIE.to_be_bytes());
         self.rng.fill_bytes(&mut tid[4..]);
@@ -169,21 +246,30 @@ impl Core {
         msg: &Message<'_>,
         auth: &Authenticated,
         existing: Option<AllocId>,
-    ) -> Result<u32, u16> {
+    ) -> Result<(u32, TcpQuota), u16> {
         if existing.is_some() {
             return Err(400);
         }
         let connection = msg.get_u32(attr::CONNECTION_ID).ok_or(400u16)?;
         let mut conns = self.shared.tcp_conns();
-        let conn = conns.get(&connection).ok_or(400u16)?;
-        if conn.connecting.is_some() {
+        let conn = conns.get_mut(&connection).ok_or(400u16)?;
+        if conn.connecting.is_some() || conn.bound {
             return Err(400);
         }
         if conn.username != auth.username {
             return Err(441);
         }
-        conns.remove(&connection);
-        Ok(connection)
+        conn.bound = true;
+        Ok((connection, conn.quota.clone()))
+    }
+
+    /// Counts bytes a bound data connection carried (`to_peer`: client to peer); one read is
+    /// counted as one packet.
+    pub fn count_stream_bytes(&mut self, tenant: u32, to_peer: bool, bytes: usize) {
+        let d = usize::from(!to_peer);
+        let t = self.stats.tenant(tenant);
+        t.relayed_packets[d] += 1;
+        t.relayed_bytes[d] += bytes as u64;
     }
 
     /// Drops this shard's connection ids that match, telling the IO layer to close them.
@@ -200,6 +286,6 @@ impl Core {
     }
 
     pub(super) fn expire_tcp_connections(&mut self, now: Instant) {
-        self.forget_tcp_connections(|c| c.deadline <= now && c.connecting.is_none());
+        self.forget_tcp_connections(|c| c.deadline <= now && c.connecting.is_none() && !c.bound);
     }
 }

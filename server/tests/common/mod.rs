@@ -101,7 +101,22 @@ impl Relay {
     }
 
     pub fn spawn(args: &[&str]) -> Relay {
-        let mut child = Command::new(relay_binary())
+        Self::spawn_via(&[], args)
+    }
+
+    /// Starts the relay through `wrapper` (a command that runs the rest of its arguments in
+    /// its own place, such as `prlimit --nofile=64:64 --`).
+    pub fn spawn_via(wrapper: &[&str], args: &[&str]) -> Relay {
+        let binary = relay_binary();
+        let mut command = match wrapper.split_first() {
+            None => Command::new(&binary),
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(&binary);
+                c
+            }
+        };
+        let mut child = command
             .args(args)
             .env("TURNPIKE_LOG", "info")
             .stdout(Stdio::piped())
@@ -466,6 +481,85 @@ impl RawClient {
         self.request(method::ALLOCATE, |b| {
             b.u32(attr::REQUESTED_TRANSPORT, 17 << 24);
         })
+    }
+}
+
+/// Reads the next frame of a TURN stream (a STUN message, or ChannelData without its padding),
+/// waiting at most `secs`; None when the stream ends or nothing comes.
+pub async fn read_frame<S>(s: &mut S, secs: u64) -> Option<Vec<u8>>
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        let mut head = [0u8; 4];
+        s.read_exact(&mut head).await.ok()?;
+        let len = usize::from(u16::from_be_bytes([head[2], head[3]]));
+        let body_len = if head[0] & 0xC0 == 0x40 {
+            (len + 3) & !3
+        } else {
+            16 + len
+        };
+        let mut body = vec![0u8; body_len];
+        s.read_exact(&mut body).await.ok()?;
+        let mut frame = head.to_vec();
+        frame.extend_from_slice(&body);
+        Some(frame)
+    };
+    tokio::time::timeout(Duration::from_secs(secs), read)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Whether the other end closes `s` (end of stream or reset) within `secs`, reading and
+/// dropping whatever comes before.
+pub async fn closes_within<S>(s: &mut S, secs: u64) -> bool
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(secs), read)
+        .await
+        .is_ok()
+}
+
+/// A configuration file in a fresh folder, removed when dropped.
+pub struct ConfigFile {
+    pub dir: std::path::PathBuf,
+    pub path: std::path::PathBuf,
+}
+
+impl ConfigFile {
+    pub fn new(name: &str, text: &str) -> ConfigFile {
+        let dir = std::env::temp_dir().join(format!(
+            "turnpike-{name}-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).expect("config dir");
+        let path = dir.join("relay.toml");
+        std::fs::write(&path, text).expect("write config");
+        ConfigFile { dir, path }
+    }
+
+    pub fn arg(&self) -> &str {
+        self.path.to_str().expect("path")
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
