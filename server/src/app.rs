@@ -88,6 +88,8 @@ fn core_config(
         relay_v4: plan.v4.is_some(),
         relay_v6: plan.v6.is_some(),
         software: settings.software.clone(),
+        software_unauthenticated: settings.software_unauthenticated,
+        unauthenticated_replies_per_sec: settings.unauthenticated_replies_per_sec,
         relay_ports: plan.ports,
     }
 }
@@ -552,4 +554,30 @@ fn print_credential(settings: &Settings, listeners: &[crate::config::Listener]) 
     println!("  username: {username}");
     println!("  password: {password}");
     println!("  realm:    {}", settings.realm);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::FileConfig;
+
+    #[test]
+    fn the_core_configuration_prints_no_secret() {
+        let text = r#"
+listen = ["udp://127.0.0.1:0"]
+relay_ips = ["127.0.0.1"]
+[auth]
+secrets = ["fleet-secret-value"]
+users = [{ name = "alice", password = "alice-password-value" }]
+"#;
+        let file = FileConfig::from_toml("test.toml", text).expect("parses");
+        let settings =
+            Settings::resolve(file, &Cli::default(), "test.toml".into()).expect("resolves");
+        let plan = io::relay_plan(&settings);
+        let printed = format!("{:?}", core_config(&settings, &plan, &[]));
+        assert!(printed.contains("Credentials"), "{printed}");
+        for secret in ["fleet-secret-value", "alice-password-value"] {
+            assert!(!printed.contains(secret), "{secret} printed:\n{printed}");
+        }
+    }
 }

@@ -130,6 +130,8 @@ pub struct FileConfig {
     pub threads: usize,
     #[serde(default = "default_software")]
     pub software: String,
+    #[serde(default)]
+    pub software_unauthenticated: bool,
     #[serde(default = "default_log_format")]
     pub log_format: String,
     #[serde(default)]
@@ -355,9 +357,11 @@ pub struct AuthConfig {
     #[serde(default)]
     pub users: Vec<UserConfig>,
     #[serde(default)]
-    pub secrets: Vec<String>,
+    pub secrets: Vec<Secret>,
     #[serde(default = "default_nonce_lifetime")]
     pub nonce_lifetime_secs: u64,
+    #[serde(default = "default_unauthenticated_replies")]
+    pub unauthenticated_replies_per_sec: f64,
     /// Credential-service keys of the default tenant, hashed.
     #[serde(default)]
     pub api_keys: Vec<String>,
@@ -381,6 +385,7 @@ impl Default for AuthConfig {
             users: Vec::new(),
             secrets: Vec::new(),
             nonce_lifetime_secs: default_nonce_lifetime(),
+            unauthenticated_replies_per_sec: default_unauthenticated_replies(),
             api_keys: Vec::new(),
             revoked: Vec::new(),
             revoked_file: None,
@@ -395,7 +400,7 @@ impl Default for AuthConfig {
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub name: String,
-    pub password: String,
+    pub password: Secret,
 }
 
 impl std::fmt::Debug for UserConfig {
@@ -471,6 +476,9 @@ fn default_socket_buffer() -> usize {
 fn default_nonce_lifetime() -> u64 {
     600
 }
+fn default_unauthenticated_replies() -> f64 {
+    50.0
+}
 fn default_lifetime() -> u32 {
     600
 }
@@ -484,8 +492,10 @@ fn default_max_tcp_connections() -> usize {
     32
 }
 
-/// A password or shared secret: its `Debug` never shows it, so it cannot reach a log.
-#[derive(Clone, PartialEq, Eq)]
+/// A password or shared secret: its `Debug` never shows it, so it cannot reach a log. The
+/// file's secrets are read into it directly, so no configuration type holds one in the clear.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
 pub struct Secret(pub String);
 
 impl std::fmt::Debug for Secret {
@@ -547,6 +557,8 @@ pub struct Settings {
     pub relay_ports: (u16, u16),
     pub threads: usize,
     pub software: Option<String>,
+    pub software_unauthenticated: bool,
+    pub unauthenticated_replies_per_sec: f64,
     pub log_format: LogFormat,
     pub metrics_listen: Option<SocketAddr>,
     pub drain_grace_secs: u64,
@@ -899,6 +911,13 @@ impl Settings {
                 ),
             ));
         }
+        let replies = f.auth.unauthenticated_replies_per_sec;
+        if !(replies.is_finite() && replies >= 1.0) {
+            return Err(file_err(
+                "auth.unauthenticated_replies_per_sec",
+                format!("{replies}: at least 1 (clients need their 401 to authenticate)"),
+            ));
+        }
         if f.auth.nonce_lifetime_secs < 30 {
             return Err(file_err(
                 "auth.nonce_lifetime_secs",
@@ -930,6 +949,8 @@ impl Settings {
             relay_ports,
             threads: cli.threads.unwrap_or(f.threads),
             software: (!f.software.is_empty()).then_some(f.software),
+            software_unauthenticated: f.software_unauthenticated,
+            unauthenticated_replies_per_sec: f.auth.unauthenticated_replies_per_sec,
             log_format,
             metrics_listen,
             drain_grace_secs: cli.drain_grace.unwrap_or(f.drain_grace_secs),
@@ -1180,6 +1201,37 @@ mod tests {
             format!("{s:?}").matches(&s.secrets[0].0).count(),
             0,
             "secret hidden"
+        );
+    }
+
+    #[test]
+    fn no_configuration_type_prints_a_secret() {
+        let text = r#"
+realm = "example.org"
+listen = ["udp://127.0.0.1:0"]
+[auth]
+secrets = ["fleet-secret-value"]
+users = [{ name = "alice", password = "alice-password-value" }]
+[[tenant]]
+name = "acme"
+realm = "acme.example"
+secrets = ["acme-secret-value"]
+users = [{ name = "bob", password = "bob-password-value" }]
+"#;
+        let file = FileConfig::from_toml("test.toml", text).expect("parses");
+        let settings = load(text).expect("resolves");
+        let printed = format!("{file:?}\n{settings:?}\n{:?}", settings.tenants);
+        for secret in [
+            "fleet-secret-value",
+            "alice-password-value",
+            "acme-secret-value",
+            "bob-password-value",
+        ] {
+            assert!(!printed.contains(secret), "{secret} printed:\n{printed}");
+        }
+        assert!(
+            printed.contains("alice") && printed.contains("acme"),
+            "{printed}"
         );
     }
 

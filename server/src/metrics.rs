@@ -74,6 +74,8 @@ pub struct Metrics {
     tenants: std::sync::Mutex<Vec<TenantCounters>>,
     dropped_no_route: IntCounter,
     dropped_malformed: IntCounter,
+    dropped_reply_rate: IntCounter,
+    dropped_oversized: IntCounter,
     draining: IntGauge,
     allocations_limit: IntGauge,
     relay_ports: IntGauge,
@@ -190,7 +192,7 @@ impl Metrics {
             ),
             dropped: counter_vec(
                 DROPPED_PACKETS_TOTAL,
-                "Datagrams not relayed, by reason.",
+                "Datagrams not relayed or not answered, by reason: no_route, malformed, quota, oversized (too large for the client), reply_rate (unauthenticated requests over the per-source reply limit).",
                 &["reason", "tenant"],
             ),
         };
@@ -198,6 +200,12 @@ impl Metrics {
         let dropped_malformed = families
             .dropped
             .with_label_values(&["malformed", NO_TENANT]);
+        let dropped_reply_rate = families
+            .dropped
+            .with_label_values(&["reply_rate", NO_TENANT]);
+        let dropped_oversized = families
+            .dropped
+            .with_label_values(&["oversized", NO_TENANT]);
         let draining = must(IntGauge::new(
             DRAINING,
             "1 while the relay drains after SIGTERM.",
@@ -242,6 +250,8 @@ impl Metrics {
             tenants: std::sync::Mutex::new(Vec::new()),
             dropped_no_route,
             dropped_malformed,
+            dropped_reply_rate,
+            dropped_oversized,
             draining,
             allocations_limit,
             relay_ports,
@@ -303,6 +313,8 @@ impl Metrics {
         }
         self.dropped_no_route.inc_by(s.dropped_packets);
         self.dropped_malformed.inc_by(s.malformed);
+        self.dropped_reply_rate.inc_by(s.replies_limited);
+        self.dropped_oversized.inc_by(s.oversized);
     }
 
     /// The Prometheus text exposition.

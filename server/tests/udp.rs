@@ -101,6 +101,56 @@ fn coturn_uclient_over_send_indications_loses_nothing() {
     );
 }
 
+/// coturn 4.6's client library (Debian bookworm's, Ubuntu 24.04's) asks for a dual-stack
+/// allocation with the draft code 0x8032 of ADDITIONAL-ADDRESS-FAMILY, then relays between the
+/// two clients' IPv6 relayed addresses.
+#[test]
+fn coturn_4_6_uclient_gets_its_dual_stack_allocations() {
+    let relay = Relay::start(&[
+        "--relay-ip",
+        "::1",
+        "--allow-peer",
+        "127.0.0.0/8",
+        "--allow-peer",
+        "::1/128",
+        "--user",
+        "alice:wonderland",
+    ]);
+    let port = relay.udp.port().to_string();
+    let out = run_tool(
+        "turnutils_uclient",
+        &[
+            "-y",
+            "-Z",
+            "-u",
+            "alice",
+            "-w",
+            "wonderland",
+            "-r",
+            REALM,
+            "-p",
+            &port,
+            "-m",
+            "2",
+            "-n",
+            "100",
+            "-l",
+            "120",
+            "127.0.0.1",
+        ],
+        60,
+    );
+    assert!(!out.contains("error"), "{out}");
+    assert_eq!(lost_packets(&out), 0, "{out}");
+    assert!(
+        relay.wait_metric(
+            "turnpike_relayed_packets_total{direction=\"peer_to_client\"}",
+            200.0
+        ) >= 200.0,
+        "{out}"
+    );
+}
+
 #[test]
 fn coturn_uclient_with_shared_secret_credentials() {
     let relay = Relay::start(&[
@@ -578,6 +628,74 @@ fn unauthenticated_allocate_flood_leaves_memory_flat() {
         "RSS grew from {before} KiB to {after} KiB under an unauthenticated flood"
     );
     assert_eq!(relay.metric("turnpike_allocations_active"), 0.0);
+}
+
+/// What a spoofed source can make the relay send: unsigned requests from one address get
+/// their small errors at a bounded rate (50 a second, in bursts of 100, by default), and the
+/// rest no answer at all.
+#[test]
+fn a_stranger_gets_little_back_however_much_it_sends() {
+    let relay = Relay::start(&["--user", "alice:wonderland"]);
+    let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    sock.set_nonblocking(true).expect("nonblocking");
+    let (mut sent, mut got, mut answers) = (0usize, 0usize, 0usize);
+    let mut buf = Vec::new();
+    let mut reply = [0u8; 2048];
+    let mut drain = |got: &mut usize, answers: &mut usize| {
+        while let Ok(n) = sock.recv(&mut reply) {
+            *got += n;
+            *answers += 1;
+        }
+    };
+    let start = std::time::Instant::now();
+    for n in 0..2000u32 {
+        let mut t = [0u8; 16];
+        t[..4].copy_from_slice(&turnpike::proto::stun::MAGIC_COOKIE.to_be_bytes());
+        t[4..8].copy_from_slice(&n.to_be_bytes());
+        // A bare 20-byte Allocate, the smallest request a 401 answers.
+        turnpike::proto::stun::Builder::new(
+            &mut buf,
+            turnpike::proto::stun::Class::Request,
+            method::ALLOCATE,
+            turnpike::proto::stun::TransactionId(t),
+        );
+        sent += sock.send_to(&buf, relay.udp).expect("send");
+        if n % 100 == 99 {
+            drain(&mut got, &mut answers);
+        }
+    }
+    // Every request was judged (the relay counts them all, answered or not).
+    relay.wait_metric(
+        "turnpike_requests_total{method=\"allocate\",result=\"401\"}",
+        2000.0,
+    );
+    let elapsed = start.elapsed().as_secs_f64();
+    drain(&mut got, &mut answers);
+    let limited = relay.metric("turnpike_dropped_packets_total{reason=\"reply_rate\"}");
+    let factor = got as f64 / sent as f64;
+    eprintln!(
+        "2000 bare Allocates ({sent} bytes) from one source in {elapsed:.2} s: {answers} answers ({got} bytes), {limited} unanswered: {factor:.2} bytes out per byte in"
+    );
+    assert_eq!(
+        answers as f64 + limited,
+        2000.0,
+        "every request is answered or counted"
+    );
+    // The burst, then the rate over the time the flood took.
+    let allowed = 100.0 + 50.0 * elapsed;
+    assert!(
+        answers as f64 <= allowed + 1.0,
+        "{answers} answers in {elapsed:.2} s, more than the limit allows ({allowed:.0})"
+    );
+    // Another source is answered at once, and can authenticate.
+    let mut other = RawClient::from_ip("127.0.0.2", relay.udp, "alice", "wonderland");
+    other.sock.send_to(&buf, relay.udp).expect("send");
+    let n = other
+        .sock
+        .recv(&mut reply)
+        .expect("another source gets its 401");
+    assert!(n > 20 && reply[..2] == [0x01, 0x13], "not a 401");
+    assert_eq!(other.allocate().code(), None);
 }
 
 #[test]

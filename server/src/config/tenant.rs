@@ -30,7 +30,7 @@ pub struct TenantConfig {
     #[serde(default)]
     pub users: Vec<UserConfig>,
     #[serde(default)]
-    pub secrets: Vec<String>,
+    pub secrets: Vec<Secret>,
     #[serde(default)]
     pub api_keys: Vec<String>,
     #[serde(default)]
@@ -141,16 +141,16 @@ pub(super) fn users(
         if u.name.is_empty() {
             return Err(err(&format!("{key}[{i}].name"), "empty user name".into()));
         }
-        out.push((u.name.clone(), Secret(u.password.clone())));
+        out.push((u.name.clone(), u.password.clone()));
     }
     Ok(out)
 }
 
-pub(super) fn secrets(list: &[String], key: &str, err: ErrAt) -> Result<Vec<Secret>, Error> {
-    if list.iter().any(String::is_empty) {
+pub(super) fn secrets(list: &[Secret], key: &str, err: ErrAt) -> Result<Vec<Secret>, Error> {
+    if list.iter().any(|s| s.0.is_empty()) {
         return Err(err(key, "empty secret".into()));
     }
-    Ok(list.iter().cloned().map(Secret).collect())
+    Ok(list.to_vec())
 }
 
 pub(super) fn api_keys(list: &[String], key: &str, err: ErrAt) -> Result<Vec<ApiKeyHash>, Error> {

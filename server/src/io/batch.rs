@@ -29,16 +29,87 @@ use std::rc::Rc;
 
 use tokio::io::unix::AsyncFd;
 
-/// A non-blocking UDP socket registered with the shard's reactor.
-pub type UdpSock = AsyncFd<std::net::UdpSocket>;
+/// A non-blocking UDP socket registered with the shard's reactor, and whether it still sends
+/// with GSO: a socket whose route's device cannot segment (EIO) goes on without, the others
+/// keep it.
+pub struct UdpSock {
+    fd: AsyncFd<std::net::UdpSocket>,
+    gso: Cell<bool>,
+}
+
+impl std::ops::Deref for UdpSock {
+    type Target = AsyncFd<std::net::UdpSocket>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.fd
+    }
+}
+
+impl UdpSock {
+    /// Whether sends on this socket may use GSO.
+    pub fn gso(&self) -> bool {
+        self.gso.get()
+    }
+}
 
 /// Registers a non-blocking socket for readability only: sends are non-blocking system calls
 /// that drop on a full buffer, so write readiness would only cost wake-ups.
 pub fn register(sock: std::net::UdpSocket) -> io::Result<UdpSock> {
     // SAFETY: a std UdpSocket owns its descriptor: it stays open, and `as_raw_fd` returns the
     // same one, until the socket is dropped with the AsyncFd that owns it.
-    unsafe { AsyncFd::register_with_interest(sock, tokio::io::Interest::READABLE) }
-        .map_err(io::Error::from)
+    let fd = unsafe { AsyncFd::register_with_interest(sock, tokio::io::Interest::READABLE) }
+        .map_err(io::Error::from)?;
+    Ok(UdpSock {
+        fd,
+        gso: Cell::new(kernel_has_gso()),
+    })
+}
+
+/// Whether this kernel knows UDP GSO (Linux 4.18 and later): asked once, of a scratch socket.
+pub fn kernel_has_gso() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        let Ok(s) = std::net::UdpSocket::bind("127.0.0.1:0") else {
+            return false;
+        };
+        let v: libc::c_int = 0;
+        // SAFETY: a valid socket; the option value is a c_int the call only reads.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_UDP,
+                libc::UDP_SEGMENT,
+                (&v as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        rc == 0
+    })
+}
+
+/// What a failed send means for the message that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SendFault {
+    /// The socket buffer is full: the rest of this flush is dropped, as a router would.
+    Full,
+    /// The route's device cannot segment (EIO): this socket sends without GSO from now on,
+    /// and the message goes again as single datagrams.
+    NoOffload,
+    /// The segments do not suit this path (EINVAL: a segment above the path MTU, say): the
+    /// message goes again as single datagrams, which the kernel may fragment.
+    Unsegmentable,
+    /// The destination refused (unreachable, not permitted, too large...): the message is
+    /// dropped and the socket's other messages go on.
+    Destination,
+}
+
+fn fault(e: &io::Error, gso: bool) -> SendFault {
+    match e.raw_os_error() {
+        Some(libc::EAGAIN) => SendFault::Full,
+        Some(libc::EIO) if gso => SendFault::NoOffload,
+        Some(libc::EINVAL) if gso => SendFault::Unsegmentable,
+        _ => SendFault::Destination,
+    }
 }
 
 /// Datagrams per `recvmmsg` and messages per `sendmmsg`.
@@ -248,8 +319,8 @@ struct Entry {
 pub struct TxQueue {
     bytes: Vec<u8>,
     entries: Vec<Entry>,
-    /// Cleared for good when the kernel refuses a GSO send.
-    gso: Cell<bool>,
+    /// GSO sends made, for tests and profiles.
+    gso_sends: u64,
     /// Scratch space for the system calls, kept so a flush allocates nothing once warm.
     msgs: Vec<Msg>,
     iov: Vec<libc::iovec>,
@@ -280,7 +351,7 @@ impl TxQueue {
         TxQueue {
             bytes: Vec::with_capacity(64 * 1024),
             entries: Vec::with_capacity(TX_MAX),
-            gso: Cell::new(true),
+            gso_sends: 0,
             msgs: Vec::with_capacity(BATCH),
             iov: Vec::with_capacity(BATCH * GSO_SEGMENTS),
             addrs: Vec::with_capacity(BATCH),
@@ -295,6 +366,11 @@ impl TxQueue {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// GSO sends made so far.
+    pub fn gso_sends(&self) -> u64 {
+        self.gso_sends
     }
 
     /// Queues a copy of `data` for `to` on `sock`.
@@ -330,8 +406,8 @@ impl TxQueue {
                 msgs.push(Msg { first: j, count });
                 j += count;
             }
-            let fd = self.entries[i].sock.get_ref().as_raw_fd();
-            self.send_all(fd, &msgs);
+            let sock = Rc::clone(&self.entries[i].sock);
+            self.send_all(&sock, &msgs);
             i = j;
         }
         self.msgs = msgs;
@@ -342,10 +418,10 @@ impl TxQueue {
     /// How many datagrams from `at` can leave as one GSO send: same socket, destination and
     /// size.
     fn run_len(&self, at: usize) -> usize {
-        if !self.gso.get() {
+        let first = &self.entries[at];
+        if !first.sock.gso() {
             return 1;
         }
-        let first = &self.entries[at];
         let limit = GSO_SEGMENTS.min(GSO_BYTES / first.len.max(1));
         let mut n = 1;
         while n < limit {
@@ -360,23 +436,33 @@ impl TxQueue {
         n
     }
 
-    fn send_all(&mut self, fd: RawFd, msgs: &[Msg]) {
+    fn send_all(&mut self, sock: &UdpSock, msgs: &[Msg]) {
+        let fd = sock.get_ref().as_raw_fd();
         let mut done = 0;
         while done < msgs.len() {
             let chunk = &msgs[done..msgs.len().min(done + BATCH)];
-            match self.sendmmsg(fd, chunk) {
+            let result = self.sendmmsg(fd, chunk);
+            if let Ok(sent) = result {
+                self.gso_sends += chunk[..sent].iter().filter(|m| m.count > 1).count() as u64;
+            }
+            match result {
                 Ok(sent) if sent > 0 => done += sent,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                // The first message failed. A GSO send the kernel refuses (no segmentation
-                // offload for this route) turns GSO off; its datagrams go one by one.
-                Ok(_) | Err(_) => {
+                // The first message failed: the fault decides for it alone.
+                Ok(_) => done += 1,
+                Err(e) => {
                     let m = chunk[0];
-                    if m.count > 1 {
-                        self.gso.set(false);
-                        let singles: Vec<Msg> = (m.first..m.first + m.count)
-                            .map(|first| Msg { first, count: 1 })
-                            .collect();
-                        self.send_all(fd, &singles);
+                    match fault(&e, m.count > 1) {
+                        SendFault::Full => return,
+                        SendFault::Destination => {}
+                        SendFault::NoOffload | SendFault::Unsegmentable => {
+                            if fault(&e, true) == SendFault::NoOffload {
+                                sock.gso.set(false);
+                            }
+                            let singles: Vec<Msg> = (m.first..m.first + m.count)
+                                .map(|first| Msg { first, count: 1 })
+                                .collect();
+                            self.send_all(sock, &singles);
+                        }
                     }
                     done += 1;
                 }
@@ -512,7 +598,39 @@ mod tests {
             from_b,
             (0..10u8).map(|i| vec![100 + i; 7]).collect::<Vec<_>>()
         );
-        assert!(q.gso.get(), "loopback takes GSO sends");
+        assert!(a.gso() && q.gso_sends() > 0, "loopback takes GSO sends");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_destination_that_refuses_leaves_gso_and_the_other_datagrams_alone() {
+        let a = sock();
+        let x = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let to = x.local_addr().expect("addr");
+        // Loopback's broadcast address refuses a socket without SO_BROADCAST (EACCES), and
+        // port 0 is no destination (EINVAL): nothing leaves for either.
+        let refused: [SocketAddr; 2] = [
+            "127.255.255.255:9".parse().expect("addr"),
+            "127.0.0.1:0".parse().expect("addr"),
+        ];
+        let mut q = TxQueue::new();
+        for round in 0..2u8 {
+            for bad in refused {
+                for _ in 0..5 {
+                    q.push(&a, bad, &[0xEE; 100]);
+                }
+            }
+            for i in 0..10u8 {
+                q.push(&a, to, &[round * 10 + i; 100]);
+            }
+            q.flush();
+        }
+        let got: Vec<Vec<u8>> = receive(&x, 20).into_iter().map(|(d, _)| d).collect();
+        assert_eq!(got, (0..20u8).map(|i| vec![i; 100]).collect::<Vec<_>>());
+        assert!(
+            a.gso(),
+            "a refused destination turned GSO off for the socket"
+        );
+        assert!(q.gso_sends() >= 2, "the good runs did not go as GSO sends");
     }
 
     #[tokio::test(flavor = "current_thread")]

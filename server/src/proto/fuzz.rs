@@ -47,6 +47,8 @@ pub fn core(data: &[u8]) -> super::TenantStats {
         relay_v4: true,
         relay_v6: true,
         software: None,
+        software_unauthenticated: false,
+        unauthenticated_replies_per_sec: 1000.0,
         relay_ports: (49152, 65535),
     };
     let start = Instant::now();

@@ -29,7 +29,12 @@ struct Client {
     tid: u8,
 }
 
-fn config(quotas: Quotas, allow_loopback: bool, epoch: Instant) -> Arc<Shared> {
+fn config(
+    quotas: Quotas,
+    allow_loopback: bool,
+    epoch: Instant,
+    tweak: impl FnOnce(&mut CoreConfig),
+) -> Arc<Shared> {
     let allow = if allow_loopback {
         vec!["127.0.0.0/8".parse().expect("net")]
     } else {
@@ -41,7 +46,7 @@ fn config(quotas: Quotas, allow_loopback: bool, epoch: Instant) -> Arc<Shared> {
         vec![],
         (49152, 65535),
     );
-    let cfg = CoreConfig {
+    let mut cfg = CoreConfig {
         tenants: {
             let mut t = Tenants::single(
                 Credentials::new(
@@ -65,8 +70,11 @@ fn config(quotas: Quotas, allow_loopback: bool, epoch: Instant) -> Arc<Shared> {
         relay_v4: true,
         relay_v6: false,
         software: Some("turnpike-test".into()),
+        software_unauthenticated: false,
+        unauthenticated_replies_per_sec: 1000.0,
         relay_ports: (49152, 65535),
     };
+    tweak(&mut cfg);
     Arc::new(Shared::new(
         cfg,
         QuotaState::new(quotas.total_allocations),
@@ -81,9 +89,18 @@ impl Harness {
     }
 
     fn with(quotas: Quotas, allow_loopback: bool) -> Self {
+        Self::configured(quotas, allow_loopback, |_| {})
+    }
+
+    /// A harness whose core configuration `tweak` changes first.
+    fn configured(
+        quotas: Quotas,
+        allow_loopback: bool,
+        tweak: impl FnOnce(&mut CoreConfig),
+    ) -> Self {
         let now = Instant::now();
         Harness {
-            core: Core::new(config(quotas, allow_loopback, now), [1; 32]),
+            core: Core::new(config(quotas, allow_loopback, now, tweak), [1; 32]),
             now,
             unix: EPOCH_UNIX,
             next_port: 50000,
@@ -887,4 +904,236 @@ fn password_algorithms_without_a_choice_is_a_bad_request() {
         b.attr(attr::PASSWORD_ALGORITHMS, &PASSWORD_ALGORITHMS);
     });
     assert_eq!(code(&reply), Some(400));
+}
+
+/// A bare request of method `m` with no attribute but FINGERPRINT (the smallest a stranger
+/// sends, 28 bytes), transaction id from `n`.
+fn bare(m: u16, n: u32) -> Vec<u8> {
+    let mut t = [0u8; 16];
+    t[..4].copy_from_slice(&stun::MAGIC_COOKIE.to_be_bytes());
+    t[4..8].copy_from_slice(&n.to_be_bytes());
+    let mut buf = Vec::new();
+    Builder::new(&mut buf, Class::Request, m, TransactionId(t)).fingerprint();
+    buf
+}
+
+#[test]
+fn channel_bind_whose_permission_cannot_be_installed_binds_no_channel() {
+    let mut h = Harness::new();
+    let mut c = client(40000, "alice", "wonderland");
+    c.allocate(&mut h);
+    let alloc = relayed_alloc(&h);
+    // max_permissions is 4: fill them with other IPs.
+    for i in 2..6u8 {
+        let peer = SocketAddr::from(([127, 0, 0, i], 7000));
+        let reply = c.call(&mut h, method::CREATE_PERMISSION, peer_attr(peer));
+        assert_eq!(code(&reply), None);
+    }
+    let peer: SocketAddr = "127.0.0.9:7000".parse().expect("a");
+    let reply = c.call(&mut h, method::CHANNEL_BIND, |b| {
+        b.u32(attr::CHANNEL_NUMBER, 0x4000 << 16)
+            .xor_address(attr::XOR_PEER_ADDRESS, peer);
+    });
+    assert_eq!(code(&reply), Some(508));
+    // Neither the channel nor the permission exists.
+    let data = [0x40, 0x00, 0, 1, b'x', 0, 0, 0];
+    assert!(matches!(
+        h.core.handle_client(&data, c.id, h.now, h.unix),
+        ClientAction::None
+    ));
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        h.core.handle_peer(alloc, peer, &mut buf, 1, h.now),
+        PeerAction::Drop
+    );
+    // Once a permission expires, the same ChannelBind works.
+    h.advance(301);
+    let reply = c.call(&mut h, method::CHANNEL_BIND, |b| {
+        b.u32(attr::CHANNEL_NUMBER, 0x4000 << 16)
+            .xor_address(attr::XOR_PEER_ADDRESS, peer);
+    });
+    assert_eq!(code(&reply), None);
+}
+
+#[test]
+fn peer_datagrams_too_large_for_the_client_are_dropped_and_counted() {
+    let mut h = Harness::new();
+    let mut c = client(40000, "alice", "wonderland");
+    c.allocate(&mut h);
+    let alloc = relayed_alloc(&h);
+    let peer: SocketAddr = "127.0.0.1:7000".parse().expect("a");
+    let reply = c.call(&mut h, method::CREATE_PERMISSION, peer_attr(peer));
+    assert_eq!(code(&reply), None);
+    let _ = h.core.take_stats();
+    let mut buf = vec![0u8; 4 + 65_520];
+    // 20 + 12 + 4 + 65520 bytes: above a UDP datagram, and its length field would wrap.
+    assert_eq!(
+        h.core.handle_peer(alloc, peer, &mut buf, 65_520, h.now),
+        PeerAction::Drop
+    );
+    // The largest that fits one datagram to an IPv4 client (padded to four bytes) still goes.
+    let fits = (65_507 - 20 - 12 - 4) & !3;
+    assert_eq!(
+        h.core.handle_peer(alloc, peer, &mut buf, fits, h.now),
+        PeerAction::DataIndication { client: c.id }
+    );
+    let ind = Message::parse(h.core.output()).expect("parses");
+    assert_eq!(ind.get(attr::DATA).map(<[u8]>::len), Some(fits));
+    let stats = h.core.take_stats();
+    assert_eq!(stats.oversized, 1);
+    assert_eq!(stats.total().relayed_packets[1], 1);
+}
+
+#[test]
+fn dont_fragment_the_relay_cannot_set_is_refused_with_a_signed_420() {
+    let mut h = Harness::new();
+    let mut c = client(40000, "alice", "wonderland");
+    let challenge = h
+        .send(&bare(method::ALLOCATE, 1), c.id)
+        .expect("401 challenge");
+    c.learn_nonce(&challenge);
+    let req = c.request(method::ALLOCATE, |b| {
+        b.u32(attr::REQUESTED_TRANSPORT, 17 << 24)
+            .attr(attr::DONT_FRAGMENT, &[]);
+    });
+    let ClientAction::Allocate(p) = h.core.handle_client(&req, c.id, h.now, h.unix) else {
+        panic!("expected an allocation to bind");
+    };
+    assert!(p.dont_fragment);
+    // The IO layer could not set DF on the relay socket.
+    h.core.fail_allocate(*p, 420, h.now);
+    let reply = h.core.output().to_vec();
+    assert_eq!(code(&reply), Some(420));
+    let msg = Message::parse(&reply).expect("parses");
+    assert_eq!(msg.get(attr::UNKNOWN_ATTRIBUTES), Some(&[0x00, 0x1A][..]));
+    assert!(msg.check_integrity_sha1(&c.key), "a signed refusal");
+    assert_eq!(h.core.allocation_count(), 0);
+}
+
+#[test]
+fn replies_to_unauthenticated_requests_are_limited_per_source_and_small() {
+    let mut h = Harness::configured(Quotas::default(), true, |c| {
+        c.unauthenticated_replies_per_sec = 10.0;
+    });
+    let stranger = client(40000, "x", "y");
+    let (mut sent, mut replied, mut answers) = (0usize, 0usize, 0usize);
+    for n in 0..1000u32 {
+        // Unsigned Allocates (401) and unknown methods (400), as a spoofing flood sends.
+        let m = if n % 2 == 0 { method::ALLOCATE } else { 0x0FF };
+        let req = bare(m, n);
+        sent += req.len();
+        if let Some(r) = h.send(&req, stranger.id) {
+            replied += r.len();
+            answers += 1;
+        }
+    }
+    // A burst of two seconds' worth, then nothing until time passes.
+    assert_eq!(answers, 20);
+    let stats = h.core.take_stats();
+    assert_eq!(stats.replies_limited, 980);
+    let factor = replied as f64 / sent as f64;
+    eprintln!(
+        "1000 unauthenticated requests ({sent} bytes) from one source: {answers} replies, {replied} bytes, amplification {factor:.3}"
+    );
+    assert!(factor < 0.1, "amplification {factor}");
+    // Another source is not held back, and the first gets its rate again as time passes.
+    let mut other = client(40001, "x", "y");
+    other.id.addr = "127.0.0.2:40001".parse().expect("addr");
+    assert_eq!(
+        code(
+            &h.send(&bare(method::ALLOCATE, 5000), other.id)
+                .expect("401")
+        ),
+        Some(401)
+    );
+    h.advance(1);
+    let again = (0..100u32)
+        .filter(|n| {
+            h.send(&bare(method::ALLOCATE, 6000 + n), stranger.id)
+                .is_some()
+        })
+        .count();
+    assert_eq!(again, 10);
+    // An authenticated client is never limited: its answers are signed.
+    let mut alice = client(40000, "alice", "wonderland");
+    alice.nonce = {
+        let mut out = [0u8; 37];
+        h.core
+            .shared()
+            .nonces
+            .issue(alice.id.addr, h.unix, &mut out)
+            .to_vec()
+    };
+    let req = alice.request(method::ALLOCATE, |b| {
+        b.u32(attr::REQUESTED_TRANSPORT, 17 << 24);
+    });
+    assert_eq!(code(&h.send(&req, alice.id).expect("allocated")), None);
+}
+
+#[test]
+fn replies_to_strangers_carry_software_only_where_the_operator_asks() {
+    let software = |reply: &[u8]| {
+        Message::parse(reply)
+            .expect("parses")
+            .get(attr::SOFTWARE)
+            .map(<[u8]>::to_vec)
+    };
+    let mut h = Harness::new();
+    let c = client(40000, "alice", "wonderland");
+    let binding = h.send(&bare(method::BINDING, 1), c.id).expect("binding");
+    let challenge = h.send(&bare(method::ALLOCATE, 2), c.id).expect("401");
+    let bad = h.send(&bare(0x0FF, 3), c.id).expect("400");
+    assert_eq!(
+        (software(&binding), software(&challenge), software(&bad)),
+        (None, None, None)
+    );
+    // 28-byte requests get 40 (Binding) and 120 (401, with this test's 11-byte realm) back.
+    assert_eq!((binding.len(), challenge.len()), (40, 120));
+    let mut alice = client(40001, "alice", "wonderland");
+    let signed = alice.allocate(&mut h);
+    assert_eq!(software(&signed), Some(b"turnpike-test".to_vec()));
+
+    let mut h = Harness::configured(Quotas::default(), true, |c| {
+        c.software_unauthenticated = true;
+    });
+    let binding = h.send(&bare(method::BINDING, 1), c.id).expect("binding");
+    let challenge = h.send(&bare(method::ALLOCATE, 2), c.id).expect("401");
+    assert_eq!(software(&binding), Some(b"turnpike-test".to_vec()));
+    assert_eq!(software(&challenge), Some(b"turnpike-test".to_vec()));
+}
+
+#[test]
+fn credentials_and_nonces_follow_the_wall_clock_when_it_steps() {
+    let mut h = Harness::new();
+    let user = ephemeral_username(EPOCH_UNIX + 100, Some("carol"));
+    let password = ephemeral_password(SECRET, &user);
+    let mut c = client(40000, &user, &password);
+    assert_eq!(code(&c.allocate(&mut h)), None);
+    // NTP steps the wall clock 200 s forward; no monotonic time passes.
+    h.unix += 200;
+    let mut late = client(40001, &user, &password);
+    assert_eq!(
+        code(&late.allocate(&mut h)),
+        Some(401),
+        "an expired credential was accepted"
+    );
+    // The live allocation's nonce is now older than its lifetime only if the step says so:
+    // a step beyond the nonce lifetime makes it stale (438), and the client gets a new one.
+    h.unix += 600;
+    let reply = c.call(&mut h, method::REFRESH, |b| {
+        b.u32(attr::LIFETIME, 600);
+    });
+    assert_eq!(code(&reply), Some(401), "the credential itself has expired");
+    let mut alice = client(40002, "alice", "wonderland");
+    assert_eq!(code(&alice.allocate(&mut h)), None);
+    let stale = alice.request(method::REFRESH, |b| {
+        b.u32(attr::LIFETIME, 600);
+    });
+    h.unix += 601;
+    let reply = h.send(&stale, alice.id).expect("reply");
+    assert_eq!(
+        code(&reply),
+        Some(438),
+        "a nonce older than its lifetime by the wall clock"
+    );
 }

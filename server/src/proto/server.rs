@@ -61,8 +61,16 @@ pub struct CoreConfig {
     /// Which relay families this relay can allocate.
     pub relay_v4: bool,
     pub relay_v6: bool,
-    /// SOFTWARE attribute; None sends none.
+    /// SOFTWARE attribute of signed responses; None sends none.
     pub software: Option<String>,
+    /// Whether replies to unauthenticated requests (Binding, 401, 438, 400, 420) carry
+    /// SOFTWARE too; off by default, so that what a stranger gets back stays small.
+    pub software_unauthenticated: bool,
+    /// Error replies to unauthenticated requests (401, 438, 400, 420) one UDP source (an
+    /// IPv4 address or an IPv6 /64) may get per second, in bursts of twice that; beyond, the
+    /// requests are dropped unanswered and counted. A spoofed source can so make the relay
+    /// send at most this many small replies a second to its victim.
+    pub unauthenticated_replies_per_sec: f64,
     /// The relay port range. Read once, when [`Shared`] is made: a reload does not change it.
     pub relay_ports: (u16, u16),
 }
@@ -315,6 +323,10 @@ pub struct CoreStats {
     pub tenants: Vec<TenantStats>,
     pub dropped_packets: u64,
     pub malformed: u64,
+    /// Unauthenticated requests left unanswered by the per-source reply limit.
+    pub replies_limited: u64,
+    /// Peer datagrams too large to be sent to the client in a Data indication.
+    pub oversized: u64,
 }
 
 impl CoreStats {
@@ -478,6 +490,8 @@ pub struct Core {
     hosts: FxHashMap<ClientId, Box<str>>,
     /// Searches for a credential's tenant by secret (an HMAC per tenant), per source.
     searches: Limiter,
+    /// Error replies to unauthenticated UDP requests, per source.
+    replies: Limiter,
     /// The configuration generation last checked for revocations.
     generation: u64,
 }
@@ -491,6 +505,7 @@ impl Core {
 
     pub fn new(shared: Arc<Shared>, seed: [u8; 32]) -> Self {
         let shared_generation = shared.generation();
+        let reply_rate = shared.config().unauthenticated_replies_per_sec;
         Core {
             shared,
             rng: StdRng::from_seed(seed),
@@ -505,6 +520,13 @@ impl Core {
             shard: 0,
             hosts: FxHashMap::default(),
             searches: Limiter::new(SEARCH_RATE, limiter::MAX_SOURCES),
+            replies: Limiter::new(
+                Rates {
+                    packets_per_sec: reply_rate,
+                    bytes_per_sec: f64::MAX,
+                },
+                limiter::MAX_SOURCES,
+            ),
             generation: shared_generation,
         }
     }
@@ -533,6 +555,8 @@ impl Core {
             .for_each(|t| *t = TenantStats::default());
         self.stats.dropped_packets = 0;
         self.stats.malformed = 0;
+        self.stats.replies_limited = 0;
+        self.stats.oversized = 0;
         out
     }
 
@@ -718,6 +742,27 @@ impl Core {
             self.stats.dropped_packets += 1;
             return PeerAction::Drop;
         }
+        let client = a.client;
+        let channel = a
+            .channels
+            .iter()
+            .find(|c| c.peer == peer && c.expires > now)
+            .map(|c| c.number);
+        // What the client gets must fit a STUN length field and, over UDP, one datagram: a
+        // larger peer datagram is dropped, never sent with a wrapped length.
+        let framed = match channel {
+            Some(_) => 4 + len,
+            None => stun::HEADER_LEN + xor_address_len(peer) + 4 + ((len + 3) & !3),
+        };
+        let fits = if client.is_stream() {
+            framed - 4 <= usize::from(u16::MAX)
+        } else {
+            framed <= max_udp_payload(client.addr)
+        };
+        if !fits || buf.len() < 4 + len {
+            self.stats.oversized += 1;
+            return PeerAction::Drop;
+        }
         let counters = self.stats.tenant(a.tenant);
         if !Self::within_bandwidth(a, &self.shared, now, len) {
             counters.quota_dropped += 1;
@@ -725,16 +770,8 @@ impl Core {
         }
         counters.relayed_packets[1] += 1;
         counters.relayed_bytes[1] += len as u64;
-        let client = a.client;
-        if let Some(ch) = a
-            .channels
-            .iter()
-            .find(|c| c.peer == peer && c.expires > now)
-        {
-            if len > usize::from(u16::MAX) || buf.len() < 4 + len {
-                return PeerAction::Drop;
-            }
-            buf[0..2].copy_from_slice(&ch.number.to_be_bytes());
+        if let Some(number) = channel {
+            buf[0..2].copy_from_slice(&number.to_be_bytes());
             buf[2..4].copy_from_slice(&(len as u16).to_be_bytes());
             return PeerAction::ChannelData { client, len };
         }
@@ -773,9 +810,12 @@ impl Core {
         let m = msg.method();
         if m == method::BINDING {
             let tenant = self.unclaimed(msg, client);
-            if let Some(action) = self.unknown_attributes(msg) {
+            if unknown_required(msg).1 > 0 {
                 self.count(tenant, m, 420);
-                return action;
+                if !self.may_reply(client, now) {
+                    return ClientAction::None;
+                }
+                return self.unknown_attributes(msg);
             }
             self.count(tenant, m, 0);
             return self.binding(msg, client);
@@ -791,6 +831,9 @@ impl Core {
         ) {
             let tenant = self.unclaimed(msg, client);
             self.count(tenant, m, 400);
+            if !self.may_reply(client, now) {
+                return ClientAction::None;
+            }
             self.error_unsigned(msg, 400);
             return ClientAction::Reply;
         }
@@ -815,7 +858,7 @@ impl Core {
             Ok(a) => a,
             Err((tenant, e)) => {
                 drop(config);
-                return self.auth_failure(msg, client, tenant.unwrap_or(0), e, unix);
+                return self.auth_failure(msg, client, tenant.unwrap_or(0), e, now, unix);
             }
         };
         let revoked = config
@@ -876,15 +919,27 @@ impl Core {
         }
     }
 
-    /// 420 for comprehension-required attributes this server does not know (RFC 8489 §7.3.1).
-    fn unknown_attributes(&mut self, msg: &Message<'_>) -> Option<ClientAction> {
-        let (unknown, n) = unknown_required(msg);
-        if n == 0 {
-            return None;
+    /// Whether an unauthenticated request from `client` may be answered with an error now: at
+    /// most `unauthenticated_replies_per_sec` per UDP source. Stream clients cannot spoof
+    /// their address, so only UDP is limited.
+    fn may_reply(&mut self, client: ClientId, now: Instant) -> bool {
+        if client.is_stream() || self.replies.allow(client.addr.ip(), 0, now) {
+            return true;
         }
+        self.stats.replies_limited += 1;
+        false
+    }
+
+    /// 420 for comprehension-required attributes this server does not know (RFC 8489 §7.3.1),
+    /// to an unauthenticated request.
+    fn unknown_attributes(&mut self, msg: &Message<'_>) -> ClientAction {
+        let (unknown, n) = unknown_required(msg);
         // The guard owns its Arc: no copy of the SOFTWARE string per request.
         let config = self.shared.config();
-        let software = config.software.as_deref();
+        let software = config
+            .software
+            .as_deref()
+            .filter(|_| config.software_unauthenticated);
         let mut b = Builder::new(
             &mut self.out,
             Class::Error,
@@ -898,13 +953,16 @@ impl Core {
         if !msg.transaction_id().is_classic() {
             b.fingerprint();
         }
-        Some(ClientAction::Reply)
+        ClientAction::Reply
     }
 
     fn binding(&mut self, msg: &Message<'_>, client: ClientId) -> ClientAction {
         let tid = msg.transaction_id();
         let config = self.shared.config();
-        let software = config.software.as_deref();
+        let software = config
+            .software
+            .as_deref()
+            .filter(|_| config.software_unauthenticated);
         let mut b = Builder::new(&mut self.out, Class::Success, method::BINDING, tid);
         if tid.is_classic() {
             // RFC 3489 §11.2.1: MAPPED-ADDRESS. SOURCE-ADDRESS and CHANGED-ADDRESS are left
@@ -927,11 +985,15 @@ impl Core {
         client: ClientId,
         tenant: u32,
         e: AuthError,
+        now: Instant,
         unix: u64,
     ) -> ClientAction {
         let code = e.code();
         self.count(tenant, msg.method(), code);
         self.count_auth_failure(tenant, e);
+        if !self.may_reply(client, now) {
+            return ClientAction::None;
+        }
         let mut nonce = [0u8; 37];
         let nonce = self.shared.nonces.issue(client.addr, unix, &mut nonce);
         let shared = &self.shared;
@@ -952,12 +1014,21 @@ impl Core {
                 .attr(attr::NONCE, nonce)
                 .attr(attr::PASSWORD_ALGORITHMS, &PASSWORD_ALGORITHMS);
         }
-        // No SOFTWARE here: unauthenticated answers stay small, so they amplify little.
+        // SOFTWARE only where the operator asks: unauthenticated answers stay small.
+        let config = shared.config();
+        if let Some(s) = config
+            .software
+            .as_deref()
+            .filter(|_| config.software_unauthenticated)
+        {
+            b.attr(attr::SOFTWARE, s.as_bytes());
+        }
         b.fingerprint();
         ClientAction::Reply
     }
 
     fn error_unsigned(&mut self, msg: &Message<'_>, code: u16) {
+        let config = self.shared.config();
         let mut b = Builder::new(
             &mut self.out,
             Class::Error,
@@ -965,6 +1036,13 @@ impl Core {
             msg.transaction_id(),
         );
         b.error(code, reason(code));
+        if let Some(s) = config
+            .software
+            .as_deref()
+            .filter(|_| config.software_unauthenticated)
+        {
+            b.attr(attr::SOFTWARE, s.as_bytes());
+        }
         if !msg.transaction_id().is_classic() {
             b.fingerprint();
         }
@@ -1050,13 +1128,13 @@ impl Core {
             && (even.is_some()
                 || msg.has(attr::RESERVATION_TOKEN)
                 || msg.has(attr::DONT_FRAGMENT)
-                || msg.has(attr::ADDITIONAL_ADDRESS_FAMILY))
+                || additional_family(msg).is_some())
         {
             return Err(400);
         }
         let token = msg.get(attr::RESERVATION_TOKEN);
         let family = msg.get(attr::REQUESTED_ADDRESS_FAMILY);
-        let additional = msg.get(attr::ADDITIONAL_ADDRESS_FAMILY);
+        let additional = additional_family(msg);
         let reserve_next = even.is_some_and(|v| v.first().is_some_and(|b| b & 0x80 != 0));
         // RFC 8656 §7.2 steps 5 and 8: a reservation names one port of one family.
         if (token.is_some() && (even.is_some() || family.is_some() || additional.is_some()))
@@ -1382,21 +1460,22 @@ impl Core {
         {
             return Err(400);
         }
-        let expires = now + CHANNEL_LIFETIME;
-        if let Some(c) = a.channels.iter_mut().find(|c| c.number == number) {
-            c.expires = expires;
-        } else {
-            if a.channels.len() >= max {
-                return Err(508);
-            }
-            a.channels.push(Channel {
-                number,
-                peer,
-                expires,
-            });
+        // Atomic: both the channel and its permission are installed, or neither (508).
+        let new_channel = !a.channels.iter().any(|c| c.number == number);
+        if new_channel && a.channels.len() >= max {
+            return Err(508);
         }
         if !install_permission(a, peer.ip(), now + PERMISSION_LIFETIME, now, max) {
             return Err(508);
+        }
+        let expires = now + CHANNEL_LIFETIME;
+        match a.channels.iter_mut().find(|c| c.number == number) {
+            Some(c) => c.expires = expires,
+            None => a.channels.push(Channel {
+                number,
+                peer,
+                expires,
+            }),
         }
         Ok(())
     }
@@ -1455,6 +1534,15 @@ impl Core {
         }
         self.generation = generation;
         let config = self.shared.config();
+        if self.replies.rates().packets_per_sec != config.unauthenticated_replies_per_sec {
+            self.replies = Limiter::new(
+                Rates {
+                    packets_per_sec: config.unauthenticated_replies_per_sec,
+                    bytes_per_sec: f64::MAX,
+                },
+                limiter::MAX_SOURCES,
+            );
+        }
         let ended: Vec<AllocId> = self
             .slots
             .iter()
@@ -1522,6 +1610,30 @@ fn unknown_required(msg: &Message<'_>) -> ([u16; 8], usize) {
         }
     }
     (unknown, n)
+}
+
+/// ADDITIONAL-ADDRESS-FAMILY, under its RFC 8656 code or the draft code older coturn
+/// clients send.
+fn additional_family<'m>(msg: &Message<'m>) -> Option<&'m [u8]> {
+    msg.get(attr::ADDITIONAL_ADDRESS_FAMILY)
+        .or_else(|| msg.get(attr::ADDITIONAL_ADDRESS_FAMILY_DRAFT))
+}
+
+/// The size of an XOR-PEER-ADDRESS attribute for `peer`, with its header.
+fn xor_address_len(peer: SocketAddr) -> usize {
+    match peer {
+        SocketAddr::V4(_) => 4 + 8,
+        SocketAddr::V6(_) => 4 + 20,
+    }
+}
+
+/// The largest UDP payload one datagram to `to` carries: 65535 less the UDP header, and for
+/// IPv4 its own header too (IPv6's payload length leaves its header out).
+fn max_udp_payload(to: SocketAddr) -> usize {
+    match to {
+        SocketAddr::V4(_) => 65_535 - 20 - 8,
+        SocketAddr::V6(_) => 65_535 - 8,
+    }
 }
 
 /// ADDRESS-ERROR-CODE (RFC 8656 §18.13) for a refused IPv6 additional family: 440.

@@ -65,6 +65,10 @@ pub mod attr {
     pub const RESPONSE_PORT: u16 = 0x0027;
     pub const CONNECTION_ID: u16 = 0x002A;
     pub const ADDITIONAL_ADDRESS_FAMILY: u16 = 0x8000;
+    /// The code drafts of RFC 8656 gave ADDITIONAL-ADDRESS-FAMILY, which coturn's client
+    /// library sent until 4.6 (Debian bookworm, Ubuntu 24.04); Wireshark calls it
+    /// MS-ALTERNATE-HOST-NAME. Read like ADDITIONAL-ADDRESS-FAMILY, as coturn does.
+    pub const ADDITIONAL_ADDRESS_FAMILY_DRAFT: u16 = 0x8032;
     pub const ADDRESS_ERROR_CODE: u16 = 0x8001;
     pub const PASSWORD_ALGORITHMS: u16 = 0x8002;
     pub const ALTERNATE_DOMAIN: u16 = 0x8003;

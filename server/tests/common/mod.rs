@@ -365,7 +365,12 @@ impl Response {
 
 impl RawClient {
     pub fn new(server: SocketAddr, username: &str, password: &str) -> Self {
-        let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        Self::from_ip("127.0.0.1", server, username, password)
+    }
+
+    /// A client on another loopback address (`127.0.0.2`...), so another source to the relay.
+    pub fn from_ip(ip: &str, server: SocketAddr, username: &str, password: &str) -> Self {
+        let sock = UdpSocket::bind((ip, 0)).expect("bind");
         sock.set_read_timeout(Some(Duration::from_secs(2)))
             .expect("timeout");
         RawClient {
