@@ -35,6 +35,8 @@ pub const MAX_RATE: f64 = 100_000.0;
 /// Payload sizes: the load header at least; at most what fits a datagram with room to spare.
 pub const MIN_SIZE: usize = packet::HEADER;
 pub const MAX_SIZE: usize = 8192;
+/// Longest refresh period: a permission lasts 300 s (RFC 8656 §9).
+pub const MAX_REFRESH: Duration = Duration::from_secs(240);
 /// The channel every allocation binds (channels are per allocation).
 const CHANNEL: u16 = 0x4000;
 /// Longest wait for echoes still in flight after the last send.
@@ -90,11 +92,20 @@ pub struct Options {
     /// Allocations being set up at once.
     pub setup_concurrency: usize,
     pub timeout: Duration,
+    /// How often each allocation is refreshed and its channel or permission bound again
+    /// (permissions last 300 s, so at most 240 s).
+    pub refresh: Duration,
 }
 
 impl Options {
     /// Checks the bounds; the error names the flag.
     pub fn validate(&self) -> Result<(), String> {
+        if !(Duration::from_secs(1)..=MAX_REFRESH).contains(&self.refresh) {
+            return Err(format!(
+                "--refresh-secs: 1 to {} (permissions last 300 s)",
+                MAX_REFRESH.as_secs()
+            ));
+        }
         if !(1..=MAX_ALLOCATIONS).contains(&self.allocations) {
             return Err(format!("--allocations: 1 to {MAX_ALLOCATIONS}"));
         }
@@ -251,6 +262,7 @@ pub async fn run(
             start: start + period.mul_f64(i as f64 / opts.allocations as f64),
             until,
             keepalive,
+            refresh: opts.refresh,
         };
         let shared = Arc::clone(&shared);
         let stop = stop_rx.clone();

@@ -120,6 +120,15 @@ struct LoadArgs {
     /// Milliseconds to wait for each answer or connection during setup.
     #[arg(long = "timeout-ms", default_value_t = 5000)]
     timeout_ms: u64,
+    /// Seconds between refreshes of each allocation and its channel or permission (at most
+    /// 240: permissions last 300 s).
+    #[arg(long = "refresh-secs", default_value_t = 240)]
+    refresh_secs: u64,
+    /// With --secret: seconds the minted credential is valid (default: an hour beyond the
+    /// run). A shorter one expires during the run: later refreshes get 401 and the relay
+    /// ends the allocations at their lifetime instead.
+    #[arg(long = "credential-ttl")]
+    credential_ttl: Option<u64>,
     /// Print one JSON document instead of a table.
     #[arg(long)]
     json: bool,
@@ -138,7 +147,7 @@ impl LoadArgs {
             (Some(secret), user, _) => turnpike_probe::probe::ephemeral_credentials(
                 secret,
                 user.as_deref().unwrap_or("load"),
-                3600 + self.duration as u64,
+                self.credential_ttl.unwrap_or(3600 + self.duration as u64),
             ),
             (None, Some(u), Some(p)) => (u.clone(), p.clone()),
             (None, _, _) if self.transport == "raw" => (String::new(), String::new()),
@@ -187,6 +196,7 @@ impl LoadArgs {
             peer_port: self.peer_port,
             setup_concurrency: self.setup_concurrency.clamp(1, 4096),
             timeout: Duration::from_millis(self.timeout_ms.max(1)),
+            refresh: Duration::from_secs(self.refresh_secs),
         };
         opts.validate()?;
         Ok(opts)

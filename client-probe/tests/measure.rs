@@ -24,11 +24,22 @@ impl Applied {
         self.0.lock().expect("lock").push(held.as_secs_f64() * 1e3);
     }
 
-    /// The least delay applied since the last call, and forgets them.
-    fn take_min(&self) -> f64 {
-        let v = std::mem::take(&mut *self.0.lock().expect("lock"));
-        v.into_iter().fold(f64::INFINITY, f64::min)
+    /// The delays applied since the last call, and forgets them.
+    fn take(&self) -> Held {
+        let mut v = std::mem::take(&mut *self.0.lock().expect("lock"));
+        assert!(!v.is_empty(), "the proxy relayed nothing");
+        v.sort_by(f64::total_cmp);
+        Held {
+            least: v[0],
+            median: v[v.len() / 2],
+        }
     }
+}
+
+/// What one proxy applied during a round, in milliseconds.
+struct Held {
+    least: f64,
+    median: f64,
 }
 
 /// Holds each item until its time comes and hands it on, recording the delay applied.
@@ -229,10 +240,8 @@ fn picks_the_nearest_of_three_relays_with_accurate_rtts() {
             assert_eq!(r["reachable"], true, "{r}");
             r["rtt_ms"][figure].as_f64().expect("rtt")
         };
-        let (udp, tcp): (Vec<f64>, Vec<f64>) = applied
-            .iter()
-            .map(|(u, t)| (u.take_min(), t.take_min()))
-            .unzip();
+        let (udp, tcp): (Vec<Held>, Vec<Held>) =
+            applied.iter().map(|(u, t)| (u.take(), t.take())).unzip();
         let ranked: Vec<f64> = delays
             .iter()
             .map(|(n, _)| rtt(n, "turn-udp", "median"))
@@ -242,15 +251,16 @@ fn picks_the_nearest_of_three_relays_with_accurate_rtts() {
             "round {round}: turn-udp medians out of order: {ranked:?}"
         );
         for (i, (name, ms)) in delays.iter().enumerate().skip(1) {
-            for (p, injected) in [
-                ("stun-udp", udp[i] - udp[0]),
-                ("turn-udp", udp[i] - udp[0]),
-                ("turn-tcp", tcp[i] - tcp[0]),
-            ] {
+            for (p, applied) in [("stun-udp", &udp), ("turn-udp", &udp), ("turn-tcp", &tcp)] {
+                let injected = applied[i].least - applied[0].least;
+                // How much the proxy's own holds varied this round (its sleeps wake late on
+                // a busy machine) widens the allowance by as much.
+                let spread =
+                    (applied[i].median - applied[i].least) + (applied[0].median - applied[0].least);
                 let extra = rtt(name, p, "min") - rtt("reference", p, "min");
                 assert!(
-                    (extra - injected).abs() <= 1.0 + 0.05 * injected,
-                    "round {round}: {name}/{p}: {extra:.2} ms above the reference for {injected:.2} ms injected ({ms} ms asked)"
+                    (extra - injected).abs() <= 1.0 + 0.05 * injected + spread,
+                    "round {round}: {name}/{p}: {extra:.2} ms above the reference for {injected:.2} ms injected ({ms} ms asked, proxy spread {spread:.2} ms)"
                 );
             }
         }

@@ -239,6 +239,7 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
         nonce_key,
         Instant::now(),
     ));
+    reserve_own_ports(&shared, &plan, &listeners);
     let metrics = Arc::new(Metrics::new());
     metrics.set_capacity(settings.quotas.total_allocations, plan.ports);
     metrics.add_tenants(&shared.tenant_names());
@@ -462,6 +463,28 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
         let _ = t.join();
     }
     Ok(())
+}
+
+/// Keeps the relay's own listening ports out of the relay port registry, for every relay
+/// address a listener covers (one on the unspecified address covers all of its family).
+fn reserve_own_ports(shared: &Shared, plan: &io::RelayPlan, listeners: &[io::Bound]) {
+    use crate::proto::ports::RelayTransport;
+    for b in listeners {
+        let (Some(addr), l) = (b.local_addr(), b.listener()) else {
+            continue;
+        };
+        let transport = match l.transport {
+            crate::config::Transport::Udp => RelayTransport::Udp,
+            crate::config::Transport::Tcp | crate::config::Transport::Tls => RelayTransport::Tcp,
+        };
+        for (bind, _) in [plan.v4, plan.v6].into_iter().flatten() {
+            let covers = addr.ip() == bind
+                || (addr.ip().is_unspecified() && addr.is_ipv4() == bind.is_ipv4());
+            if covers {
+                shared.ports.reserve(transport, bind, addr.port());
+            }
+        }
+    }
 }
 
 /// Every allocation holds a socket, so the soft open-files limit (often 1024 under container

@@ -13,7 +13,7 @@ use prometheus::{
     Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::io::admission::{Admission, Refused};
+use crate::io::admission::{Admission, Refused, Ticket};
 use crate::io::stream::{serve_http_stream, HttpLimits};
 use crate::proto::auth::AuthError;
 use crate::proto::server::{CoreStats, METHODS, RESULTS};
@@ -398,18 +398,16 @@ pub async fn serve(
     limits: HttpLimits,
     metrics: Arc<Metrics>,
 ) {
-    let mut backoff = std::time::Duration::from_millis(10);
+    let mut backoff = crate::io::admission::AcceptBackoff::default();
     loop {
         let (tcp, from) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
-                tracing::debug!(error = %e, "metrics accept failed; backing off");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+                backoff.failed(&e, "metrics").await;
                 continue;
             }
         };
-        backoff = std::time::Duration::from_millis(10);
+        backoff.reset();
         let admitted = match admission.admit(from.ip()) {
             Ok(a) => a,
             Err(why) => {
@@ -418,9 +416,9 @@ pub async fn serve(
             }
         };
         let app = app.clone();
+        let ticket = Ticket(Arc::new(admitted));
         tokio::spawn(async move {
-            let _admitted = admitted;
-            let _ = serve_http_stream(app, tcp, from, false, limits).await;
+            let _ = serve_http_stream(app, tcp, from, false, limits, ticket).await;
         });
     }
 }

@@ -381,17 +381,18 @@ fn long_poll_holds_the_requested_time_capped_by_the_configuration() {
         )
     });
 
+    // Upper bounds here tell a hold of seconds from the 60 s asked for, not how fast the
+    // machine is: a loaded one may answer late, never early.
     let (status, body, me, took) = timed_get(plain, b"", "/echo/poll?hold=1");
     assert_eq!(status, 200, "{body}");
     assert!(took >= Duration::from_secs(1), "answered after {took:?}");
-    assert!(took < Duration::from_secs(3), "answered after {took:?}");
-    assert!((1000..3000).contains(&held_ms(&body)), "{body}");
+    assert!((1000..30_000).contains(&held_ms(&body)), "{body}");
     assert!(body.contains(&format!("\"client\": \"{me}\"")), "{body}");
 
     let (status, body, me, took) = capped.join().expect("capped");
     assert_eq!(status, 200, "{body}");
     assert!(took >= Duration::from_secs(1), "capped hold took {took:?}");
-    assert!(took < Duration::from_secs(3), "not capped at 1 s: {took:?}");
+    assert!(took < Duration::from_secs(30), "not capped: {took:?}");
     assert!(body.contains(&format!("\"client\": \"{me}\"")), "{body}");
 
     let (status, body, _, _) = behind_proxy.join().expect("proxied");

@@ -106,16 +106,19 @@ fn coturn_uclient_over_send_indications_loses_nothing() {
 /// two clients' IPv6 relayed addresses.
 #[test]
 fn coturn_4_6_uclient_gets_its_dual_stack_allocations() {
-    let relay = Relay::start(&[
-        "--relay-ip",
-        "::1",
-        "--allow-peer",
-        "127.0.0.0/8",
-        "--allow-peer",
-        "::1/128",
-        "--user",
-        "alice:wonderland",
-    ]);
+    let relay = Relay::start_logging(
+        "info,turnpike::io=debug",
+        &[
+            "--relay-ip",
+            "::1",
+            "--allow-peer",
+            "127.0.0.0/8",
+            "--allow-peer",
+            "::1/128",
+            "--user",
+            "alice:wonderland",
+        ],
+    );
     let port = relay.udp.port().to_string();
     let out = run_tool(
         "turnutils_uclient",
@@ -131,9 +134,9 @@ fn coturn_4_6_uclient_gets_its_dual_stack_allocations() {
             "-p",
             &port,
             "-m",
-            "2",
+            "1",
             "-n",
-            "100",
+            "50",
             "-l",
             "120",
             "127.0.0.1",
@@ -145,10 +148,18 @@ fn coturn_4_6_uclient_gets_its_dual_stack_allocations() {
     assert!(
         relay.wait_metric(
             "turnpike_relayed_packets_total{direction=\"peer_to_client\"}",
-            200.0
-        ) >= 200.0,
+            100.0
+        ) >= 100.0,
         "{out}"
     );
+    // Both clients' allocations got an IPv6 relayed address beside the IPv4 one.
+    relay.wait_for_log("allocation created");
+    let log = relay.log_text();
+    let dual = log
+        .lines()
+        .filter(|l| l.contains("allocation created") && l.contains("v6: Some("))
+        .count();
+    assert!(dual >= 2, "no dual-stack allocations:\n{log}");
 }
 
 #[test]
@@ -664,21 +675,29 @@ fn a_stranger_gets_little_back_however_much_it_sends() {
             drain(&mut got, &mut answers);
         }
     }
-    // Every request was judged (the relay counts them all, answered or not).
-    relay.wait_metric(
-        "turnpike_requests_total{method=\"allocate\",result=\"401\"}",
-        2000.0,
-    );
+    // The relay counts every request it judged, answered or not; a loaded machine may drop
+    // some of the flood before the relay reads it, so take its count once it stops moving.
+    let series = "turnpike_requests_total{method=\"allocate\",result=\"401\"}";
+    let mut judged = relay.wait_metric(series, 2000.0);
+    loop {
+        std::thread::sleep(Duration::from_millis(600));
+        let now = relay.metric(series);
+        if now == judged {
+            break;
+        }
+        judged = now;
+    }
     let elapsed = start.elapsed().as_secs_f64();
     drain(&mut got, &mut answers);
     let limited = relay.metric("turnpike_dropped_packets_total{reason=\"reply_rate\"}");
     let factor = got as f64 / sent as f64;
     eprintln!(
-        "2000 bare Allocates ({sent} bytes) from one source in {elapsed:.2} s: {answers} answers ({got} bytes), {limited} unanswered: {factor:.2} bytes out per byte in"
+        "2000 bare Allocates ({sent} bytes) from one source in {elapsed:.2} s: {judged} judged, {answers} answered ({got} bytes), {limited} unanswered: {factor:.2} bytes out per byte in"
     );
+    assert!(judged > 1000.0, "the flood did not reach the relay");
     assert_eq!(
         answers as f64 + limited,
-        2000.0,
+        judged,
         "every request is answered or counted"
     );
     // The burst, then the rate over the time the flood took.

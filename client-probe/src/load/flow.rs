@@ -20,8 +20,6 @@ use crate::turn::{error_code, Credentials, Stream};
 
 /// Packets sent in one wakeup at most; a flow behind schedule catches up over several.
 const MAX_PER_TICK: usize = 4 * BATCH;
-/// How often permissions, channels and the allocation are refreshed (permissions last 300 s).
-const REFRESH_EVERY: Duration = Duration::from_secs(240);
 /// Receive batches handled per wakeup before yielding to other flows.
 const RECV_BUDGET: usize = 16;
 
@@ -82,6 +80,8 @@ pub struct Plan {
     pub until: Instant,
     /// ChannelBind or CreatePermission to repeat, to keep the path alive: `None` for raw.
     pub keepalive: Option<Keepalive>,
+    /// How often the allocation is refreshed and its channel (or permission) bound again.
+    pub refresh: Duration,
 }
 
 pub struct Keepalive {
@@ -225,7 +225,7 @@ pub async fn run_udp(
     let mut ticker = tokio::time::interval_at(plan.start.into(), tick_period(plan.rate));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut refresh =
-        tokio::time::interval_at((Instant::now() + REFRESH_EVERY).into(), REFRESH_EVERY);
+        tokio::time::interval_at((Instant::now() + plan.refresh).into(), plan.refresh);
     let mut sending = plan.rate > 0.0;
     let mut control = Vec::new();
     loop {
@@ -361,6 +361,7 @@ async fn stream_reader(
         start: Instant::now(),
         until: Instant::now(),
         keepalive: None,
+        refresh: Duration::MAX,
     };
     let mut chunk = vec![0u8; 64 * 1024];
     loop {
@@ -428,8 +429,8 @@ async fn stream_writer(
     shared: Arc<Shared>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> u64 {
-    let (start, until, rate) = match plan.lock() {
-        Ok(p) => (p.start, p.until, p.rate),
+    let (start, until, rate, every) = match plan.lock() {
+        Ok(p) => (p.start, p.until, p.rate, p.refresh),
         Err(_) => return 0,
     };
     let mut pacer = Pacer {
@@ -439,8 +440,7 @@ async fn stream_writer(
     };
     let mut ticker = tokio::time::interval_at(start.into(), tick_period(rate));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut refresh =
-        tokio::time::interval_at((Instant::now() + REFRESH_EVERY).into(), REFRESH_EVERY);
+    let mut refresh = tokio::time::interval_at((Instant::now() + every).into(), every);
     let mut sending = rate > 0.0;
     let mut sent = 0u64;
     let mut out = Vec::new();

@@ -28,6 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::config::EchoSettings;
+use crate::io::admission::Ticket;
 use crate::metrics::{EchoTransport, Metrics};
 use crate::proto::limiter::{self, Limiter, Rates};
 use crate::Error;
@@ -341,6 +342,7 @@ fn client_addr(c: Client) -> Option<SocketAddr> {
 async fn ws_handler(
     State(echo): State<Arc<Echo>>,
     client: Client,
+    ticket: Option<Extension<Ticket>>,
     ws: WebSocketUpgrade,
 ) -> Response {
     let ip = client_addr(client).map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
@@ -352,6 +354,8 @@ async fn ws_handler(
     ws.max_message_size(WS_MAX_MESSAGE)
         .max_frame_size(WS_MAX_MESSAGE)
         .on_upgrade(move |socket| async move {
+            // The upgraded connection stays counted by the listener's admission too.
+            let _ticket = ticket;
             let _ = tokio::time::timeout(WS_LIFETIME, ws_echo(socket, ip, &echo)).await;
             drop(guard);
         })

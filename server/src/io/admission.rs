@@ -58,19 +58,14 @@ impl Admission {
 
     /// Counts a new connection from `ip`, or says which limit refuses it.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admitted, Refused> {
-        let unallocated = self.take_unallocated().ok_or(Refused::Unallocated)?;
-        let key = source_key(ip);
-        let mut m = self.per_source.lock().unwrap_or_else(|e| e.into_inner());
-        let n = m.entry(key).or_insert(0);
-        if *n >= self.max_per_source {
-            return Err(Refused::PerSource);
-        }
-        *n += 1;
-        Ok(Admitted {
-            admission: Arc::clone(self),
-            key,
-            unallocated: Some(unallocated),
-        })
+        self.arrive()?.from(ip)
+    }
+
+    /// Counts a connection just accepted among those without an allocation, before its
+    /// source is known (a PROXY protocol header names it later).
+    pub fn arrive(self: &Arc<Self>) -> Result<Arriving, Refused> {
+        let slot = self.take_unallocated().ok_or(Refused::Unallocated)?;
+        Ok(Arriving(slot))
     }
 
     fn take_unallocated(self: &Arc<Self>) -> Option<UnallocatedSlot> {
@@ -82,6 +77,38 @@ impl Admission {
         taken.ok().map(|_| UnallocatedSlot(Arc::clone(self)))
     }
 }
+
+/// A connection accepted and counted without an allocation, whose source is not known yet.
+#[derive(Debug)]
+pub struct Arriving(UnallocatedSlot);
+
+impl Arriving {
+    /// Its source is `ip`: counted for it too, unless the source holds its most already.
+    pub fn from(self, ip: IpAddr) -> Result<Admitted, Refused> {
+        let admission = Arc::clone(&self.0 .0);
+        let key = source_key(ip);
+        let mut m = admission
+            .per_source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(key).or_insert(0);
+        if *n >= admission.max_per_source {
+            return Err(Refused::PerSource);
+        }
+        *n += 1;
+        drop(m);
+        Ok(Admitted {
+            admission,
+            key,
+            unallocated: Some(self.0),
+        })
+    }
+}
+
+/// An admitted HTTP connection, shared with the requests it carries: a request upgraded to a
+/// WebSocket keeps its connection counted after the HTTP server lets go of it.
+#[derive(Debug, Clone)]
+pub struct Ticket(pub Arc<Admitted>);
 
 /// One of the `max_unallocated` slots.
 #[derive(Debug)]
@@ -130,6 +157,49 @@ impl Drop for Admitted {
                 m.remove(&self.key);
             }
         }
+    }
+}
+
+/// What a listener does after a failed accept. Out of descriptors or memory (EMFILE, ENFILE,
+/// ENOBUFS, ENOMEM), the connection stays queued and an immediate retry would spin: wait,
+/// from 10 ms doubling to 1 s. Other errors concern one connection (ECONNABORTED, EPROTO...):
+/// accept(2) says to try again at once.
+#[derive(Debug)]
+pub struct AcceptBackoff {
+    next: std::time::Duration,
+}
+
+impl Default for AcceptBackoff {
+    fn default() -> Self {
+        AcceptBackoff { next: Self::MIN }
+    }
+}
+
+impl AcceptBackoff {
+    const MIN: std::time::Duration = std::time::Duration::from_millis(10);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
+    /// An accept succeeded.
+    pub fn reset(&mut self) {
+        self.next = Self::MIN;
+    }
+
+    /// An accept failed with `e`; returns once the listener may try again.
+    pub async fn failed(&mut self, e: &std::io::Error, what: &str) {
+        let exhausted = matches!(
+            e.raw_os_error(),
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+        );
+        if !exhausted {
+            tracing::debug!(error = %e, "{what}: accept failed; trying again");
+            tokio::task::yield_now().await;
+            return;
+        }
+        if self.next == Self::MIN {
+            tracing::warn!(error = %e, "{what}: out of resources; accepting again later");
+        }
+        tokio::time::sleep(self.next).await;
+        self.next = (self.next * 2).min(Self::MAX);
     }
 }
 

@@ -29,13 +29,17 @@ use std::rc::Rc;
 
 use tokio::io::unix::AsyncFd;
 
-/// A non-blocking UDP socket registered with the shard's reactor, and whether it still sends
-/// with GSO: a socket whose route's device cannot segment (EIO) goes on without, the others
-/// keep it.
+/// A non-blocking UDP socket registered with the shard's reactor, and where it sends without
+/// GSO: to a destination whose route's device cannot segment (EIO), and not at all once
+/// [`NO_GSO_DESTINATIONS`] destinations did so (the socket's own device, then).
 pub struct UdpSock {
     fd: AsyncFd<std::net::UdpSocket>,
     gso: Cell<bool>,
+    no_gso: std::cell::RefCell<Vec<SocketAddr>>,
 }
+
+/// Destinations one socket remembers sending to without GSO before it stops using GSO.
+pub const NO_GSO_DESTINATIONS: usize = 64;
 
 impl std::ops::Deref for UdpSock {
     type Target = AsyncFd<std::net::UdpSocket>;
@@ -50,6 +54,27 @@ impl UdpSock {
     pub fn gso(&self) -> bool {
         self.gso.get()
     }
+
+    /// Whether sends to `to` may use GSO.
+    fn gso_to(&self, to: SocketAddr) -> bool {
+        if !self.gso.get() {
+            return false;
+        }
+        let no = self.no_gso.borrow();
+        no.is_empty() || !no.contains(&to)
+    }
+
+    /// The route to `to` cannot segment: send there without GSO from now on.
+    fn without_gso_to(&self, to: SocketAddr) {
+        let mut no = self.no_gso.borrow_mut();
+        if !no.contains(&to) {
+            no.push(to);
+        }
+        if no.len() >= NO_GSO_DESTINATIONS {
+            self.gso.set(false);
+            no.clear();
+        }
+    }
 }
 
 /// Registers a non-blocking socket for readability only: sends are non-blocking system calls
@@ -62,6 +87,7 @@ pub fn register(sock: std::net::UdpSocket) -> io::Result<UdpSock> {
     Ok(UdpSock {
         fd,
         gso: Cell::new(kernel_has_gso()),
+        no_gso: std::cell::RefCell::new(Vec::new()),
     })
 }
 
@@ -92,8 +118,8 @@ pub fn kernel_has_gso() -> bool {
 enum SendFault {
     /// The socket buffer is full: the rest of this flush is dropped, as a router would.
     Full,
-    /// The route's device cannot segment (EIO): this socket sends without GSO from now on,
-    /// and the message goes again as single datagrams.
+    /// The route's device cannot segment (EIO): this socket sends to that destination without
+    /// GSO from now on, and the message goes again as single datagrams.
     NoOffload,
     /// The segments do not suit this path (EINVAL: a segment above the path MTU, say): the
     /// message goes again as single datagrams, which the kernel may fragment.
@@ -419,7 +445,7 @@ impl TxQueue {
     /// size.
     fn run_len(&self, at: usize) -> usize {
         let first = &self.entries[at];
-        if !first.sock.gso() {
+        if !first.sock.gso_to(first.to) {
             return 1;
         }
         let limit = GSO_SEGMENTS.min(GSO_BYTES / first.len.max(1));
@@ -456,7 +482,7 @@ impl TxQueue {
                         SendFault::Destination => {}
                         SendFault::NoOffload | SendFault::Unsegmentable => {
                             if fault(&e, true) == SendFault::NoOffload {
-                                sock.gso.set(false);
+                                sock.without_gso_to(self.entries[m.first].to);
                             }
                             let singles: Vec<Msg> = (m.first..m.first + m.count)
                                 .map(|first| Msg { first, count: 1 })
@@ -599,6 +625,20 @@ mod tests {
             (0..10u8).map(|i| vec![100 + i; 7]).collect::<Vec<_>>()
         );
         assert!(a.gso() && q.gso_sends() > 0, "loopback takes GSO sends");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_route_that_cannot_segment_loses_gso_for_itself_alone() {
+        let a = sock();
+        let bad: SocketAddr = "127.0.0.2:9".parse().expect("addr");
+        let good: SocketAddr = "127.0.0.3:9".parse().expect("addr");
+        a.without_gso_to(bad);
+        assert!(!a.gso_to(bad) && a.gso_to(good) && a.gso());
+        // Many such destinations: the socket's own device cannot segment, then.
+        for i in 0..NO_GSO_DESTINATIONS as u16 {
+            a.without_gso_to(SocketAddr::from(([127, 0, 1, 1], 1000 + i)));
+        }
+        assert!(!a.gso() && !a.gso_to(good));
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -236,10 +236,17 @@ fn pin_to_first(sock: &Socket) -> std::io::Result<()> {
     }
 }
 
-/// The listening socket of an RFC 6062 allocation on `addr`.
+/// The listening socket of an RFC 6062 allocation on `addr`. Where the kernel takes no
+/// reuseport program (before Linux 4.5, some sandboxes), the registry's ownership of the port
+/// is the guarantee left, and the relay says so once.
 fn tcp_relay_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let sock = tcp_socket(addr)?;
-    pin_to_first(&sock)?;
+    if let Err(e) = pin_to_first(&sock) {
+        if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(error = %e, "TCP relay listeners run without a reuseport program");
+        }
+    }
     sock.listen(128)?;
     Ok(sock.into())
 }
@@ -325,9 +332,9 @@ struct RelaySlot {
     /// RFC 6062: the listening socket's address, which outgoing peer connections use too.
     tcp: Option<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
-    /// Wakes the byte pipes of a TCP allocation's bound connections (on any shard) when it
-    /// ends.
-    ended: Arc<tokio::sync::Notify>,
+    /// Ends the byte pipes of a TCP allocation's bound connections (on any shard) when the
+    /// allocation ends.
+    ended: Arc<Ended>,
 }
 
 impl Drop for RelaySlot {
@@ -335,7 +342,34 @@ impl Drop for RelaySlot {
         for t in &self.tasks {
             t.abort();
         }
-        self.ended.notify_waiters();
+        self.ended.fire();
+    }
+}
+
+/// Set once, when an allocation ends; its RFC 6062 data connections, on any shard, wait for
+/// it. A flag beside the wake-up, so a pipe that starts waiting after the allocation ended
+/// still sees it.
+#[derive(Debug, Default)]
+pub struct Ended {
+    flag: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Ended {
+    fn fire(&self) {
+        self.flag.store(true, std::sync::atomic::Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    /// Returns once the allocation has ended.
+    pub async fn wait(&self) {
+        let notified = self.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.flag.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        notified.await;
     }
 }
 
@@ -674,6 +708,22 @@ impl Shard {
             v4: advertised(&v4, &self.plan.v4),
             v6: advertised(&v6, &self.plan.v6),
         };
+        // Registered with the reactor before the allocation exists, so a failure refuses it
+        // rather than advertising a port nothing reads.
+        let mut registered = Vec::new();
+        for (s, v6) in [(v4, false), (v6, true)] {
+            let Some(RelaySocket { sock, lease }) = s else {
+                continue;
+            };
+            match batch::register(sock) {
+                Ok(sock) => registered.push((Rc::new(sock), lease, v6)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "relay socket not registered: 508");
+                    self.core.borrow_mut().fail_allocate(*p, 508, now);
+                    return;
+                }
+            }
+        }
         if let (Some(token), Some(sock)) = (p.new_token, reserved) {
             if let Ok(mut r) = self.reservations.lock() {
                 r.insert(token, (sock, now + RESERVATION_TTL));
@@ -685,22 +735,20 @@ impl Shard {
             v6: None,
             tcp: None,
             tasks: Vec::new(),
-            ended: Arc::new(tokio::sync::Notify::new()),
+            ended: Arc::new(Ended::default()),
         };
-        for (s, side) in [(v4, &mut slot.v4), (v6, &mut slot.v6)] {
-            let Some(RelaySocket { sock, lease }) = s else {
-                continue;
-            };
-            let Ok(sock) = batch::register(sock).map(Rc::new) else {
-                continue;
-            };
+        for (sock, lease, v6) in registered {
             slot.tasks.push(tokio::task::spawn_local(relay_loop(
                 Rc::clone(self),
                 id,
                 Rc::clone(&sock),
                 lease,
             )));
-            *side = Some(sock);
+            if v6 {
+                slot.v6 = Some(sock);
+            } else {
+                slot.v4 = Some(sock);
+            }
         }
         self.install(id, slot);
         tracing::debug!(alloc = id.0, ?relayed, "allocation created");
@@ -776,13 +824,18 @@ impl Shard {
         // Ports another process holds stay taken until this call ends, so they are not drawn
         // again.
         let mut refused = Vec::new();
+        // Only a port in use is worth another draw; any other error would repeat.
         let bind = |lease: PortLease| match udp_socket(
             SocketAddr::new(ip, lease.port()),
             false,
             RELAY_SOCKET_BUFFER,
         ) {
             Ok(sock) => Ok(RelaySocket { sock, lease }),
-            Err(_) => Err(lease),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(Some(lease)),
+            Err(e) => {
+                tracing::warn!(error = %e, %ip, "cannot bind a relay socket");
+                Err(None)
+            }
         };
         for _ in 0..BIND_ATTEMPTS {
             let lease = self
@@ -803,7 +856,8 @@ impl Shard {
             };
             let first = match bind(lease) {
                 Ok(s) => s,
-                Err(lease) => {
+                Err(None) => return Err(508),
+                Err(Some(lease)) => {
                     refused.push(lease);
                     refused.extend(next);
                     continue;
@@ -814,7 +868,8 @@ impl Shard {
             };
             match bind(next) {
                 Ok(second) => return Ok((first, Some(second))),
-                Err(lease) => {
+                Err(None) => return Err(508),
+                Err(Some(lease)) => {
                     refused.push(lease);
                     refused.push(first.lease);
                 }

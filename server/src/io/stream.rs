@@ -19,8 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
-use super::admission::{Admission, Admitted};
-use super::tcp_relay::{ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN};
+use super::admission::{AcceptBackoff, Admission, Admitted, Ticket};
 use super::Shard;
 use crate::config::{Listener, Transport};
 use crate::proto::{ClientAction, ClientId, TcpQuota};
@@ -63,13 +62,13 @@ pub struct StreamContext {
     pub http: axum::Router,
     /// RFC 6062 peer connections waiting for their ConnectionBind, which any shard may get:
     /// the socket, and the wake-up for when its allocation ends.
-    pub pending: Mutex<HashMap<u32, (std::net::TcpStream, Arc<Notify>)>>,
+    pub pending: Mutex<HashMap<u32, (std::net::TcpStream, Arc<super::Ended>)>>,
 }
 
 impl StreamContext {
     pub(super) fn pending_peers(
         &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<u32, (std::net::TcpStream, Arc<Notify>)>> {
+    ) -> std::sync::MutexGuard<'_, HashMap<u32, (std::net::TcpStream, Arc<super::Ended>)>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -109,20 +108,16 @@ impl Outbox {
 /// Accepts connections on one of this shard's stream listeners. A failed accept (EMFILE:
 /// out of descriptors) backs off, doubling, rather than spinning on the queued connection.
 pub(super) async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, cfg: Listener) {
-    let mut backoff = ACCEPT_BACKOFF_MIN;
+    let mut backoff = AcceptBackoff::default();
     loop {
         let (tcp, from) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
-                if backoff == ACCEPT_BACKOFF_MIN {
-                    tracing::warn!(error = %e, "accept failed; backing off");
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                backoff.failed(&e, cfg.transport.scheme()).await;
                 continue;
             }
         };
-        backoff = ACCEPT_BACKOFF_MIN;
+        backoff.reset();
         let _ = tcp.set_nodelay(true);
         let shard = Rc::clone(&shard);
         tokio::task::spawn_local(async move {
@@ -140,6 +135,14 @@ async fn connection(
     cfg: Listener,
 ) -> std::io::Result<()> {
     let ctx = Arc::clone(&shard.streams);
+    // Counted from its accept, so connections stuck before their PROXY header count too.
+    let arriving = match ctx.admission.arrive() {
+        Ok(a) => a,
+        Err(why) => {
+            shard.metrics.connection_refused(why);
+            return Ok(());
+        }
+    };
     // One deadline for everything before the connection says what it is.
     let deadline = tokio::time::Instant::now() + ctx.handshake_timeout;
     let client_addr = if cfg.proxy_protocol {
@@ -151,7 +154,7 @@ async fn connection(
     } else {
         from
     };
-    let admitted = match ctx.admission.admit(client_addr.ip()) {
+    let mut admitted = match arriving.from(client_addr.ip()) {
         Ok(a) => a,
         Err(why) => {
             shard.metrics.connection_refused(why);
@@ -198,6 +201,9 @@ async fn connection(
             None => false,
         };
         if !wants_turn && (web_name || (ctx.web_hostnames.is_empty() && wants_http)) {
+            // The website's connections count per source, not among the relay's own
+            // connections without an allocation: a busy site must not lock TURN out.
+            admitted.allocated();
             return pass_through(tcp, upstream).await;
         }
     }
@@ -417,7 +423,7 @@ async fn serve_http<S>(
     stream: S,
     client: SocketAddr,
     tls: bool,
-    _admitted: Admitted,
+    admitted: Admitted,
 ) -> std::io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -426,7 +432,8 @@ where
         headers: ctx.handshake_timeout,
         long_poll_max: ctx.long_poll_max,
     };
-    serve_http_stream(ctx.http.clone(), stream, client, tls, limits).await
+    let ticket = Ticket(Arc::new(admitted));
+    serve_http_stream(ctx.http.clone(), stream, client, tls, limits, ticket).await
 }
 
 /// How long an HTTP client may take: to send a request's headers (and, between requests of a
@@ -439,13 +446,15 @@ pub struct HttpLimits {
 }
 
 /// Serves `router` on one HTTP/1.1 connection within `limits`: slow headers close the
-/// connection, a slow request body gets 408.
+/// connection, a slow request body gets 408. Each request carries the connection's `ticket`
+/// (a WebSocket handler keeps it for as long as the upgraded connection lives).
 pub async fn serve_http_stream<S>(
     router: axum::Router,
     stream: S,
     client: SocketAddr,
     tls: bool,
     limits: HttpLimits,
+    ticket: Ticket,
 ) -> std::io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -456,6 +465,7 @@ where
             req.extensions_mut()
                 .insert(axum::extract::ConnectInfo(client));
             req.extensions_mut().insert(Secure(tls));
+            req.extensions_mut().insert(ticket.clone());
             let answer_within = if req.uri().path() == crate::echo::LONG_POLL_PATH {
                 limits.headers + limits.long_poll_max
             } else {
@@ -525,7 +535,7 @@ where
             admitted.allocated();
             outbox.notify.notify_one();
             let Ok(Some(wr)) = writer.await else {
-                shard.core.borrow().shared().connection_ended(connection);
+                shard.end_connection(connection);
                 return Ok(());
             };
             shard.pipe(connection, rd.unsplit(wr), &early, quota).await

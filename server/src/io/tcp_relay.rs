@@ -15,11 +15,6 @@ use crate::proto::{AllocId, PendingAllocate, RelayAddrs, TcpQuota};
 
 /// RFC 6062 §5.2: how long a Connect may take before it fails with 447.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// After a failed accept (EMFILE, ENFILE, ENOBUFS), the listener waits this long, doubling up
-/// to [`ACCEPT_BACKOFF_MAX`], instead of trying again at once: the connection that could not
-/// be accepted stays queued, so an immediate retry would spin.
-pub(super) const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
-pub(super) const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Bytes read at once from either side of a data connection.
 const PIPE_CHUNK: usize = 16 * 1024;
 /// How often a data connection whose quota is spent looks again.
@@ -69,7 +64,7 @@ impl Shard {
                 id,
                 bound,
             ))],
-            ended: Arc::new(tokio::sync::Notify::new()),
+            ended: Arc::new(super::Ended::default()),
         };
         self.install(id, slot);
         tracing::debug!(alloc = id.0, %advertised, "TCP allocation created");
@@ -92,13 +87,19 @@ impl Shard {
                     };
                     return Some((relay, addr));
                 }
-                Err(_) => refused.push(lease),
+                // Only a port in use is worth another draw; any other error would repeat.
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => refused.push(lease),
+                Err(e) => {
+                    tracing::warn!(error = %e, %addr, "cannot bind a TCP relay listener");
+                    return None;
+                }
             }
         }
         None
     }
 
-    /// Opens the connection a Connect asked for and answers the client.
+    /// Opens the connection a Connect asked for and answers the client. The attempt belongs
+    /// to the allocation: it is stopped when the allocation ends.
     pub(super) fn start_connect(
         self: &Rc<Self>,
         alloc: AllocId,
@@ -111,7 +112,7 @@ impl Shard {
             .get(alloc.0 as usize)
             .and_then(|s| s.as_ref()?.tcp);
         let shard = Rc::clone(self);
-        tokio::task::spawn_local(async move {
+        let task = tokio::task::spawn_local(async move {
             let attempt = async {
                 let local = local.ok_or_else(|| std::io::Error::other("no TCP relay"))?;
                 let sock = super::tcp_socket(local)?;
@@ -128,13 +129,26 @@ impl Shard {
                 .core
                 .borrow_mut()
                 .connect_done(connection, stream.is_some(), now);
-            if let Some(client) = client {
-                shard.send_to_client(client, shard.core.borrow().output());
-            }
+            // None: the connection id is gone (its allocation ended meanwhile).
+            let Some(client) = client else {
+                return;
+            };
+            shard.send_to_client(client, shard.core.borrow().output());
             if let Some(s) = stream {
                 shard.hold_peer(connection, alloc, s);
             }
         });
+        match self.relays.borrow_mut().get_mut(alloc.0 as usize) {
+            Some(Some(slot)) => slot.tasks.push(task),
+            Some(None) | None => task.abort(),
+        }
+    }
+
+    /// Forgets an RFC 6062 connection everywhere: its peer socket if it still waits for a
+    /// ConnectionBind, and its place among its allocation's connections.
+    pub(super) fn end_connection(&self, connection: u32) {
+        self.streams.pending_peers().remove(&connection);
+        self.core.borrow().shared().connection_ended(connection);
     }
 
     /// Keeps a peer connection until a ConnectionBind claims it, on whichever shard.
@@ -168,25 +182,27 @@ impl Shard {
         let taken = self.streams.pending_peers().remove(&connection);
         let result = match taken {
             None => Ok(()),
-            Some((peer, ended)) => {
-                let peer = tokio::net::TcpStream::from_std(peer)?;
-                let ended = ended.notified();
-                let (mut client_rd, mut client_wr) = tokio::io::split(client);
-                let (mut peer_rd, mut peer_wr) = tokio::io::split(peer);
-                let both = async {
-                    self.charge(&quota, early.len(), true).await;
-                    peer_wr.write_all(early).await?;
-                    let up = self.relay_bytes(&mut client_rd, &mut peer_wr, &quota, true);
-                    let down = self.relay_bytes(&mut peer_rd, &mut client_wr, &quota, false);
-                    tokio::try_join!(up, down).map(|_| ())
-                };
-                tokio::select! {
-                    r = both => r,
-                    _ = ended => Ok(()),
+            Some((peer, ended)) => match tokio::net::TcpStream::from_std(peer) {
+                Err(e) => Err(e),
+                Ok(peer) => {
+                    let ended = ended.wait();
+                    let (mut client_rd, mut client_wr) = tokio::io::split(client);
+                    let (mut peer_rd, mut peer_wr) = tokio::io::split(peer);
+                    let both = async {
+                        self.charge(&quota, early.len(), true).await;
+                        peer_wr.write_all(early).await?;
+                        let up = self.relay_bytes(&mut client_rd, &mut peer_wr, &quota, true);
+                        let down = self.relay_bytes(&mut peer_rd, &mut client_wr, &quota, false);
+                        tokio::try_join!(up, down).map(|_| ())
+                    };
+                    tokio::select! {
+                        r = both => r,
+                        _ = ended => Ok(()),
+                    }
                 }
-            }
+            },
         };
-        self.core.borrow().shared().connection_ended(connection);
+        self.end_connection(connection);
         result
     }
 
@@ -238,18 +254,16 @@ impl Shard {
 /// Accepts the peers of one TCP allocation (closed by the core without a permission or beyond
 /// the allocation's connection limit).
 async fn accept_peers(shard: Rc<Shard>, alloc: AllocId, relay: RelayListener) {
-    let mut backoff = ACCEPT_BACKOFF_MIN;
+    let mut backoff = super::admission::AcceptBackoff::default();
     loop {
         let (stream, peer) = match relay.listener.accept().await {
             Ok(c) => c,
             Err(e) => {
-                tracing::debug!(alloc = alloc.0, error = %e, "peer accept failed; backing off");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                backoff.failed(&e, "TCP relay").await;
                 continue;
             }
         };
-        backoff = ACCEPT_BACKOFF_MIN;
+        backoff.reset();
         let now = Instant::now();
         let attempt = shard.core.borrow_mut().peer_connected(alloc, peer, now);
         let Some((client, connection)) = attempt else {

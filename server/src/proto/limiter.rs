@@ -47,6 +47,9 @@ pub struct Limiter {
     max_sources: usize,
     table: HashMap<u128, Bucket>,
     last_sweep: Option<Instant>,
+    /// What to do when the table is full of active sources: refuse new ones (the default), or
+    /// forget every source and start again (at most once a second).
+    forget_when_full: bool,
 }
 
 /// The key of a source: IPv4 as its IPv4-mapped IPv6 form, IPv6 as its /64 (one host commonly
@@ -65,6 +68,18 @@ impl Limiter {
             max_sources: max_sources.max(1),
             table: HashMap::new(),
             last_sweep: None,
+            forget_when_full: false,
+        }
+    }
+
+    /// A limiter that, when its table is full of active sources, forgets them all (at most
+    /// once a second) rather than refusing new ones. For a limit whose refusal locks a client
+    /// out (its 401 challenge): a flood of spoofed sources then delays new clients by a second
+    /// at most, and any one source still gets no more than a burst a second plus its rate.
+    pub fn forgetting_when_full(rates: Rates, max_sources: usize) -> Self {
+        Limiter {
+            forget_when_full: true,
+            ..Limiter::new(rates, max_sources)
         }
     }
 
@@ -104,9 +119,12 @@ impl Limiter {
         let rates = self.rates;
         if !self.table.contains_key(&k) {
             if self.table.len() >= self.max_sources {
-                self.sweep(now);
+                let swept = self.sweep(now);
                 if self.table.len() >= self.max_sources {
-                    return false;
+                    if !(self.forget_when_full && swept) {
+                        return false;
+                    }
+                    self.table.clear();
                 }
             }
             let b = self.full(now);
@@ -131,7 +149,7 @@ impl Limiter {
     pub fn exhausted(&mut self, ip: IpAddr, now: Instant) -> bool {
         let rates = self.rates;
         if !self.table.contains_key(&source_key(ip)) && self.table.len() >= self.max_sources {
-            self.sweep(now);
+            let _ = self.sweep(now);
         }
         let full = self.table.len() >= self.max_sources;
         match self.table.get_mut(&source_key(ip)) {
@@ -143,13 +161,14 @@ impl Limiter {
         }
     }
 
-    /// Forgets the sources whose buckets are full again (at most once a second).
-    fn sweep(&mut self, now: Instant) {
+    /// Forgets the sources whose buckets are full again (at most once a second); false when
+    /// it is too soon to sweep again.
+    fn sweep(&mut self, now: Instant) -> bool {
         if self
             .last_sweep
             .is_some_and(|t| now.saturating_duration_since(t) < SWEEP_EVERY)
         {
-            return;
+            return false;
         }
         self.last_sweep = Some(now);
         let rates = self.rates;
@@ -158,6 +177,7 @@ impl Limiter {
             b.packets < rates.packets_per_sec * BURST_SECS
                 || b.bytes < rates.bytes_per_sec * BURST_SECS
         });
+        true
     }
 }
 
@@ -224,6 +244,34 @@ mod tests {
             "the mapped form is the same source"
         );
         assert_eq!(l.len(), 3);
+    }
+
+    #[test]
+    fn a_forgetting_limiter_lets_new_sources_in_within_a_second_of_a_flood() {
+        let rates = Rates {
+            packets_per_sec: 1.0,
+            bytes_per_sec: 1e6,
+        };
+        let mut l = Limiter::forgetting_when_full(rates, 4);
+        let t0 = Instant::now();
+        // A flood of spoofed sources fills the table; the first sweep forgets them all.
+        for i in 1..=4 {
+            assert!(l.allow(ip(&format!("198.51.100.{i}")), 1, t0));
+        }
+        assert!(l.allow(ip("192.0.2.1"), 1, t0), "forgotten, room made");
+        for i in 5..=7 {
+            assert!(l.allow(ip(&format!("198.51.100.{i}")), 1, t0));
+        }
+        assert!(
+            !l.allow(ip("192.0.2.2"), 1, t0),
+            "full again within the second"
+        );
+        let t1 = t0 + Duration::from_secs(1);
+        assert!(
+            l.allow(ip("192.0.2.2"), 1, t1),
+            "a second later, room again"
+        );
+        assert!(l.len() <= 4);
     }
 
     #[test]

@@ -158,6 +158,17 @@ impl RelayPorts {
         Some(self.lease(transport, ip, port))
     }
 
+    /// Marks `port` taken for good: one of the relay's own listening ports, which no
+    /// allocation may share (a TCP relay listener would join its SO_REUSEPORT group).
+    pub fn reserve(&self, transport: RelayTransport, ip: IpAddr, port: u16) {
+        if (self.range.0..=self.range.1).contains(&port) {
+            self.sets()
+                .entry((transport, ip))
+                .or_insert_with(PortSet::new)
+                .set(port, true);
+        }
+    }
+
     fn lease(self: &Arc<Self>, transport: RelayTransport, ip: IpAddr, port: u16) -> PortLease {
         PortLease {
             ports: Arc::clone(self),
@@ -244,5 +255,29 @@ mod tests {
             .take(RelayTransport::Udp, IP, false, &mut rng)
             .is_some());
         assert!(ports.take_port(RelayTransport::Udp, IP, 50011).is_none());
+    }
+
+    #[test]
+    fn reserved_ports_are_never_handed_out() {
+        let ports = RelayPorts::new((50000, 50003));
+        ports.reserve(RelayTransport::Tcp, IP, 50001);
+        ports.reserve(RelayTransport::Tcp, IP, 40000);
+        let mut rng = StdRng::seed_from_u64(3);
+        let got: Vec<u16> = (0..3)
+            .map(|_| {
+                ports
+                    .take(RelayTransport::Tcp, IP, false, &mut rng)
+                    .expect("free")
+            })
+            .map(|l| {
+                let p = l.port();
+                std::mem::forget(l);
+                p
+            })
+            .collect();
+        assert!(!got.contains(&50001), "{got:?}");
+        assert!(ports
+            .take(RelayTransport::Tcp, IP, false, &mut rng)
+            .is_none());
     }
 }

@@ -81,7 +81,7 @@ pub struct Shared {
     /// RFC 6062 connection ids of every shard: a data connection's ConnectionBind may reach
     /// another shard than the one holding the allocation. Touched only by TCP-allocation
     /// requests, never per packet.
-    tcp_conns: std::sync::Mutex<HashMap<u32, tcp_alloc::TcpConn>>,
+    tcp_conns: std::sync::Mutex<tcp_alloc::TcpConns>,
     pub quotas: QuotaState,
     pub nonces: Nonces,
     draining: AtomicBool,
@@ -100,6 +100,9 @@ pub struct Shared {
     /// Where the millisecond clock of the bandwidth buckets starts: one for every shard, since
     /// a user's and a tenant's buckets are shared by the shards.
     epoch: Instant,
+    /// Error replies to unauthenticated UDP requests, per source, across the shards (the
+    /// kernel spreads one source's ports over them). Touched only for such replies.
+    replies: std::sync::Mutex<Limiter>,
 }
 
 impl Shared {
@@ -118,9 +121,10 @@ impl Shared {
         let mut names = vec![NO_TENANT.to_owned()];
         assign_tenant_ids(&mut config.tenants, &mut names);
         let ports = RelayPorts::new(config.relay_ports);
+        let replies = std::sync::Mutex::new(reply_limiter(config.unauthenticated_replies_per_sec));
         Shared {
             config: arc_swap::ArcSwap::from_pointee(config),
-            tcp_conns: std::sync::Mutex::new(HashMap::new()),
+            tcp_conns: std::sync::Mutex::new(tcp_alloc::TcpConns::default()),
             quotas,
             nonces,
             draining: AtomicBool::new(false),
@@ -129,7 +133,12 @@ impl Shared {
             relayed: Default::default(),
             ports,
             epoch,
+            replies,
         }
+    }
+
+    fn replies(&self) -> std::sync::MutexGuard<'_, Limiter> {
+        self.replies.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Milliseconds since the epoch, the clock of the bandwidth buckets.
@@ -166,6 +175,12 @@ impl Shared {
             let mut names = self.tenant_names.lock().unwrap_or_else(|e| e.into_inner());
             assign_tenant_ids(&mut config.tenants, &mut names);
         }
+        {
+            let mut replies = self.replies();
+            if replies.rates().packets_per_sec != config.unauthenticated_replies_per_sec {
+                *replies = reply_limiter(config.unauthenticated_replies_per_sec);
+            }
+        }
         self.config.store(Arc::new(config));
         self.generation.fetch_add(1, Ordering::Release);
     }
@@ -178,6 +193,19 @@ impl Shared {
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
+}
+
+/// The limiter of replies to unauthenticated requests: a refused source cannot authenticate,
+/// so a table full of spoofed sources is forgotten rather than locking new clients out.
+fn reply_limiter(per_sec: f64) -> Limiter {
+    Limiter::forgetting_when_full(
+        Rates {
+            packets_per_sec: per_sec,
+            // Replies are counted, not their bytes: a rate no reply reaches.
+            bytes_per_sec: 1e12,
+        },
+        limiter::MAX_SOURCES,
+    )
 }
 
 /// Gives each tenant the stable id of its name, registering new names.
@@ -490,8 +518,6 @@ pub struct Core {
     hosts: FxHashMap<ClientId, Box<str>>,
     /// Searches for a credential's tenant by secret (an HMAC per tenant), per source.
     searches: Limiter,
-    /// Error replies to unauthenticated UDP requests, per source.
-    replies: Limiter,
     /// The configuration generation last checked for revocations.
     generation: u64,
 }
@@ -505,7 +531,6 @@ impl Core {
 
     pub fn new(shared: Arc<Shared>, seed: [u8; 32]) -> Self {
         let shared_generation = shared.generation();
-        let reply_rate = shared.config().unauthenticated_replies_per_sec;
         Core {
             shared,
             rng: StdRng::from_seed(seed),
@@ -520,13 +545,6 @@ impl Core {
             shard: 0,
             hosts: FxHashMap::default(),
             searches: Limiter::new(SEARCH_RATE, limiter::MAX_SOURCES),
-            replies: Limiter::new(
-                Rates {
-                    packets_per_sec: reply_rate,
-                    bytes_per_sec: f64::MAX,
-                },
-                limiter::MAX_SOURCES,
-            ),
             generation: shared_generation,
         }
     }
@@ -923,7 +941,7 @@ impl Core {
     /// most `unauthenticated_replies_per_sec` per UDP source. Stream clients cannot spoof
     /// their address, so only UDP is limited.
     fn may_reply(&mut self, client: ClientId, now: Instant) -> bool {
-        if client.is_stream() || self.replies.allow(client.addr.ip(), 0, now) {
+        if client.is_stream() || self.shared.replies().allow(client.addr.ip(), 0, now) {
             return true;
         }
         self.stats.replies_limited += 1;
@@ -1493,7 +1511,7 @@ impl Core {
             }
         }
         self.free_slots.push(id.0);
-        self.forget_tcp_connections(|conn| conn.alloc == id);
+        self.forget_tcp_connections(id);
         self.events.push_back(Event::Freed(id));
     }
 
@@ -1534,15 +1552,6 @@ impl Core {
         }
         self.generation = generation;
         let config = self.shared.config();
-        if self.replies.rates().packets_per_sec != config.unauthenticated_replies_per_sec {
-            self.replies = Limiter::new(
-                Rates {
-                    packets_per_sec: config.unauthenticated_replies_per_sec,
-                    bytes_per_sec: f64::MAX,
-                },
-                limiter::MAX_SOURCES,
-            );
-        }
         let ended: Vec<AllocId> = self
             .slots
             .iter()

@@ -44,13 +44,15 @@ pub struct TcpQuota {
 }
 
 impl TcpQuota {
-    /// The most bytes one read may take: no more than the smallest bucket holds.
+    /// The most bytes one read may take: a quarter of the smallest bucket (which holds a
+    /// second's worth), so a read never waits for a bucket that other traffic keeps from
+    /// filling up.
     pub fn max_chunk(&self, want: usize) -> usize {
         let rates = [
             self.allocation.as_ref().map(|b| b.rate()),
             self.user.min_rate(),
         ];
-        let least = rates.into_iter().flatten().min().unwrap_or(u64::MAX);
+        let least = rates.into_iter().flatten().min().unwrap_or(u64::MAX) / 4;
         want.min(usize::try_from(least).unwrap_or(usize::MAX))
             .max(1)
     }
@@ -75,15 +77,52 @@ impl TcpQuota {
     }
 }
 
+/// Every shard's RFC 6062 connections by id, and the ids of each allocation (keyed by shard
+/// and allocation), at most `max_tcp_connections` each: so the limit and the 446 check look
+/// at one allocation's few connections, not at all of them.
+#[derive(Debug, Default)]
+pub(super) struct TcpConns {
+    by_id: HashMap<u32, TcpConn>,
+    per_alloc: HashMap<(u32, AllocId), Vec<u32>>,
+}
+
+impl TcpConns {
+    fn of(&self, shard: u32, alloc: AllocId) -> &[u32] {
+        self.per_alloc
+            .get(&(shard, alloc))
+            .map_or(&[][..], Vec::as_slice)
+    }
+
+    fn insert(&mut self, id: u32, conn: TcpConn) {
+        self.per_alloc
+            .entry((conn.shard, conn.alloc))
+            .or_default()
+            .push(id);
+        self.by_id.insert(id, conn);
+    }
+
+    fn remove(&mut self, id: u32) -> Option<TcpConn> {
+        let conn = self.by_id.remove(&id)?;
+        let key = (conn.shard, conn.alloc);
+        if let Some(ids) = self.per_alloc.get_mut(&key) {
+            ids.retain(|x| *x != id);
+            if ids.is_empty() {
+                self.per_alloc.remove(&key);
+            }
+        }
+        Some(conn)
+    }
+}
+
 impl Shared {
-    fn tcp_conns(&self) -> std::sync::MutexGuard<'_, HashMap<u32, TcpConn>> {
+    fn tcp_conns(&self) -> std::sync::MutexGuard<'_, TcpConns> {
         self.tcp_conns.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A bound RFC 6062 data connection closed (on any shard): its allocation may hold
     /// another.
     pub fn connection_ended(&self, connection: u32) {
-        self.tcp_conns().remove(&connection);
+        self.tcp_conns().remove(connection);
     }
 }
 
@@ -112,18 +151,13 @@ impl Core {
                 allocation: a.tcp_bucket.clone(),
             },
         };
-        let shard = self.shard;
         let mut conns = self.shared.tcp_conns();
-        let held = conns
-            .values()
-            .filter(|c| c.shard == shard && c.alloc == alloc)
-            .count();
-        if held >= max {
+        if conns.of(self.shard, alloc).len() >= max {
             return None;
         }
         loop {
             let id = self.rng.next_u32();
-            if id != 0 && !conns.contains_key(&id) {
+            if id != 0 && !conns.by_id.contains_key(&id) {
                 conns.insert(id, conn);
                 return Some(id);
             }
@@ -147,13 +181,14 @@ impl Core {
         }
         let value = msg.get(attr::XOR_PEER_ADDRESS).ok_or(400u16)?;
         let peer = self.check_peer(msg, value, id)?;
-        let shard = self.shard;
-        if self
-            .shared
-            .tcp_conns()
-            .values()
-            .any(|c| c.shard == shard && c.alloc == id && c.peer == peer)
-        {
+        let duplicate = {
+            let conns = self.shared.tcp_conns();
+            conns
+                .of(self.shard, id)
+                .iter()
+                .any(|c| conns.by_id.get(c).is_some_and(|c| c.peer == peer))
+        };
+        if duplicate {
             return Err(446);
         }
         let connecting = Some((client, msg.transaction_id(), auth.clone()));
@@ -177,11 +212,11 @@ impl Core {
     ) -> Option<ClientId> {
         let (client, tid, auth) = {
             let mut conns = self.shared.tcp_conns();
-            let conn = conns.get_mut(&connection)?;
+            let conn = conns.by_id.get_mut(&connection)?;
             let pending = conn.connecting.take()?;
             conn.deadline = now + BIND_DEADLINE;
             if !connected {
-                conns.remove(&connection);
+                conns.remove(connection);
             }
             pending
         };
@@ -252,7 +287,7 @@ impl Core {
         }
         let connection = msg.get_u32(attr::CONNECTION_ID).ok_or(400u16)?;
         let mut conns = self.shared.tcp_conns();
-        let conn = conns.get_mut(&connection).ok_or(400u16)?;
+        let conn = conns.by_id.get_mut(&connection).ok_or(400u16)?;
         if conn.connecting.is_some() || conn.bound {
             return Err(400);
         }
@@ -272,20 +307,32 @@ impl Core {
         t.relayed_bytes[d] += bytes as u64;
     }
 
-    /// Drops this shard's connection ids that match, telling the IO layer to close them.
-    pub(super) fn forget_tcp_connections(&mut self, mut which: impl FnMut(&TcpConn) -> bool) {
-        let shard = self.shard;
-        let events = &mut self.events;
-        self.shared.tcp_conns().retain(|id, c| {
-            let forget = c.shard == shard && which(c);
-            if forget {
-                events.push_back(Event::ConnectionClosed(*id));
-            }
-            !forget
-        });
+    /// Drops every connection of allocation `alloc` (it ended), telling the IO layer to close
+    /// them.
+    pub(super) fn forget_tcp_connections(&mut self, alloc: AllocId) {
+        let mut conns = self.shared.tcp_conns();
+        let ids = conns.of(self.shard, alloc).to_vec();
+        for id in ids {
+            conns.remove(id);
+            self.events.push_back(Event::ConnectionClosed(id));
+        }
     }
 
+    /// Closes this shard's peer connections that no ConnectionBind claimed in time.
     pub(super) fn expire_tcp_connections(&mut self, now: Instant) {
-        self.forget_tcp_connections(|c| c.deadline <= now && c.connecting.is_none() && !c.bound);
+        let shard = self.shard;
+        let mut conns = self.shared.tcp_conns();
+        let expired: Vec<u32> = conns
+            .by_id
+            .iter()
+            .filter(|(_, c)| {
+                c.shard == shard && c.deadline <= now && c.connecting.is_none() && !c.bound
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            conns.remove(id);
+            self.events.push_back(Event::ConnectionClosed(id));
+        }
     }
 }

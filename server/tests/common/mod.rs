@@ -61,22 +61,7 @@ pub struct Relay {
 impl Relay {
     /// Starts the relay on loopback with `extra` flags added to the harness's own.
     pub fn start(extra: &[&str]) -> Relay {
-        let mut args = vec![
-            "--listen",
-            "udp://127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--relay-ip",
-            "127.0.0.1",
-            "--realm",
-            REALM,
-            "--threads",
-            "2",
-            "--drain-grace",
-            "5",
-        ];
-        args.extend_from_slice(extra);
-        Self::spawn(&args)
+        Self::start_logging("info", extra)
     }
 
     /// Starts the relay with TCP and TLS listeners besides UDP, loopback peers allowed and
@@ -107,6 +92,31 @@ impl Relay {
     /// Starts the relay through `wrapper` (a command that runs the rest of its arguments in
     /// its own place, such as `prlimit --nofile=64:64 --`).
     pub fn spawn_via(wrapper: &[&str], args: &[&str]) -> Relay {
+        Self::spawn_logging(wrapper, args, "info")
+    }
+
+    /// `start` with the relay's log at `level` (`TURNPIKE_LOG`), e.g. `debug` to see each
+    /// allocation's relayed addresses.
+    pub fn start_logging(level: &str, extra: &[&str]) -> Relay {
+        let mut args = vec![
+            "--listen",
+            "udp://127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--relay-ip",
+            "127.0.0.1",
+            "--realm",
+            REALM,
+            "--threads",
+            "2",
+            "--drain-grace",
+            "5",
+        ];
+        args.extend_from_slice(extra);
+        Self::spawn_logging(&[], &args, level)
+    }
+
+    fn spawn_logging(wrapper: &[&str], args: &[&str], level: &str) -> Relay {
         let binary = relay_binary();
         let mut command = match wrapper.split_first() {
             None => Command::new(&binary),
@@ -118,7 +128,7 @@ impl Relay {
         };
         let mut child = command
             .args(args)
-            .env("TURNPIKE_LOG", "info")
+            .env("TURNPIKE_LOG", level)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
