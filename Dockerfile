@@ -39,9 +39,11 @@ RUN apt-get update \
 ENV CARGO_HOME=/usr/local/cargo \
     CARGO_TERM_COLOR=never
 WORKDIR /src
-# .dockerignore keeps the context to the manifests, the two crates and the configs.
+# .dockerignore keeps the context to the manifests, the crates and the configs.
 COPY Cargo.toml Cargo.lock ./
 COPY config ./config
+COPY proto ./proto
+COPY udp ./udp
 COPY server ./server
 COPY client-probe ./client-probe
 # The registry and target folders are build caches: a rebuild after a source change compiles

@@ -8,9 +8,9 @@
 //! - [`select`]: statistics and the choice of the nearest relay (no IO).
 //! - [`report`]: table, JSON, `iceServers`, firewall table.
 //! - [`watch`]: the exporter.
-//! - [`load`]: the load generator (`turnpike-probe load`), with [`batch`] for its syscalls.
+//! - [`load`]: the load generator (`turnpike-probe load`), batching its system calls with
+//!   `turnpike_udp`.
 
-pub mod batch;
 pub mod load;
 pub mod probe;
 pub mod regions;

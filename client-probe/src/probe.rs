@@ -76,8 +76,8 @@ pub fn ephemeral_credentials(secret: &str, user: &str, secs: u64) -> (String, St
         .map(|d| d.as_secs())
         .unwrap_or(0)
         + secs;
-    let username = turnpike::proto::auth::ephemeral_username(expiry, Some(user));
-    let password = turnpike::proto::auth::ephemeral_password(secret, &username);
+    let username = turnpike_proto::auth::ephemeral_username(expiry, Some(user));
+    let password = turnpike_proto::auth::ephemeral_password(secret, &username);
     (username, password)
 }
 

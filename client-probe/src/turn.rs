@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UdpSocket;
-use turnpike::proto::auth::long_term_key;
-use turnpike::proto::stun::{attr, method, Builder, Class, Message, TransactionId, MAGIC_COOKIE};
+use turnpike_proto::auth::long_term_key;
+use turnpike_proto::stun::{attr, method, Builder, Class, Message, TransactionId, MAGIC_COOKIE};
 
 /// Why a path failed, as the report names it.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

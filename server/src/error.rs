@@ -16,6 +16,24 @@ pub enum Error {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    /// An error of the value under `key` in `file` ("command line" for a flag).
+    #[error("{file}: key `{key}`: {source}")]
+    At {
+        file: String,
+        key: String,
+        source: Box<Error>,
+    },
     #[error(transparent)]
     Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// This error, placed at `key` of `file`.
+    pub fn at(self, (file, key): (&str, &str)) -> Error {
+        Error::At {
+            file: file.to_owned(),
+            key: key.to_owned(),
+            source: Box::new(self),
+        }
+    }
 }

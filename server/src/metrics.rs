@@ -15,10 +15,10 @@ use prometheus::{
 
 use crate::io::admission::{Admission, Refused, Ticket};
 use crate::io::stream::{serve_http_stream, HttpLimits};
-use crate::proto::auth::AuthError;
-use crate::proto::server::{CoreStats, METHODS, RESULTS};
-use crate::proto::tenant::NO_TENANT;
-use crate::proto::Shared;
+use turnpike_proto::auth::AuthError;
+use turnpike_proto::core::{CoreStats, METHODS, RESULTS};
+use turnpike_proto::tenant::NO_TENANT;
+use turnpike_proto::Shared;
 
 pub const ALLOCATIONS_ACTIVE: &str = "turnpike_allocations_active";
 pub const ALLOCATIONS_TOTAL: &str = "turnpike_allocations_total";

@@ -22,8 +22,8 @@ use serde::Deserialize;
 
 use crate::config::{ApiKeyHash, Listener, Settings, Transport};
 use crate::io::stream::Secure;
-use crate::proto::auth::{ephemeral_password, ephemeral_username};
-use crate::proto::limiter::{Limiter, Rates};
+use turnpike_proto::auth::{ephemeral_password, ephemeral_username};
+use turnpike_proto::limiter::{Limiter, Rates};
 
 /// Wrong keys a source may send: two, then one a second.
 const FAILURE_RATE: Rates = Rates {

@@ -18,8 +18,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{RawClient, REALM};
-use turnpike::proto::auth::{ephemeral_password, ephemeral_username};
-use turnpike::proto::stun::{attr, method};
+use turnpike_proto::auth::{ephemeral_password, ephemeral_username};
+use turnpike_proto::stun::{attr, method};
 
 const IMAGE: &str = "localhost/turnpike:test";
 const PROBE_IMAGE: &str = "localhost/turnpike-probe:test";

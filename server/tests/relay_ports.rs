@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::{closes_within, read_frame, ConfigFile, RawClient, Relay, Response, REALM};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use turnpike::proto::stun::{attr, method, Message};
+use turnpike_proto::stun::{attr, method, Message};
 
 const TCP: u32 = 6 << 24;
 

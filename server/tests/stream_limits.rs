@@ -12,7 +12,7 @@ use common::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use turnpike::proto::stun::{attr, method, Builder, Class, TransactionId, MAGIC_COOKIE};
+use turnpike_proto::stun::{attr, method, Builder, Class, TransactionId, MAGIC_COOKIE};
 
 /// The limit the tests set on handshakes and request headers, in seconds.
 const HANDSHAKE_SECS: u64 = 1;

@@ -14,7 +14,7 @@ use common::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use turnpike::proto::stun::{attr, method, Builder, Class, TransactionId, MAGIC_COOKIE};
+use turnpike_proto::stun::{attr, method, Builder, Class, TransactionId, MAGIC_COOKIE};
 
 fn binding(tid_byte: u8) -> (Vec<u8>, TransactionId) {
     let mut t = [tid_byte; 16];

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use turnpike::config::ApiKeyHash;
-use turnpike::proto::auth::ephemeral_password;
-use turnpike::proto::stun::{attr, method, Builder, Class};
+use turnpike_proto::auth::ephemeral_password;
+use turnpike_proto::stun::{attr, method, Builder, Class};
 
 const ACME_KEY: &str = "acme-api-key-7f3a9c0e5b2d4f6a8c1e3b5d7f9a0c2e";
 const GLOBEX_KEY: &str = "globex-api-key-0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e";

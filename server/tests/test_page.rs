@@ -195,7 +195,7 @@ fn chromium_runs_the_network_test_page_and_gets_verdicts() {
 #[test]
 fn test_page_credentials_relay_only_between_this_relays_allocations() {
     use common::{RawClient, Relay};
-    use turnpike::proto::stun::{attr, method};
+    use turnpike_proto::stun::{attr, method};
     let cert = TestCert::new("testpage-creds", &["127.0.0.1"]);
     let file = cert.dir.join("relay.toml");
     std::fs::write(

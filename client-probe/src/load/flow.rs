@@ -12,11 +12,11 @@ use hdrhistogram::Histogram;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::UdpSocket;
-use turnpike::proto::stun::{attr, method, Class};
+use turnpike_proto::stun::{attr, method, Class};
 
 use super::packet::{set_echo, Framing, Header, Incoming, Tracker, ECHO, PROBE};
-use crate::batch::{RecvBatch, SendBatch, BATCH};
 use crate::turn::{error_code, Credentials, Stream};
+use turnpike_udp::{RecvBatch, SendBatch, BATCH};
 
 /// Packets sent in one wakeup at most; a flow behind schedule catches up over several.
 const MAX_PER_TICK: usize = 4 * BATCH;
@@ -120,7 +120,7 @@ impl Keepalive {
     }
 
     /// A 438 (stale nonce) answer to a refresh: learn the new nonce and send again.
-    fn on_response(&mut self, msg: &turnpike::proto::stun::Message<'_>) -> bool {
+    fn on_response(&mut self, msg: &turnpike_proto::stun::Message<'_>) -> bool {
         if msg.class() == Class::Error && error_code(msg).0 == 438 {
             self.creds.learn(msg);
             return true;

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use turnpike::proto::stun::{self, attr, method, Builder, Class, Message, TransactionId};
+use turnpike_proto::stun::{self, attr, method, Builder, Class, Message, TransactionId};
 
 /// Bytes of the load header at the start of every payload.
 pub const HEADER: usize = 24;

@@ -7,10 +7,12 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::{parse_all, parse_net, PeerConfig, Secret, UserConfig};
-use crate::proto::quota::Quotas;
-use crate::proto::tenant::{DEFAULT_TENANT, NO_TENANT, TEST_PAGE_TENANT};
+use super::file::{PeerConfig, UserConfig};
+use super::resolve::{parse_all, parse_net};
+use super::Secret;
 use crate::Error;
+use turnpike_proto::quota::Quotas;
+use turnpike_proto::tenant::{DEFAULT_TENANT, NO_TENANT, TEST_PAGE_TENANT};
 
 /// Longest TTL a credential service answer may carry unless configured (coturn's REST API
 /// examples use a day).
@@ -327,7 +329,7 @@ pub(super) fn resolve(
 /// start, small quotas, a short lifetime, and peers limited to this relay's own allocations,
 /// so that a published page gives no one a relay.
 pub(super) fn test_page(
-    c: &super::TestPageConfig,
+    c: &super::file::TestPageConfig,
     realm: &str,
     err: ErrAt,
 ) -> Result<(super::TestPageSettings, TenantSettings), Error> {
@@ -578,11 +580,20 @@ users = [{ name = "bob", password = "b" }]
         let s = load(&text).expect("loads despite bad lines");
         assert_eq!(s.tenants[0].revoked, ["dave"]);
         assert_eq!(s.tenants[1].revoked, ["dave"]);
-        assert_eq!(s.warnings.len(), 2, "{:?}", s.warnings);
-        assert!(s.warnings[0].contains("line 1") && s.warnings[0].contains("nobody"));
+        let of_file = |s: &crate::config::Settings| -> Vec<String> {
+            let path = file.display().to_string();
+            s.warnings
+                .iter()
+                .filter(|w| w.starts_with(&path))
+                .cloned()
+                .collect()
+        };
+        let warnings = of_file(&s);
+        assert_eq!(warnings.len(), 2, "{:?}", s.warnings);
+        assert!(warnings[0].contains("line 1") && warnings[0].contains("nobody"));
         std::fs::remove_file(&file).expect("remove");
         let s = load(&text).expect("a missing file reads as empty");
-        assert!(s.warnings[0].contains("cannot read"), "{:?}", s.warnings);
+        assert!(of_file(&s)[0].contains("cannot read"), "{:?}", s.warnings);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -30,8 +30,8 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use crate::config::EchoSettings;
 use crate::io::admission::Ticket;
 use crate::metrics::{EchoTransport, Metrics};
-use crate::proto::limiter::{self, Limiter, Rates};
 use crate::Error;
+use turnpike_proto::limiter::{self, Limiter, Rates};
 use wire::StreamEcho;
 
 /// A TCP echo connection is closed after this long without a byte from the client...

@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::proto::limiter::source_key;
+use turnpike_proto::limiter::source_key;
 
 /// Why a connection was refused, the `reason` label of the refusal counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -20,11 +20,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
 use super::admission::{AcceptBackoff, Admission, Admitted, Ticket};
-use super::Shard;
+use super::shard::Shard;
 use crate::config::{Listener, Transport};
-use crate::proto::{ClientAction, ClientId, TcpQuota};
+use turnpike_proto::{ClientAction, ClientId, TcpQuota};
 
-pub use crate::proto::STREAM_BASE;
+pub use turnpike_proto::STREAM_BASE;
 /// Most bytes queued towards one slow stream client before datagrams for it are dropped.
 const OUTBOX_MAX: usize = 1 << 20;
 /// Longest STUN message or ChannelData frame on a stream.
@@ -644,16 +644,18 @@ fn handle_frame(
     client: ClientId,
     outbox: &Outbox,
 ) -> Option<(u32, TcpQuota)> {
-    let action =
-        shard
-            .core
-            .borrow_mut()
-            .handle_client(frame, client, Instant::now(), super::unix_now());
+    let action = shard.core.borrow_mut().handle_client(
+        frame,
+        client,
+        Instant::now(),
+        super::unix_now(),
+        &mut shard.out.borrow_mut(),
+    );
     let mut bound = None;
     match action {
         ClientAction::None => {}
         ClientAction::Reply => {
-            outbox.push(shard.core.borrow().output());
+            outbox.push(&shard.out.borrow());
         }
         ClientAction::Relay {
             alloc,
@@ -661,17 +663,20 @@ fn handle_frame(
             start,
             end,
         } => shard.send_to_peer(alloc, peer, &frame[start..end]),
-        ClientAction::Allocate(p) => {
-            shard.allocate(p);
-            outbox.push(shard.core.borrow().output());
+        ClientAction::Allocate(bind) => {
+            shard.allocate(bind);
+            let out = shard.out.borrow();
+            if !out.is_empty() {
+                outbox.push(&out);
+            }
         }
         ClientAction::Connect {
             alloc,
             peer,
             connection,
         } => shard.start_connect(alloc, peer, connection),
-        ClientAction::Bind { connection, quota } => {
-            outbox.push(shard.core.borrow().output());
+        ClientAction::DataConnection { connection, quota } => {
+            outbox.push(&shard.out.borrow());
             bound = Some((connection, quota));
         }
     }

@@ -9,9 +9,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use super::{RelaySlot, Shard, BIND_ATTEMPTS};
-use crate::proto::ports::{PortLease, RelayTransport};
-use crate::proto::{AllocId, PendingAllocate, RelayAddrs, TcpQuota};
+use super::shard::Shard;
+use turnpike_proto::{AllocId, TcpQuota};
 
 /// RFC 6062 §5.2: how long a Connect may take before it fails with 447.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -20,84 +19,7 @@ const PIPE_CHUNK: usize = 16 * 1024;
 /// How often a data connection whose quota is spent looks again.
 const QUOTA_WAIT: Duration = Duration::from_millis(10);
 
-/// An allocation's listening socket and the lease of its port, closed and given back together
-/// (fields drop in order).
-struct RelayListener {
-    listener: TcpListener,
-    _lease: PortLease,
-}
-
 impl Shard {
-    /// Binds the listening socket of a TCP allocation and completes it.
-    pub(super) fn allocate_tcp(self: &Rc<Self>, p: PendingAllocate) {
-        let now = Instant::now();
-        let fam = if p.want_v6 {
-            self.plan.v6
-        } else {
-            self.plan.v4
-        };
-        let Some((bound, local, advertised)) = fam.and_then(|(ip, advertised)| {
-            let (listener, local) = self.bind_tcp_relay(ip)?;
-            Some((listener, local, SocketAddr::new(advertised, local.port())))
-        }) else {
-            self.core.borrow_mut().fail_allocate(p, 508, now);
-            return;
-        };
-        let relayed = if local.is_ipv4() {
-            RelayAddrs {
-                v4: Some(advertised),
-                v6: None,
-            }
-        } else {
-            RelayAddrs {
-                v4: None,
-                v6: Some(advertised),
-            }
-        };
-        let id = self.core.borrow_mut().complete_allocate(p, relayed, now);
-        let slot = RelaySlot {
-            v4: None,
-            v6: None,
-            tcp: Some(local),
-            tasks: vec![tokio::task::spawn_local(accept_peers(
-                Rc::clone(self),
-                id,
-                bound,
-            ))],
-            ended: Arc::new(super::Ended::default()),
-        };
-        self.install(id, slot);
-        tracing::debug!(alloc = id.0, %advertised, "TCP allocation created");
-    }
-
-    /// A listening socket on `ip`, on a TCP port of the registry's.
-    fn bind_tcp_relay(&self, ip: std::net::IpAddr) -> Option<(RelayListener, SocketAddr)> {
-        let mut rng = rand::thread_rng();
-        // Ports another process holds stay taken until this call ends (not drawn again).
-        let mut refused = Vec::new();
-        for _ in 0..BIND_ATTEMPTS {
-            let lease = self.ports.take(RelayTransport::Tcp, ip, false, &mut rng)?;
-            let addr = SocketAddr::new(ip, lease.port());
-            let bound = super::tcp_relay_listener(addr).and_then(TcpListener::from_std);
-            match bound {
-                Ok(listener) => {
-                    let relay = RelayListener {
-                        listener,
-                        _lease: lease,
-                    };
-                    return Some((relay, addr));
-                }
-                // Only a port in use is worth another draw; any other error would repeat.
-                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => refused.push(lease),
-                Err(e) => {
-                    tracing::warn!(error = %e, %addr, "cannot bind a TCP relay listener");
-                    return None;
-                }
-            }
-        }
-        None
-    }
-
     /// Opens the connection a Connect asked for and answers the client. The attempt belongs
     /// to the allocation: it is stopped when the allocation ends.
     pub(super) fn start_connect(
@@ -109,13 +31,13 @@ impl Shard {
         let local = self
             .relays
             .borrow()
-            .get(alloc.0 as usize)
-            .and_then(|s| s.as_ref()?.tcp);
+            .get(alloc.index())
+            .and_then(|s| s.as_ref().filter(|s| s.id == alloc)?.tcp);
         let shard = Rc::clone(self);
         let task = tokio::task::spawn_local(async move {
             let attempt = async {
                 let local = local.ok_or_else(|| std::io::Error::other("no TCP relay"))?;
-                let sock = super::tcp_socket(local)?;
+                let sock = super::sockets::tcp_socket(local)?;
                 tokio::net::TcpSocket::from_std_stream(sock.into())
                     .connect(peer)
                     .await
@@ -125,22 +47,24 @@ impl Shard {
                 .ok()
                 .and_then(Result::ok);
             let now = Instant::now();
-            let client = shard
-                .core
-                .borrow_mut()
-                .connect_done(connection, stream.is_some(), now);
+            let client = shard.core.borrow_mut().connect_done(
+                connection,
+                stream.is_some(),
+                now,
+                &mut shard.out.borrow_mut(),
+            );
             // None: the connection id is gone (its allocation ended meanwhile).
             let Some(client) = client else {
                 return;
             };
-            shard.send_to_client(client, shard.core.borrow().output());
+            shard.send_to_client(client, &shard.out.borrow());
             if let Some(s) = stream {
                 shard.hold_peer(connection, alloc, s);
             }
         });
-        match self.relays.borrow_mut().get_mut(alloc.0 as usize) {
-            Some(Some(slot)) => slot.tasks.push(task),
-            Some(None) | None => task.abort(),
+        match self.relays.borrow_mut().get_mut(alloc.index()) {
+            Some(Some(slot)) if slot.id == alloc => slot.tasks.push(task),
+            Some(Some(_) | None) | None => task.abort(),
         }
     }
 
@@ -157,8 +81,8 @@ impl Shard {
         let ended = self
             .relays
             .borrow()
-            .get(alloc.0 as usize)
-            .and_then(|s| Some(Arc::clone(&s.as_ref()?.ended)));
+            .get(alloc.index())
+            .and_then(|s| Some(Arc::clone(&s.as_ref().filter(|s| s.id == alloc)?.ended)));
         if let (Some(ended), Ok(std)) = (ended, stream.into_std()) {
             self.streams
                 .pending_peers()
@@ -253,10 +177,10 @@ impl Shard {
 
 /// Accepts the peers of one TCP allocation (closed by the core without a permission or beyond
 /// the allocation's connection limit).
-async fn accept_peers(shard: Rc<Shard>, alloc: AllocId, relay: RelayListener) {
+pub(super) async fn accept_peers(shard: Rc<Shard>, alloc: AllocId, listener: TcpListener) {
     let mut backoff = super::admission::AcceptBackoff::default();
     loop {
-        let (stream, peer) = match relay.listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
                 backoff.failed(&e, "TCP relay").await;
@@ -265,11 +189,15 @@ async fn accept_peers(shard: Rc<Shard>, alloc: AllocId, relay: RelayListener) {
         };
         backoff.reset();
         let now = Instant::now();
-        let attempt = shard.core.borrow_mut().peer_connected(alloc, peer, now);
+        let attempt =
+            shard
+                .core
+                .borrow_mut()
+                .peer_connected(alloc, peer, now, &mut shard.out.borrow_mut());
         let Some((client, connection)) = attempt else {
             continue;
         };
-        shard.send_to_client(client, shard.core.borrow().output());
+        shard.send_to_client(client, &shard.out.borrow());
         shard.hold_peer(connection, alloc, stream);
     }
 }

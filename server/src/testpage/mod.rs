@@ -20,9 +20,9 @@ use axum::Router;
 
 use crate::config::TestPageSettings;
 use crate::io::stream::Secure;
-use crate::proto::limiter::{Limiter, Rates};
-use crate::proto::tenant::TEST_PAGE_TENANT;
 use crate::service::{strip_port, CredentialService};
+use turnpike_proto::limiter::{Limiter, Rates};
+use turnpike_proto::tenant::TEST_PAGE_TENANT;
 
 const PAGE: &str = include_str!("page.html");
 

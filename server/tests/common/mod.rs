@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use turnpike::proto::stun::{attr, method, Builder, Class, Message, TransactionId, MAGIC_COOKIE};
+use turnpike_proto::stun::{attr, method, Builder, Class, Message, TransactionId, MAGIC_COOKIE};
 
 pub const REALM: &str = "turnpike.test";
 
@@ -436,7 +436,7 @@ impl RawClient {
         }
         if !self.nonce.is_empty() {
             let key =
-                turnpike::proto::auth::long_term_key(&self.username, &self.realm, &self.password);
+                turnpike_proto::auth::long_term_key(&self.username, &self.realm, &self.password);
             b.attr(attr::USERNAME, self.username.as_bytes())
                 .attr(attr::REALM, self.realm.as_bytes())
                 .attr(attr::NONCE, &self.nonce)

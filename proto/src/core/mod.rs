@@ -1,0 +1,377 @@
+//! The TURN state machine of one shard: allocations, permissions and channels (RFC 8656), and
+//! RFC 6062 TCP allocations.
+//!
+//! One `Core` serves the packets one shard's sockets receive; quotas, credentials, policy and
+//! relay ports live in the [`Shared`] part every shard holds. The caller passes datagrams with
+//! their addresses, the time and a buffer for the answer, and carries out what comes back (see
+//! the crate docs for when to call what). By concern:
+//!
+//! - `request`: requests, from parsing to the answer, and authentication failures;
+//! - `allocation`: the allocation lifecycle: Allocate (relay ports chosen here, the caller
+//!   binds them), Refresh, permissions, channels, the end of an allocation;
+//! - `data`: the hot path: ChannelData, Send indications, peer datagrams;
+//! - `responses`: signed answers and the retransmission cache;
+//! - `timers`: expiry by [`Core::poll_timeout`] and [`Core::handle_timeout`];
+//! - `stats`: the counters the caller exports;
+//! - `tcp`: RFC 6062 (Connect, ConnectionBind, ConnectionAttempt);
+//! - `shared`: what the shards share.
+
+mod allocation;
+mod data;
+mod request;
+mod responses;
+mod shared;
+mod stats;
+mod tcp;
+mod timers;
+
+#[cfg(test)]
+mod scenarios;
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::{rngs::StdRng, SeedableRng};
+use rustc_hash::FxHashMap;
+
+use crate::limiter::{self, Limiter, Rates};
+use crate::ports::PortLease;
+use crate::quota::{AtomicBucket, TokenBucket, UserState};
+
+pub use shared::{CoreConfig, RelayAddress, Shared, MAX_RESERVATIONS, RESERVATION_TTL};
+pub use stats::{CoreStats, TenantStats, METHODS, RESULTS};
+pub use tcp::TcpQuota;
+
+/// RFC 8656 §3.2 and §9: fixed permission and channel lifetimes.
+pub const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
+pub const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
+/// Searches by secret a source may start: a burst of 40, then 20 a second (a client needs one
+/// per allocation and retransmission); beyond, 401 without the search.
+const SEARCH_RATE: Rates = Rates {
+    packets_per_sec: 20.0,
+    bytes_per_sec: 1.0,
+};
+
+/// The client side of a 5-tuple: which of the relay's sockets (or connections) it reached and
+/// from which address. RFC 8656 §2: an allocation is identified by its 5-tuple.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientId {
+    pub listener: u32,
+    pub addr: SocketAddr,
+}
+
+/// Client ids at or above this are stream (TCP or TLS) connections; below, UDP listeners.
+pub const STREAM_BASE: u32 = 0x8000_0000;
+
+impl ClientId {
+    pub fn is_stream(&self) -> bool {
+        self.listener >= STREAM_BASE
+    }
+}
+
+/// An allocation: the slot it has in its core, and the slot's generation, which changes when
+/// the slot is reused, so that an event or a socket of an ended allocation can never reach the
+/// next one in the same slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct AllocId {
+    index: u32,
+    generation: u32,
+}
+
+impl AllocId {
+    /// The slot, for tables the caller keeps beside the core's (one entry per slot).
+    pub fn index(self) -> usize {
+        self.index as usize
+    }
+}
+
+/// What the caller must do with a client datagram or stream frame.
+#[derive(Debug)]
+#[must_use]
+pub enum ClientAction {
+    /// Nothing to send (dropped, or an indication with nothing to do).
+    None,
+    /// Send the answer written into `out` back to the client.
+    Reply,
+    /// Send `packet[start..end]` from the allocation's relay socket to `peer`.
+    Relay {
+        alloc: AllocId,
+        peer: SocketAddr,
+        start: usize,
+        end: usize,
+    },
+    /// Bind the relay sockets described, then call [`Core::relay_bound`], whose answer goes
+    /// to the client.
+    Allocate(RelayBind),
+    /// RFC 6062 Connect: open a TCP connection from the allocation's relayed address to
+    /// `peer`, then call [`Core::connect_done`].
+    Connect {
+        alloc: AllocId,
+        peer: SocketAddr,
+        connection: u32,
+    },
+    /// RFC 6062 ConnectionBind succeeded: send `out`, then join this client connection with
+    /// the peer connection `connection`, byte for byte, charging `quota` for what passes; call
+    /// [`Shared::connection_ended`] when either side closes.
+    DataConnection { connection: u32, quota: TcpQuota },
+}
+
+/// The relay sockets an Allocate needs, on addresses and ports the core chose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayBind {
+    pub alloc: AllocId,
+    /// UDP sockets to bind (or, with `tcp`, the one listening TCP socket), by family.
+    pub v4: Option<SocketAddr>,
+    pub v6: Option<SocketAddr>,
+    /// RFC 6062: a listening TCP socket instead of UDP sockets.
+    pub tcp: bool,
+    /// Set DONT-FRAGMENT on the UDP sockets.
+    pub dont_fragment: bool,
+}
+
+/// Why the caller could not bind what a [`RelayBind`] asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindFailure {
+    /// A port is in use (by another process): the core draws other ports.
+    InUse,
+    /// DONT-FRAGMENT cannot be set on the socket: 420 (RFC 8656 §7.2).
+    DontFragment,
+    /// Anything else: 508.
+    Other,
+}
+
+/// What [`Core::relay_bound`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum BindOutcome {
+    /// The answer to the client is in `out`: success, or the error.
+    Answer,
+    /// Bind these other ports instead, and report again.
+    Retry(RelayBind),
+}
+
+/// What the caller must do with a datagram a peer sent to a relay socket.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use]
+pub enum PeerAction {
+    Drop,
+    /// A ChannelData header was written into the 4 bytes in front of the payload: send
+    /// `buf[..4 + len]` to the client.
+    ChannelData {
+        client: ClientId,
+        len: usize,
+    },
+    /// Send the Data indication written into `out` to the client.
+    DataIndication {
+        client: ClientId,
+    },
+}
+
+/// Side effects the caller picks up with [`Core::poll_event`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The allocation ended (expired, refreshed to 0, revoked, or its client went away):
+    /// close its relay sockets.
+    Freed(AllocId),
+    /// An RFC 6062 peer connection was never bound, or its allocation ended: close it.
+    ConnectionClosed(u32),
+}
+
+/// Relayed addresses, as advertised to the client.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RelayAddrs {
+    pub v4: Option<SocketAddr>,
+    pub v6: Option<SocketAddr>,
+}
+
+#[derive(Debug)]
+struct Channel {
+    number: u16,
+    peer: SocketAddr,
+    expires: Instant,
+}
+
+#[derive(Debug)]
+struct Allocation {
+    client: ClientId,
+    /// The tenant's stable id.
+    tenant: u32,
+    username: String,
+    user_id: String,
+    user: Arc<UserState>,
+    relayed: RelayAddrs,
+    expires: Instant,
+    permissions: Vec<(IpAddr, Instant)>,
+    channels: Vec<Channel>,
+    bucket: Option<TokenBucket>,
+    tcp: bool,
+    /// RFC 6062: the allocation's bandwidth, shared by its data connections, which may run on
+    /// other shards.
+    tcp_bucket: Option<Arc<AtomicBucket>>,
+    /// For a relay-only tenant: the hash of the username, which its peers must share.
+    session: Option<u64>,
+    /// The relay ports, given back when the allocation ends.
+    leases: Vec<PortLease>,
+    /// Until its sockets are bound: the Allocate to answer.
+    binding: Option<Box<allocation::Binding>>,
+}
+
+impl Allocation {
+    fn has_permission(&self, ip: IpAddr, now: Instant) -> bool {
+        self.permissions
+            .iter()
+            .any(|(p, exp)| *p == ip && *exp > now)
+    }
+
+    fn family_ok(&self, peer: SocketAddr) -> bool {
+        match peer {
+            SocketAddr::V4(_) => self.relayed.v4.is_some(),
+            SocketAddr::V6(_) => self.relayed.v6.is_some(),
+        }
+    }
+}
+
+/// A slot of the allocation table.
+#[derive(Debug, Default)]
+struct Slot {
+    generation: u32,
+    allocation: Option<Allocation>,
+}
+
+/// One shard's TURN state.
+pub struct Core {
+    shared: Arc<Shared>,
+    rng: StdRng,
+    slots: Vec<Slot>,
+    free_slots: Vec<u32>,
+    /// Active allocations by client (not those still binding their sockets).
+    by_client: FxHashMap<ClientId, AllocId>,
+    responses: responses::Cache,
+    timers: timers::Timers,
+    events: VecDeque<Event>,
+    stats: CoreStats,
+    /// Which shard this core is, so RFC 6062 connection ids shared by all shards name
+    /// their owner.
+    shard: u32,
+    /// TLS SNI host names of stream clients that sent one.
+    hosts: FxHashMap<ClientId, Box<str>>,
+    /// Searches for a credential's tenant by secret (an HMAC per tenant), per source.
+    searches: Limiter,
+    /// The configuration generation last checked for revocations.
+    generation: u64,
+}
+
+impl Core {
+    /// A core seeded with `seed`: the same seed and inputs give the same outputs.
+    pub fn new(shared: Arc<Shared>, seed: [u8; 32]) -> Self {
+        let generation = shared.generation();
+        Core {
+            shared,
+            rng: StdRng::from_seed(seed),
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            by_client: FxHashMap::default(),
+            responses: responses::Cache::default(),
+            timers: timers::Timers::default(),
+            events: VecDeque::new(),
+            stats: CoreStats::default(),
+            shard: 0,
+            hosts: FxHashMap::default(),
+            searches: Limiter::new(SEARCH_RATE, limiter::MAX_SOURCES),
+            generation,
+        }
+    }
+
+    /// Tells a core which shard it is (0 by default).
+    pub fn with_shard(mut self, shard: u32) -> Self {
+        self.shard = shard;
+        self
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Active allocations.
+    pub fn allocation_count(&self) -> usize {
+        self.by_client.len()
+    }
+
+    /// Takes the counters gathered since the last call. Keeps the per-tenant vector's
+    /// capacity, so the packet path does not grow it anew after each call.
+    pub fn take_stats(&mut self) -> CoreStats {
+        let out = self.stats.clone();
+        self.stats
+            .tenants
+            .iter_mut()
+            .for_each(|t| *t = TenantStats::default());
+        self.stats.dropped_packets = 0;
+        self.stats.malformed = 0;
+        self.stats.replies_limited = 0;
+        self.stats.oversized = 0;
+        out
+    }
+
+    /// Call after each `handle_*` call until it returns None.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// The relayed addresses of an allocation, for tests and logs.
+    pub fn relayed(&self, alloc: AllocId) -> Option<RelayAddrs> {
+        self.slot(alloc).map(|a| a.relayed)
+    }
+
+    fn slot(&self, id: AllocId) -> Option<&Allocation> {
+        self.slots
+            .get(id.index as usize)
+            .filter(|s| s.generation == id.generation)?
+            .allocation
+            .as_ref()
+    }
+
+    #[inline]
+    fn slot_mut(&mut self, id: AllocId) -> Option<&mut Allocation> {
+        self.slots
+            .get_mut(id.index as usize)
+            .filter(|s| s.generation == id.generation)?
+            .allocation
+            .as_mut()
+    }
+
+    /// Records the TLS SNI host name a stream client sent, which selects its tenant.
+    pub fn set_client_host(&mut self, client: ClientId, host: &str) {
+        self.hosts.insert(client, host.into());
+    }
+
+    /// A stream client's connection closed: its allocation ends with it (RFC 8656 §2.1).
+    pub fn close_client(&mut self, client: ClientId) {
+        self.hosts.remove(&client);
+        if let Some(id) = self.by_client.get(&client).copied() {
+            self.free(id);
+        }
+    }
+
+    pub fn has_allocation(&self, client: ClientId) -> bool {
+        self.by_client.contains_key(&client)
+    }
+
+    /// Frees every allocation (shutdown after the drain grace time).
+    pub fn free_all(&mut self) {
+        let ids: Vec<AllocId> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.allocation.is_some())
+            .map(|(i, s)| AllocId {
+                index: i as u32,
+                generation: s.generation,
+            })
+            .collect();
+        for id in ids {
+            self.free(id);
+        }
+    }
+}

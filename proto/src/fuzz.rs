@@ -1,0 +1,266 @@
+//! Entry points for the fuzz targets in `proto/fuzz/` (feature `fuzzing`), kept here so the
+//! unit tests run them too (on pseudo-random input) and they cannot rot.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::auth::Credentials;
+use crate::core::{
+    AllocId, BindFailure, BindOutcome, ClientAction, ClientId, Core, CoreConfig, RelayAddress,
+    Shared,
+};
+use crate::policy::PeerPolicy;
+use crate::quota::QuotaState;
+use crate::stun::{attr, method, Builder, Class, Message, TransactionId};
+use crate::tenant::Tenants;
+
+/// Parses a datagram and reads every attribute the server reads.
+pub fn decode(data: &[u8]) {
+    let Ok(msg) = Message::parse(data) else {
+        return;
+    };
+    for t in msg.attribute_types() {
+        if let Some(v) = msg.get(t) {
+            let _ = msg.xor_address(v);
+            let _ = crate::stun::decode_address(v, None);
+        }
+    }
+    let _ = msg.get_u32(attr::LIFETIME);
+    let _ = msg.check_integrity_sha1(b"key");
+    let _ = msg.check_integrity_sha256(b"key");
+}
+
+/// Drives one core with a byte script. Each step is an operation: a raw datagram from a
+/// client or a peer, or a well-formed request the harness builds and signs (Allocate with
+/// family and EVEN-PORT options, Refresh, CreatePermission, ChannelBind, Send, ChannelData),
+/// since a fuzzer cannot forge MESSAGE-INTEGRITY by itself. Allocations the core asks for are
+/// granted or refused by the script too.
+/// `start` is the virtual clock's origin; the script advances it.
+pub fn core(data: &[u8], start: Instant) -> crate::TenantStats {
+    let config = CoreConfig {
+        tenants: Tenants::single(
+            Credentials::new(REALM, [("u", "p")], ["s".to_owned()]),
+            PeerPolicy::new(vec!["127.0.0.0/8".parse().expect("net")], vec![]),
+        ),
+        default_lifetime: 600,
+        max_lifetime: 3600,
+        nonce_lifetime: 600,
+        max_permissions: 8,
+        max_tcp_connections: 8,
+        relay_v4: Some(RelayAddress {
+            bind: [127, 0, 0, 1].into(),
+            advertised: [127, 0, 0, 1].into(),
+        }),
+        relay_v6: Some(RelayAddress {
+            bind: std::net::Ipv6Addr::LOCALHOST.into(),
+            advertised: std::net::Ipv6Addr::LOCALHOST.into(),
+        }),
+        software: None,
+        software_unauthenticated: false,
+        unauthenticated_replies_per_sec: 1000.0,
+        relay_ports: (49152, 65535),
+    };
+    let shared = Arc::new(Shared::new(config, QuotaState::new(None), [0; 32], start));
+    let unix_at = |now: Instant| 1_800_000_000 + (now - start).as_secs();
+    let mut now = start;
+    let mut core = Core::new(Arc::clone(&shared), [0; 32]);
+    let key = crate::auth::long_term_key("u", REALM, "p");
+    let mut bytes = data.iter().copied();
+    let mut next = move || bytes.next();
+    let mut buf = vec![0u8; 4 + 2048];
+    let mut packet = Vec::new();
+    let mut out = Vec::new();
+    let mut allocations: Vec<AllocId> = Vec::new();
+    let mut tid_counter = 0u32;
+    let mut connections: Vec<u32> = Vec::new();
+    while let (Some(op), Some(arg)) = (next(), next()) {
+        now += Duration::from_millis(u64::from(op >> 5) * 7_000);
+        let client = ClientId {
+            listener: if arg & 0x20 == 0 {
+                0
+            } else {
+                crate::STREAM_BASE + u32::from(op & 1)
+            },
+            addr: SocketAddr::from(([127, 0, 0, 1], 40_000 + u16::from(arg & 3))),
+        };
+        let peer = SocketAddr::from((
+            [127, 0, 0, 1 + (arg >> 6)],
+            7_000 + u16::from((arg >> 2) & 3),
+        ));
+        tid_counter += 1;
+        let mut tid = [0u8; 16];
+        tid[..4].copy_from_slice(&crate::stun::MAGIC_COOKIE.to_be_bytes());
+        tid[4..8].copy_from_slice(&tid_counter.to_be_bytes());
+        let tid = TransactionId(tid);
+        let mut nonce = [0u8; 37];
+        let nonce = shared
+            .nonces
+            .issue(client.addr, unix_at(now), &mut nonce)
+            .to_vec();
+        let signed = |packet: &mut Vec<u8>, m: u16, extra: &dyn Fn(&mut Builder<'_>)| {
+            let mut b = Builder::new(packet, Class::Request, m, tid);
+            extra(&mut b);
+            b.attr(attr::USERNAME, b"u")
+                .attr(attr::REALM, REALM.as_bytes())
+                .attr(attr::NONCE, &nonce)
+                .integrity_sha1(&key);
+        };
+        let flags = next().unwrap_or(0);
+        match op & 0x0f {
+            0 | 8 => {
+                let len = usize::from(flags);
+                packet.clear();
+                packet.extend((0..len).map_while(|_| next()));
+            }
+            1 => signed(&mut packet, method::ALLOCATE, &|b| {
+                b.u32(
+                    attr::REQUESTED_TRANSPORT,
+                    if flags & 1 == 0 { 17 << 24 } else { 6 << 24 },
+                );
+                if flags & 2 != 0 {
+                    b.u32(
+                        attr::REQUESTED_ADDRESS_FAMILY,
+                        u32::from(1 + (flags >> 7)) << 24,
+                    );
+                }
+                if flags & 4 != 0 {
+                    b.u32(attr::ADDITIONAL_ADDRESS_FAMILY, 2 << 24);
+                }
+                if flags & 8 != 0 {
+                    b.u32(attr::EVEN_PORT, u32::from(flags & 0x10) << 27);
+                }
+                if flags & 0x20 != 0 {
+                    b.attr(attr::RESERVATION_TOKEN, &[flags; 8]);
+                }
+                if flags & 0x40 != 0 {
+                    b.u32(attr::LIFETIME, u32::from(flags) * 40);
+                }
+            }),
+            9 => signed(&mut packet, method::CONNECT, &|b| {
+                b.xor_address(attr::XOR_PEER_ADDRESS, peer);
+            }),
+            10 => {
+                let id = connections
+                    .get(usize::from(flags) % connections.len().max(1))
+                    .copied()
+                    .unwrap_or(7);
+                signed(&mut packet, method::CONNECTION_BIND, &|b| {
+                    b.u32(attr::CONNECTION_ID, id);
+                })
+            }
+            11 => {
+                let alloc = allocations.get(usize::from(arg >> 4)).copied();
+                if let Some((_, id)) =
+                    alloc.and_then(|a| core.peer_connected(a, peer, now, &mut out))
+                {
+                    connections.push(id);
+                }
+                continue;
+            }
+            2 => signed(&mut packet, method::REFRESH, &|b| {
+                b.u32(attr::LIFETIME, u32::from(flags) * 20);
+            }),
+            3 => signed(&mut packet, method::CREATE_PERMISSION, &|b| {
+                b.xor_address(attr::XOR_PEER_ADDRESS, peer);
+                if flags & 1 != 0 {
+                    b.xor_address(attr::XOR_PEER_ADDRESS, SocketAddr::from(([10, 0, 0, 1], 9)));
+                }
+            }),
+            4 => signed(&mut packet, method::CHANNEL_BIND, &|b| {
+                b.u32(attr::CHANNEL_NUMBER, (0x3ff0 + u32::from(flags)) << 16)
+                    .xor_address(attr::XOR_PEER_ADDRESS, peer);
+            }),
+            5 => {
+                Builder::new(&mut packet, Class::Indication, method::SEND, tid)
+                    .xor_address(attr::XOR_PEER_ADDRESS, peer)
+                    .attr(attr::DATA, &[flags; 40]);
+            }
+            6 => {
+                packet.clear();
+                packet.extend_from_slice(&(0x4000 + u16::from(flags & 0x1f)).to_be_bytes());
+                packet.extend_from_slice(&u16::from(flags >> 3).to_be_bytes());
+                packet.resize(4 + usize::from(flags >> 3), 0xab);
+            }
+            _ => {
+                let len = usize::from(flags);
+                buf[4..4 + len].fill(op);
+                if let Some(alloc) = allocations.get(usize::from(arg >> 4)) {
+                    let _ = core.handle_peer(*alloc, peer, &mut buf, len, now, &mut out);
+                }
+                core.handle_timeout(now);
+                while core.poll_event().is_some() {}
+                continue;
+            }
+        }
+        let action = core.handle_client(&packet, client, now, unix_at(now), &mut out);
+        if let ClientAction::DataConnection { connection, .. } = action {
+            if flags & 2 != 0 {
+                shared.connection_ended(connection);
+            }
+        }
+        if let ClientAction::Connect { connection, .. } = action {
+            connections.push(connection);
+            let _ = core.connect_done(connection, flags & 1 == 0, now, &mut out);
+        }
+        if let ClientAction::Allocate(mut bind) = action {
+            // The script says how binding goes: bound, a port in use (the core draws again,
+            // a few times), DONT-FRAGMENT impossible, or another failure.
+            let mut attempts = 0;
+            loop {
+                let result = match (op >> 4) & 3 {
+                    0 => Ok(()),
+                    1 if attempts < 2 => Err(BindFailure::InUse),
+                    1 => Ok(()),
+                    2 => Err(BindFailure::DontFragment),
+                    _ => Err(BindFailure::Other),
+                };
+                attempts += 1;
+                match core.relay_bound(bind.alloc, result, now, &mut out) {
+                    BindOutcome::Retry(again) => bind = again,
+                    BindOutcome::Answer => break,
+                }
+            }
+            if core.relayed(bind.alloc).is_some() {
+                allocations.push(bind.alloc);
+            }
+        }
+        core.handle_timeout(now);
+        while core.poll_event().is_some() {}
+    }
+    core.take_stats().total()
+}
+
+const REALM: &str = "fuzz";
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fuzz_entry_points_survive_random_input() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let (mut allocations, mut relayed) = (0, 0);
+        for _ in 0..2000 {
+            let data: Vec<u8> = (0..(next() % 600)).map(|_| next() as u8).collect();
+            super::decode(&data);
+            let stats = super::core(&data, std::time::Instant::now());
+            allocations += stats.allocations_created;
+            relayed += stats.relayed_packets[0] + stats.relayed_packets[1];
+        }
+        assert!(
+            allocations > 100,
+            "{allocations} allocations, {relayed} relayed"
+        );
+        // A script that allocates, permits a peer and sends to it reaches the relay path.
+        let stats = super::core(&[1, 0, 0, 3, 0, 0, 5, 0, 0], std::time::Instant::now());
+        assert_eq!(
+            (stats.allocations_created, stats.relayed_packets[0]),
+            (1, 1)
+        );
+    }
+}

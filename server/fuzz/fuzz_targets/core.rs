@@ -1,5 +1,0 @@
-#![no_main]
-//! The TURN core driven by arbitrary sequences of client and peer datagrams.
-libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let _ = turnpike::proto::fuzz::core(data);
-});

@@ -1,3 +1,0 @@
-#![no_main]
-//! The STUN decoder on arbitrary datagrams.
-libfuzzer_sys::fuzz_target!(|data: &[u8]| turnpike::proto::fuzz::decode(data));

@@ -1,0 +1,187 @@
+//! The relay sockets of an allocation: bound where the core says ([`RelayBind`]), reported
+//! back with [`Core::relay_bound`] (a port another process holds sends the core drawing
+//! again), read by one task per socket, and closed when the core frees the allocation.
+//!
+//! [`Core::relay_bound`]: turnpike_proto::Core::relay_bound
+
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::task::JoinHandle;
+
+use turnpike_proto::{AllocId, BindFailure, BindOutcome, RelayBind};
+use turnpike_udp::socket::{bind_udp, set_dont_fragment};
+use turnpike_udp::UdpSock;
+
+use super::shard::{relay_loop, Shard};
+use super::{sockets, tcp_relay, Ended};
+
+const RELAY_SOCKET_BUFFER: usize = 1 << 20;
+
+/// The sockets and tasks of one allocation, indexed by its slot.
+pub(super) struct RelaySlot {
+    /// The allocation these belong to: an event for an older allocation of the slot is
+    /// ignored.
+    pub(super) id: AllocId,
+    pub(super) v4: Option<Rc<UdpSock>>,
+    pub(super) v6: Option<Rc<UdpSock>>,
+    /// RFC 6062: the listening socket's address, which outgoing peer connections use too.
+    pub(super) tcp: Option<SocketAddr>,
+    /// The listening socket's descriptor, shut down the moment the allocation ends (its task
+    /// closes it a little later), so that no connection reaches it in between.
+    tcp_fd: Option<RawFd>,
+    pub(super) tasks: Vec<JoinHandle<()>>,
+    /// Ends the byte pipes of a TCP allocation's bound connections (on any shard) when the
+    /// allocation ends.
+    pub(super) ended: Arc<Ended>,
+}
+
+impl Drop for RelaySlot {
+    fn drop(&mut self) {
+        if let Some(fd) = self.tcp_fd {
+            // SAFETY: the accept task owns the listener, so the descriptor stays open until
+            // that task, aborted below, is dropped; shutdown only stops it listening.
+            unsafe {
+                libc::shutdown(fd, libc::SHUT_RDWR);
+            }
+        }
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.ended.fire();
+    }
+}
+
+/// What binding produced, before the allocation is live.
+enum Bound {
+    Udp(Option<Rc<UdpSock>>, Option<Rc<UdpSock>>),
+    Tcp(tokio::net::TcpListener, SocketAddr),
+}
+
+impl Shard {
+    /// Binds what the core asked for an Allocate, reports back (drawing again while ports are
+    /// taken), and on success starts reading the sockets. The answer is left in `out`.
+    pub(super) fn allocate(self: &Rc<Self>, mut bind: RelayBind) {
+        loop {
+            let bound = bind_sockets(&bind);
+            let report = bound.as_ref().map(|_| ()).map_err(|e| *e);
+            let outcome = self.core.borrow_mut().relay_bound(
+                bind.alloc,
+                report,
+                Instant::now(),
+                &mut self.out.borrow_mut(),
+            );
+            match outcome {
+                BindOutcome::Retry(next) => bind = next,
+                BindOutcome::Answer => {
+                    if let (Ok(bound), true) =
+                        (bound, self.core.borrow().relayed(bind.alloc).is_some())
+                    {
+                        self.install(bind.alloc, bound);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn install(self: &Rc<Self>, id: AllocId, bound: Bound) {
+        let mut slot = RelaySlot {
+            id,
+            v4: None,
+            v6: None,
+            tcp: None,
+            tcp_fd: None,
+            tasks: Vec::new(),
+            ended: Arc::new(Ended::default()),
+        };
+        match bound {
+            Bound::Udp(v4, v6) => {
+                for (sock, v6) in [(v4, false), (v6, true)] {
+                    let Some(sock) = sock else {
+                        continue;
+                    };
+                    slot.tasks.push(tokio::task::spawn_local(relay_loop(
+                        Rc::clone(self),
+                        id,
+                        Rc::clone(&sock),
+                    )));
+                    if v6 {
+                        slot.v6 = Some(sock);
+                    } else {
+                        slot.v4 = Some(sock);
+                    }
+                }
+            }
+            Bound::Tcp(listener, addr) => {
+                slot.tcp = Some(addr);
+                slot.tcp_fd = Some(listener.as_raw_fd());
+                slot.tasks
+                    .push(tokio::task::spawn_local(tcp_relay::accept_peers(
+                        Rc::clone(self),
+                        id,
+                        listener,
+                    )));
+            }
+        }
+        let mut relays = self.relays.borrow_mut();
+        if relays.len() <= id.index() {
+            relays.resize_with(id.index() + 1, || None);
+        }
+        relays[id.index()] = Some(slot);
+        if let Some(s) = &relays[id.index()] {
+            let addr = |s: &Option<Rc<UdpSock>>| s.as_ref()?.get_ref().local_addr().ok();
+            tracing::debug!(
+                alloc = id.index(),
+                v4 = ?addr(&s.v4),
+                v6 = ?addr(&s.v6),
+                tcp = ?s.tcp,
+                "allocation created"
+            );
+        }
+    }
+}
+
+/// Binds the sockets of `bind`: UDP relay sockets (with DONT-FRAGMENT where asked), or an RFC
+/// 6062 listening socket.
+fn bind_sockets(bind: &RelayBind) -> Result<Bound, BindFailure> {
+    let failure = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            BindFailure::InUse
+        } else {
+            tracing::warn!(error = %e, "cannot bind a relay socket");
+            BindFailure::Other
+        }
+    };
+    if bind.tcp {
+        let addr = bind.v4.or(bind.v6).ok_or(BindFailure::Other)?;
+        let listener = sockets::tcp_relay_listener(addr)
+            .and_then(tokio::net::TcpListener::from_std)
+            .map_err(failure)?;
+        return Ok(Bound::Tcp(listener, addr));
+    }
+    // Registered with the reactor here, before the answer goes out: a failure refuses the
+    // allocation rather than advertising a port nothing reads.
+    let one = |addr: Option<SocketAddr>| -> Result<Option<Rc<UdpSock>>, BindFailure> {
+        let Some(addr) = addr else {
+            return Ok(None);
+        };
+        let sock = bind_udp(addr, false, RELAY_SOCKET_BUFFER).map_err(failure)?;
+        // RFC 8656 §7.2: DONT-FRAGMENT the relay cannot honour is refused.
+        if bind.dont_fragment {
+            set_dont_fragment(&sock).map_err(|e| {
+                tracing::warn!(error = %e, "DONT-FRAGMENT cannot be set: 420");
+                BindFailure::DontFragment
+            })?;
+        }
+        let sock = turnpike_udp::register(sock).map_err(|e| {
+            tracing::warn!(error = %e, "relay socket not registered");
+            BindFailure::Other
+        })?;
+        Ok(Some(Rc::new(sock)))
+    };
+    Ok(Bound::Udp(one(bind.v4)?, one(bind.v6)?))
+}

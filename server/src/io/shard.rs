@@ -1,0 +1,347 @@
+//! One shard: a thread with a current-thread runtime, its `Core`, its listener sockets and
+//! the relay sockets of its allocations, and the loops that feed the core and carry out what
+//! it answers. Timers come from [`Core::poll_timeout`]; a tick four times a second exports the
+//! counters and notices a reload.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::RngCore;
+
+use turnpike_proto::{AllocId, ClientAction, ClientId, Core, Event, PeerAction, Shared};
+use turnpike_udp::{RecvBatch, TxQueue, UdpSock, BATCH, TX_MAX};
+
+use super::relay::RelaySlot;
+use super::{stream, unix_now};
+use crate::config::Listener;
+use crate::metrics::Metrics;
+use crate::Error;
+
+/// Largest UDP payload.
+const MAX_DATAGRAM: usize = 65_536;
+/// Batches (of up to `BATCH` datagrams) one socket handles before yielding, so a busy socket
+/// cannot starve the others.
+const BUDGET: usize = 4;
+/// Counters are exported, and a reload's revocations noticed, at this pace.
+const TICK: Duration = Duration::from_millis(250);
+
+pub(super) struct Shard {
+    pub(super) core: RefCell<Core>,
+    pub(super) listeners: Vec<Rc<UdpSock>>,
+    pub(super) streams: Arc<stream::StreamContext>,
+    pub(super) conns: RefCell<HashMap<u32, Rc<stream::Outbox>>>,
+    pub(super) next_conn: Cell<u32>,
+    /// Relay sockets by allocation slot ([`AllocId::index`]).
+    pub(super) relays: RefCell<Vec<Option<RelaySlot>>>,
+    /// Receive buffers of the relay sockets' loops (each listener loop has its own).
+    buf: RefCell<RecvBatch>,
+    /// The buffer the core writes its answers into.
+    pub(super) out: RefCell<Vec<u8>>,
+    /// Datagrams sent during this turn of the event loop, flushed at its end.
+    tx: RefCell<TxQueue>,
+    tx_ready: tokio::sync::Notify,
+    pub(super) metrics: Arc<Metrics>,
+}
+
+/// Everything a shard thread needs.
+pub struct ShardSetup {
+    pub index: u32,
+    pub shared: Arc<Shared>,
+    pub sockets: Vec<StdUdpSocket>,
+    pub tcp: Vec<(std::net::TcpListener, Listener)>,
+    pub streams: Arc<stream::StreamContext>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Runs one shard on the calling thread until `stop` resolves.
+pub fn run_shard(setup: ShardSetup, stop: tokio::sync::watch::Receiver<bool>) -> Result<(), Error> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let mut seed = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut seed);
+        let listeners = setup
+            .sockets
+            .into_iter()
+            .map(|s| turnpike_udp::register(s).map(Rc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let shard = Rc::new(Shard {
+            core: RefCell::new(Core::new(setup.shared, seed).with_shard(setup.index)),
+            listeners,
+            streams: setup.streams,
+            conns: RefCell::new(HashMap::new()),
+            next_conn: Cell::new(stream::STREAM_BASE),
+            relays: RefCell::new(Vec::new()),
+            buf: RefCell::new(RecvBatch::new(MAX_DATAGRAM)),
+            out: RefCell::new(Vec::with_capacity(1500)),
+            tx: RefCell::new(TxQueue::new()),
+            tx_ready: tokio::sync::Notify::new(),
+            metrics: setup.metrics,
+        });
+        for i in 0..shard.listeners.len() {
+            tokio::task::spawn_local(listener_loop(Rc::clone(&shard), i));
+        }
+        tokio::task::spawn_local(flush_loop(Rc::clone(&shard)));
+        for (l, cfg) in setup.tcp {
+            let l = tokio::net::TcpListener::from_std(l)?;
+            tokio::task::spawn_local(stream::accept_loop(Rc::clone(&shard), l, cfg));
+        }
+        let mut stop = stop;
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            // The core's next deadline, looked at again after every tick: a deadline input
+            // brought forward is met within a tick of being set, and none is earlier than a
+            // second after its input.
+            let next = shard.core.borrow().poll_timeout();
+            let due =
+                tokio::time::sleep_until(next.unwrap_or_else(|| Instant::now() + TICK).into());
+            tokio::select! {
+                _ = tick.tick() => shard.tick(),
+                _ = due => shard.timeout(),
+                _ = stop.changed() => break,
+            }
+        }
+        shard.core.borrow_mut().free_all();
+        shard.process_events();
+        shard.tick();
+        shard.tx.borrow_mut().flush();
+        Ok(())
+    })
+}
+
+/// Sends what the shard queued, once the tasks made ready in this turn of the event loop have
+/// run: a task woken by the first datagram queued runs after the tasks already waiting.
+async fn flush_loop(shard: Rc<Shard>) {
+    loop {
+        shard.tx_ready.notified().await;
+        shard.tx.borrow_mut().flush();
+    }
+}
+
+/// One `recvmmsg` on a registered socket: `None` when the socket is drained (its readiness
+/// cleared), else the count read. A count below `BATCH` means the queue was empty, so
+/// readiness is cleared without another call that would only fail with `WouldBlock`;
+/// a datagram arriving after the call raises readiness again (edge-triggered epoll).
+fn recv_batch(
+    guard: &mut tokio::io::unix::AsyncFdReadyGuard<'_, StdUdpSocket>,
+    batch: &mut RecvBatch,
+) -> Option<usize> {
+    match batch.recv(guard.get_inner().as_raw_fd()) {
+        Ok(n) => {
+            if n < BATCH {
+                guard.clear_ready();
+            }
+            Some(n)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            guard.clear_ready();
+            None
+        }
+        // ICMP errors surface on later reads of a UDP socket; they concern one peer.
+        Err(_) => Some(0),
+    }
+}
+
+async fn listener_loop(shard: Rc<Shard>, index: usize) {
+    let sock = Rc::clone(&shard.listeners[index]);
+    let mut batch = RecvBatch::new(MAX_DATAGRAM);
+    loop {
+        let Ok(mut guard) = sock.readable().await else {
+            return;
+        };
+        let mut drained = false;
+        for _ in 0..BUDGET {
+            let Some(n) = recv_batch(&mut guard, &mut batch) else {
+                drained = true;
+                break;
+            };
+            let (now, unix) = (Instant::now(), unix_now());
+            for i in 0..n {
+                let Some(from) = batch.source(i) else {
+                    continue;
+                };
+                let client = ClientId {
+                    listener: index as u32,
+                    addr: from,
+                };
+                let packet = batch.payload(i);
+                let action = shard.core.borrow_mut().handle_client(
+                    packet,
+                    client,
+                    now,
+                    unix,
+                    &mut shard.out.borrow_mut(),
+                );
+                match action {
+                    ClientAction::None => {}
+                    ClientAction::Reply => {
+                        let _ = sock.get_ref().send_to(&shard.out.borrow(), from);
+                    }
+                    ClientAction::Relay {
+                        alloc,
+                        peer,
+                        start,
+                        end,
+                    } => {
+                        shard.send_to_peer(alloc, peer, &packet[start..end]);
+                    }
+                    ClientAction::Allocate(bind) => {
+                        shard.allocate(bind);
+                        let out = shard.out.borrow();
+                        if !out.is_empty() {
+                            let _ = sock.get_ref().send_to(&out, from);
+                        }
+                    }
+                    // TCP allocations, and so Connect and ConnectionBind, exist only on streams.
+                    ClientAction::Connect { .. } | ClientAction::DataConnection { .. } => {}
+                }
+            }
+            if n < BATCH && n > 0 {
+                drained = true;
+                break;
+            }
+        }
+        drop(guard);
+        shard.process_events();
+        if !drained {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// Reads what peers send to one relay socket of allocation `alloc`.
+pub(super) async fn relay_loop(shard: Rc<Shard>, alloc: AllocId, sock: Rc<UdpSock>) {
+    loop {
+        let Ok(mut guard) = sock.readable().await else {
+            return;
+        };
+        let mut drained = false;
+        for _ in 0..BUDGET {
+            let mut batch = shard.buf.borrow_mut();
+            let Some(n) = recv_batch(&mut guard, &mut batch) else {
+                drained = true;
+                break;
+            };
+            let now = Instant::now();
+            for i in 0..n {
+                let Some(peer) = batch.source(i) else {
+                    continue;
+                };
+                let (buf, len) = batch.slot_mut(i);
+                let action = shard.core.borrow_mut().handle_peer(
+                    alloc,
+                    peer,
+                    buf,
+                    len,
+                    now,
+                    &mut shard.out.borrow_mut(),
+                );
+                match action {
+                    PeerAction::Drop => {}
+                    PeerAction::ChannelData { client, len } => {
+                        shard.send_to_client(client, &buf[..4 + len])
+                    }
+                    PeerAction::DataIndication { client } => {
+                        shard.send_to_client(client, &shard.out.borrow());
+                    }
+                }
+            }
+            if n < BATCH && n > 0 {
+                drained = true;
+                break;
+            }
+        }
+        drop(guard);
+        if !drained {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+impl Shard {
+    /// Queues a datagram for the end of this turn of the event loop.
+    #[inline]
+    fn queue(&self, sock: &Rc<UdpSock>, to: SocketAddr, data: &[u8]) {
+        let mut tx = self.tx.borrow_mut();
+        if tx.is_empty() {
+            self.tx_ready.notify_one();
+        }
+        tx.push(sock, to, data);
+        if tx.len() >= TX_MAX {
+            tx.flush();
+        }
+    }
+
+    /// Sends to a client over its UDP listener or queues it on its stream connection.
+    #[inline]
+    pub(super) fn send_to_client(&self, client: ClientId, data: &[u8]) {
+        if client.listener < stream::STREAM_BASE {
+            if let Some(l) = self.listeners.get(client.listener as usize) {
+                self.queue(l, client.addr, data);
+            }
+        } else if let Some(conn) = self.conns.borrow().get(&client.listener) {
+            conn.push(data);
+        }
+    }
+
+    #[inline]
+    pub(super) fn send_to_peer(&self, alloc: AllocId, peer: SocketAddr, payload: &[u8]) {
+        let relays = self.relays.borrow();
+        let Some(Some(slot)) = relays.get(alloc.index()) else {
+            return;
+        };
+        if slot.id != alloc {
+            return;
+        }
+        let sock = if peer.is_ipv4() { &slot.v4 } else { &slot.v6 };
+        if let Some(s) = sock {
+            self.queue(s, peer, payload);
+        }
+    }
+
+    /// The core's timers are due.
+    fn timeout(&self) {
+        self.core.borrow_mut().handle_timeout(Instant::now());
+        self.process_events();
+    }
+
+    /// Exports the counters; lets the core see a reload (its timeout checks the generation).
+    fn tick(&self) {
+        let mut core = self.core.borrow_mut();
+        core.handle_timeout(Instant::now());
+        let stats = core.take_stats();
+        let tenants = core.shared().tenant_names();
+        drop(core);
+        self.metrics.record(&stats, &tenants);
+        self.process_events();
+    }
+
+    pub(super) fn process_events(&self) {
+        loop {
+            let event = self.core.borrow_mut().poll_event();
+            match event {
+                None => return,
+                Some(Event::ConnectionClosed(c)) => {
+                    self.streams.pending_peers().remove(&c);
+                }
+                Some(Event::Freed(id)) => {
+                    let mut relays = self.relays.borrow_mut();
+                    if let Some(slot) = relays.get_mut(id.index()) {
+                        // A stale event (the slot holds a newer allocation) touches nothing.
+                        if slot.as_ref().is_some_and(|s| s.id == id) {
+                            *slot = None;
+                        }
+                    }
+                    tracing::debug!(alloc = id.index(), "allocation freed");
+                }
+            }
+        }
+    }
+}
