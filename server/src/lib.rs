@@ -1,15 +1,23 @@
 //! Turnpike: a TURN/STUN relay.
 //!
-//! - [`config`]: the TOML configuration and command-line flags.
-//! - [`io`]: the tokio layer: UDP listeners sharded over the cores, relay sockets, timers.
+//! The protocol itself is `turnpike_proto` (sans IO) and batched UDP is `turnpike_udp`; this
+//! crate is the relay around them:
+//!
+//! - [`config`]: the TOML configuration, the flags, `--check-config`.
+//! - [`io`]: the tokio layer: shards, relay sockets, RFC 6062, the TCP/TLS listeners.
+//! - [`admission`]: who may open one more stream connection.
+//! - [`http`]: the built-in HTTP endpoints' server, within time limits.
 //! - [`metrics`]: Prometheus metrics and the health endpoints.
+//! - [`service`]: the credential service; [`testpage`]: the browser network test.
 //! - [`echo`]: the echo services (UDP, TCP, WebSocket, long-poll), off unless configured.
-//! - [`app`]: start-up, signals and draining.
+//! - [`app`]: start-up, reload, signals and draining.
 
+pub mod admission;
 pub mod app;
 pub mod config;
 pub mod echo;
 mod error;
+pub mod http;
 pub mod io;
 pub mod metrics;
 pub mod service;

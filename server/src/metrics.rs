@@ -13,8 +13,7 @@ use prometheus::{
     Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::io::admission::{Admission, Refused, Ticket};
-use crate::io::stream::{serve_http_stream, HttpLimits};
+use crate::admission::Refused;
 use turnpike_proto::auth::AuthError;
 use turnpike_proto::core::{CoreStats, METHODS, RESULTS};
 use turnpike_proto::tenant::NO_TENANT;
@@ -386,41 +385,6 @@ pub fn router(metrics: Arc<Metrics>, shared: Arc<Shared>, with_metrics: bool) ->
         );
     }
     app
-}
-
-/// Serves the endpoints (built by [`router`] with metrics, plus any echo routes) on a bound
-/// listener until the process ends, under the same admission and time limits as the HTTP on
-/// the relay's stream listeners. Handlers see the client address as `ConnectInfo`.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    admission: Arc<Admission>,
-    limits: HttpLimits,
-    metrics: Arc<Metrics>,
-) {
-    let mut backoff = crate::io::admission::AcceptBackoff::default();
-    loop {
-        let (tcp, from) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                backoff.failed(&e, "metrics").await;
-                continue;
-            }
-        };
-        backoff.reset();
-        let admitted = match admission.admit(from.ip()) {
-            Ok(a) => a,
-            Err(why) => {
-                metrics.connection_refused(why);
-                continue;
-            }
-        };
-        let app = app.clone();
-        let ticket = Ticket(Arc::new(admitted));
-        tokio::spawn(async move {
-            let _ = serve_http_stream(app, tcp, from, false, limits, ticket).await;
-        });
-    }
 }
 
 /// Binds the metrics listener.

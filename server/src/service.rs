@@ -21,7 +21,7 @@ use axum::Router;
 use serde::Deserialize;
 
 use crate::config::{ApiKeyHash, Listener, Settings, Transport};
-use crate::io::stream::Secure;
+use crate::http::Secure;
 use turnpike_proto::auth::{ephemeral_password, ephemeral_username};
 use turnpike_proto::limiter::{Limiter, Rates};
 

@@ -8,7 +8,7 @@ use std::time::Instant;
 use crate::auth::{AuthError, PASSWORD_ALGORITHMS};
 use crate::stun::{self, attr, method, Builder, Class, Message};
 
-use super::responses::reason;
+use super::responses::{reason, unknown_required};
 use super::stats::{method_index, result_index};
 use super::{ClientAction, ClientId, Core, CoreConfig};
 
@@ -280,20 +280,4 @@ fn software_unauthenticated(config: &CoreConfig) -> Option<&str> {
         .software
         .as_deref()
         .filter(|_| config.software_unauthenticated)
-}
-
-/// Comprehension-required attributes this server does not know (RFC 8489 §7.3.1), at most 8.
-/// CHANGE-REQUEST with no flags set asks for nothing, so classic clients' requests pass.
-pub(super) fn unknown_required(msg: &Message<'_>) -> ([u16; 8], usize) {
-    let mut unknown = [0u16; 8];
-    let mut n = 0;
-    for t in msg.attribute_types() {
-        let known = attr::is_known_required(t)
-            || (t == attr::CHANGE_REQUEST && msg.get(t).is_some_and(|v| v.iter().all(|b| *b == 0)));
-        if t < 0x8000 && !known && n < unknown.len() {
-            unknown[n] = t;
-            n += 1;
-        }
-    }
-    (unknown, n)
 }

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use crate::auth::Authenticated;
 use crate::stun::{attr, Builder, Class, Message, TransactionId};
 
-use super::request::unknown_required;
 use super::{ClientAction, ClientId, Core, Shared};
 
 /// How long a retransmitted request is answered from the cache (RFC 8489: 39.5 s of retries).
@@ -147,4 +146,20 @@ pub(super) fn reason(code: u16) -> &'static str {
         508 => "Insufficient Capacity",
         _ => "Server Error",
     }
+}
+
+/// Comprehension-required attributes this server does not know (RFC 8489 §7.3.1), at most 8.
+/// CHANGE-REQUEST with no flags set asks for nothing, so classic clients' requests pass.
+pub(super) fn unknown_required(msg: &Message<'_>) -> ([u16; 8], usize) {
+    let mut unknown = [0u16; 8];
+    let mut n = 0;
+    for t in msg.attribute_types() {
+        let known = attr::is_known_required(t)
+            || (t == attr::CHANGE_REQUEST && msg.get(t).is_some_and(|v| v.iter().all(|b| *b == 0)));
+        if t < 0x8000 && !known && n < unknown.len() {
+            unknown[n] = t;
+            n += 1;
+        }
+    }
+    (unknown, n)
 }

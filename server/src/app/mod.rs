@@ -227,13 +227,18 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
     });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let admission = io::admission::Admission::new(
+    let admission = crate::admission::Admission::new(
         settings.max_connections_per_ip,
         settings.max_unallocated_connections,
     );
-    let http_limits = io::stream::HttpLimits {
+    let http_limits = crate::http::HttpLimits {
         headers: Duration::from_secs(settings.tcp_handshake_timeout_secs),
-        long_poll_max: Duration::from_secs(settings.echo.long_poll_max_secs),
+        long: (settings.echo.long_poll_max_secs > 0).then(|| {
+            (
+                echo::LONG_POLL_PATH,
+                Duration::from_secs(settings.echo.long_poll_max_secs),
+            )
+        }),
     };
     let streams = Arc::new(io::stream::StreamContext {
         tls: arc_swap::ArcSwapOption::new(tls),
@@ -242,7 +247,7 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
         admission: Arc::clone(&admission),
         handshake_timeout: http_limits.headers,
         idle_timeout: Duration::from_secs(settings.tcp_idle_timeout_secs),
-        long_poll_max: http_limits.long_poll_max,
+        long_poll: http_limits.long,
         pending: Default::default(),
         http: metrics::router(
             Arc::clone(&metrics),
@@ -307,12 +312,13 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
         if let Some(l) = metrics_listener {
             let app =
                 metrics::router(Arc::clone(&metrics), Arc::clone(&shared), true).merge(echo_routes);
-            tokio::spawn(metrics::serve(
+            let refusals = Arc::clone(&metrics);
+            tokio::spawn(crate::http::serve(
                 l,
                 app,
                 Arc::clone(&admission),
                 http_limits,
-                Arc::clone(&metrics),
+                move |why| refusals.connection_refused(why),
             ));
         }
         if let Err(e) = echo_sockets.spawn(&echo) {

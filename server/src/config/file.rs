@@ -55,7 +55,7 @@ pub struct FileConfig {
     pub echo: EchoConfig,
     /// `[[tenant]]` tables.
     #[serde(default)]
-    pub tenant: Vec<super::tenant::TenantConfig>,
+    pub tenant: Vec<TenantConfig>,
     #[serde(default)]
     pub test_page: TestPageConfig,
 }
@@ -398,4 +398,56 @@ fn line_of(text: &str, span: Option<std::ops::Range<usize>>) -> String {
         ),
         None => String::new(),
     }
+}
+
+/// One `[[tenant]]`. Its `Debug` shows no secret.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub name: String,
+    pub realm: String,
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    #[serde(default)]
+    pub origins: Vec<String>,
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+    #[serde(default)]
+    pub secrets: Vec<Secret>,
+    #[serde(default)]
+    pub api_keys: Vec<String>,
+    #[serde(default)]
+    pub revoked: Vec<String>,
+    #[serde(default)]
+    pub credential_ttl_secs: Option<u64>,
+    #[serde(default)]
+    pub credential_max_ttl_secs: Option<u64>,
+    #[serde(default)]
+    pub ice_urls: Vec<String>,
+    #[serde(default)]
+    pub quota: TenantQuotaConfig,
+    #[serde(default)]
+    pub peer: PeerConfig,
+}
+
+impl std::fmt::Debug for TenantConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantConfig")
+            .field("name", &self.name)
+            .field("realm", &self.realm)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `[tenant.quota]`: unset per-user and per-allocation keys inherit `[quota]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantQuotaConfig {
+    #[serde(default)]
+    pub allocations: u32,
+    #[serde(default)]
+    pub bytes_per_sec: u64,
+    pub user_allocations: Option<u32>,
+    pub allocation_bytes_per_sec: Option<u64>,
+    pub user_bytes_per_sec: Option<u64>,
 }

@@ -4,6 +4,7 @@
 //!
 //! - [`file`]: the file's format, as serde reads it (`deny_unknown_fields`, defaults).
 //! - [`cli`]: the flags.
+//! - `parse`: the string values (listener URLs, addresses, networks, ranges).
 //! - `resolve`: file and flags into [`Settings`], validated.
 //! - [`tenant`]: `[[tenant]]` tables, the test page's tenant, revocation files.
 //! - [`check`]: what `--check-config` prints: the effective configuration as TOML.
@@ -19,12 +20,13 @@ use crate::Error;
 pub mod check;
 pub mod cli;
 pub mod file;
+mod parse;
 mod resolve;
 mod tenant;
 
 pub use cli::Cli;
-pub use file::{FileConfig, RegionConfig};
-pub use resolve::{parse_echo_spec, parse_listen};
+pub use file::{FileConfig, RegionConfig, TenantConfig};
+pub use parse::{parse_echo_spec, parse_listen};
 pub use tenant::{read_revocations, ApiKeyHash, TenantSettings};
 
 /// The embedded default: UDP 3478 on every interface, peer policy on, and (since it names no

@@ -4,11 +4,10 @@
 use std::path::Path;
 
 use ipnet::IpNet;
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::file::{PeerConfig, UserConfig};
-use super::resolve::{parse_all, parse_net};
+use super::file::{TenantConfig, TestPageConfig, UserConfig};
+use super::parse::{parse_all, parse_net};
 use super::Secret;
 use crate::Error;
 use turnpike_proto::quota::Quotas;
@@ -18,58 +17,6 @@ use turnpike_proto::tenant::{DEFAULT_TENANT, NO_TENANT, TEST_PAGE_TENANT};
 /// examples use a day).
 pub const DEFAULT_MAX_TTL: u64 = 86_400;
 pub const DEFAULT_TTL: u64 = 3_600;
-
-/// One `[[tenant]]`. Its `Debug` shows no secret.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TenantConfig {
-    pub name: String,
-    pub realm: String,
-    #[serde(default)]
-    pub hostnames: Vec<String>,
-    #[serde(default)]
-    pub origins: Vec<String>,
-    #[serde(default)]
-    pub users: Vec<UserConfig>,
-    #[serde(default)]
-    pub secrets: Vec<Secret>,
-    #[serde(default)]
-    pub api_keys: Vec<String>,
-    #[serde(default)]
-    pub revoked: Vec<String>,
-    #[serde(default)]
-    pub credential_ttl_secs: Option<u64>,
-    #[serde(default)]
-    pub credential_max_ttl_secs: Option<u64>,
-    #[serde(default)]
-    pub ice_urls: Vec<String>,
-    #[serde(default)]
-    pub quota: TenantQuotaConfig,
-    #[serde(default)]
-    pub peer: PeerConfig,
-}
-
-impl std::fmt::Debug for TenantConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TenantConfig")
-            .field("name", &self.name)
-            .field("realm", &self.realm)
-            .finish_non_exhaustive()
-    }
-}
-
-/// `[tenant.quota]`: unset per-user and per-allocation keys inherit `[quota]`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TenantQuotaConfig {
-    #[serde(default)]
-    pub allocations: u32,
-    #[serde(default)]
-    pub bytes_per_sec: u64,
-    pub user_allocations: Option<u32>,
-    pub allocation_bytes_per_sec: Option<u64>,
-    pub user_bytes_per_sec: Option<u64>,
-}
 
 /// The SHA-256 of a credential-service API key, as the configuration stores it.
 #[derive(Clone, PartialEq, Eq)]
@@ -329,7 +276,7 @@ pub(super) fn resolve(
 /// start, small quotas, a short lifetime, and peers limited to this relay's own allocations,
 /// so that a published page gives no one a relay.
 pub(super) fn test_page(
-    c: &super::file::TestPageConfig,
+    c: &TestPageConfig,
     realm: &str,
     err: ErrAt,
 ) -> Result<(super::TestPageSettings, TenantSettings), Error> {

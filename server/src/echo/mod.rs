@@ -27,8 +27,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
+use crate::admission::Ticket;
 use crate::config::EchoSettings;
-use crate::io::admission::Ticket;
 use crate::metrics::{EchoTransport, Metrics};
 use crate::Error;
 use turnpike_proto::limiter::{self, Limiter, Rates};

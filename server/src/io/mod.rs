@@ -14,10 +14,8 @@
 //! - `relay`: binding the relay sockets the core asks for, and their lifetime;
 //! - `tcp_relay`: RFC 6062 sockets: allocation listeners, Connect, data connection pipes;
 //! - [`stream`]: TCP and TLS listeners (TURN, HTTPS, HTTP on one port);
-//! - [`admission`]: who may open one more stream connection;
 //! - `sockets`: TCP socket options.
 
-pub mod admission;
 mod relay;
 mod shard;
 mod sockets;

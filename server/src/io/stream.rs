@@ -19,9 +19,10 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
-use super::admission::{AcceptBackoff, Admission, Admitted, Ticket};
 use super::shard::Shard;
+use crate::admission::{AcceptBackoff, Admission, Admitted, Ticket};
 use crate::config::{Listener, Transport};
+use crate::http::{serve_http_stream, HttpLimits};
 use turnpike_proto::{ClientAction, ClientId, TcpQuota};
 
 pub use turnpike_proto::STREAM_BASE;
@@ -35,10 +36,6 @@ pub const ALPN_TURN: &[u8] = b"stun.turn";
 pub const ALPN_STUN: &[u8] = b"stun.nat-discovery";
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
 pub const ALPN_H2: &[u8] = b"h2";
-
-/// Whether an HTTP request came over TLS: a request extension the built-in endpoints read.
-#[derive(Debug, Clone, Copy)]
-pub struct Secure(pub bool);
 
 /// What every shard's stream listeners share.
 pub struct StreamContext {
@@ -56,9 +53,9 @@ pub struct StreamContext {
     pub handshake_timeout: Duration,
     /// A connection that holds no allocation is closed after this long without a byte.
     pub idle_timeout: Duration,
-    /// Longest long-poll echo hold: an HTTP request's answer is due within the handshake
-    /// timeout, or this beside it for the long-poll echo.
-    pub long_poll_max: Duration,
+    /// The long-poll echo's path and longest hold: an HTTP request's answer is due within the
+    /// handshake timeout, or that hold beside it for the long-poll echo.
+    pub long_poll: Option<(&'static str, Duration)>,
     pub http: axum::Router,
     /// RFC 6062 peer connections waiting for their ConnectionBind, which any shard may get:
     /// the socket, and the wake-up for when its allocation ends.
@@ -430,67 +427,10 @@ where
 {
     let limits = HttpLimits {
         headers: ctx.handshake_timeout,
-        long_poll_max: ctx.long_poll_max,
+        long: ctx.long_poll,
     };
     let ticket = Ticket(Arc::new(admitted));
     serve_http_stream(ctx.http.clone(), stream, client, tls, limits, ticket).await
-}
-
-/// How long an HTTP client may take: to send a request's headers (and, between requests of a
-/// kept-alive connection, to start the next), and to send the rest of a request so it can be
-/// answered; the long-poll echo's hold comes on top of the latter.
-#[derive(Debug, Clone, Copy)]
-pub struct HttpLimits {
-    pub headers: Duration,
-    pub long_poll_max: Duration,
-}
-
-/// Serves `router` on one HTTP/1.1 connection within `limits`: slow headers close the
-/// connection, a slow request body gets 408. Each request carries the connection's `ticket`
-/// (a WebSocket handler keeps it for as long as the upgraded connection lives).
-pub async fn serve_http_stream<S>(
-    router: axum::Router,
-    stream: S,
-    client: SocketAddr,
-    tls: bool,
-    limits: HttpLimits,
-    ticket: Ticket,
-) -> std::io::Result<()>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    use axum::response::IntoResponse;
-    let service =
-        hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-            req.extensions_mut()
-                .insert(axum::extract::ConnectInfo(client));
-            req.extensions_mut().insert(Secure(tls));
-            req.extensions_mut().insert(ticket.clone());
-            let answer_within = if req.uri().path() == crate::echo::LONG_POLL_PATH {
-                limits.headers + limits.long_poll_max
-            } else {
-                limits.headers
-            };
-            let mut router = router.clone();
-            let call = tower_service::Service::call(&mut router, req);
-            async move {
-                match tokio::time::timeout(answer_within, call).await {
-                    Ok(answer) => answer,
-                    Err(_) => Ok((
-                        axum::http::StatusCode::REQUEST_TIMEOUT,
-                        "request too slow\n",
-                    )
-                        .into_response()),
-                }
-            }
-        });
-    hyper::server::conn::http1::Builder::new()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(limits.headers)
-        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-        .with_upgrades()
-        .await
-        .map_err(std::io::Error::other)
 }
 
 /// Runs TURN over a stream: STUN messages and ChannelData framed back to back.

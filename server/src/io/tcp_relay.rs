@@ -178,7 +178,7 @@ impl Shard {
 /// Accepts the peers of one TCP allocation (closed by the core without a permission or beyond
 /// the allocation's connection limit).
 pub(super) async fn accept_peers(shard: Rc<Shard>, alloc: AllocId, listener: TcpListener) {
-    let mut backoff = super::admission::AcceptBackoff::default();
+    let mut backoff = crate::admission::AcceptBackoff::default();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(c) => c,

@@ -19,7 +19,7 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use crate::config::TestPageSettings;
-use crate::io::stream::Secure;
+use crate::http::Secure;
 use crate::service::{strip_port, CredentialService};
 use turnpike_proto::limiter::{Limiter, Rates};
 use turnpike_proto::tenant::TEST_PAGE_TENANT;
