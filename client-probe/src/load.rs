@@ -527,9 +527,12 @@ async fn allocate_all(
         Transport::Udp | Transport::Tcp | Transport::Raw => None,
     };
     let limit = Arc::new(tokio::sync::Semaphore::new(opts.setup_concurrency.max(1)));
+    // The realm and nonce the first allocations learn, for the others to sign with at once.
+    let learnt: Arc<std::sync::Mutex<Option<Learnt>>> = Arc::default();
     let mut tasks = Vec::with_capacity(opts.allocations);
     for i in 0..opts.allocations {
         let (opts, tls, limit, bar) = (opts.clone(), tls.clone(), Arc::clone(&limit), bar.clone());
+        let learnt = Arc::clone(&learnt);
         tasks.push(tokio::spawn(async move {
             let _permit = limit.acquire_owned().await;
             let raw = opts.transport == Transport::Raw;
@@ -543,12 +546,19 @@ async fn allocate_all(
             let mut attempts = 0;
             loop {
                 let conn = connect(&opts, to, tls.as_ref()).await?;
-                let mut client = TurnClient::new(conn, &opts.username, &opts.password);
+                let known = learnt.lock().ok().and_then(|l| l.clone());
+                let mut client =
+                    TurnClient::new(conn, &opts.username, &opts.password).with_nonce(known);
                 let relayed = if raw {
                     to
                 } else {
                     match client.allocate(opts.timeout).await {
-                        Ok((relayed, _)) => relayed,
+                        Ok((relayed, _)) => {
+                            if let Ok(mut l) = learnt.lock() {
+                                *l = client.nonce();
+                            }
+                            relayed
+                        }
                         Err(Failure::Status(437, _)) if attempts < 3 => {
                             attempts += 1;
                             continue;
@@ -594,6 +604,9 @@ async fn allocate_all(
 }
 
 type Bound = (Conn, Vec<u8>, Framing, Option<Keepalive>);
+
+/// A realm and the nonce the relay gave for this address.
+type Learnt = (String, Vec<u8>);
 
 /// ChannelBind (or CreatePermission for Send indications) from every allocation to its
 /// target: a generator peer, or the other allocation of its pair.

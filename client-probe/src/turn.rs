@@ -65,6 +65,8 @@ pub struct Credentials {
     password: String,
     realm: Option<String>,
     nonce: Option<Vec<u8>>,
+    /// The nonce came from this client's own 401 or 438 (not another client's).
+    own_nonce: bool,
     next: u64,
 }
 
@@ -124,10 +126,27 @@ impl TurnClient {
                 password: password.to_owned(),
                 realm: None,
                 nonce: None,
+                own_nonce: false,
                 next: rand::random(),
             },
             rbuf: Vec::new(),
         }
+    }
+
+    /// Starts with a realm and nonce learnt by another client of the same address, so the
+    /// first request is signed at once: one 401 round trip for a whole load rather than one
+    /// per allocation (the relay limits how many 401s a source gets a second).
+    pub fn with_nonce(mut self, learnt: Option<(String, Vec<u8>)>) -> Self {
+        if let Some((realm, nonce)) = learnt {
+            self.creds.realm = Some(realm);
+            self.creds.nonce = Some(nonce);
+        }
+        self
+    }
+
+    /// The realm and nonce this client signs with, once learnt.
+    pub fn nonce(&self) -> Option<(String, Vec<u8>)> {
+        Some((self.creds.realm.clone()?, self.creds.nonce.clone()?))
     }
 
     /// Hands the connection and the learnt credentials over to a data loop, with any bytes
@@ -220,11 +239,13 @@ impl TurnClient {
                 return Ok(response);
             }
             let (code, reason) = error_code(&msg);
+            // 401 with a nonce learnt elsewhere: it may be for another address; learn this one.
             let retry = match code {
-                401 if self.creds.nonce.is_none() => true,
+                401 if self.creds.nonce.is_none() || !self.creds.own_nonce => true,
                 438 => true,
                 _ => false,
             };
+            self.creds.own_nonce = true;
             if !retry {
                 return Err(Failure::Status(code, reason));
             }

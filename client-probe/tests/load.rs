@@ -201,3 +201,45 @@ fn duration_size_and_count_are_bounded() {
     ]);
     assert!(!ok && err.contains("even"), "{err}");
 }
+
+/// A relay that answers one stranger's request a second (burst 2) still sets up a hundred
+/// allocations at once: the generator signs with the nonce its first allocation learnt
+/// rather than asking for a 401 per allocation.
+#[test]
+fn many_allocations_from_one_address_need_few_401s() {
+    let config = common::ConfigFile::new(
+        "load-nonce",
+        "[auth]\nunauthenticated_replies_per_sec = 1.0\n",
+    );
+    let relay = Relay::start(&[
+        "--config",
+        config.arg(),
+        "--allow-peer",
+        "127.0.0.0/8",
+        "--user",
+        "alice:wonderland",
+    ]);
+    let (ok, out, err) = load(&[
+        "--relay",
+        &relay.udp.to_string(),
+        "--user",
+        "alice",
+        "--password",
+        "wonderland",
+        "--allocations",
+        "100",
+        "--setup-concurrency",
+        "2",
+        "--rate",
+        "10",
+        "--duration",
+        "1",
+        "--timeout-ms",
+        "3000",
+        "--json",
+    ]);
+    assert!(ok, "failed\n{out}\n{err}");
+    let r = report(&out);
+    assert_eq!(r["setup"]["allocations"], 100, "{r}");
+    assert_eq!(r["lost"], 0, "{r}");
+}

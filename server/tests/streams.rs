@@ -64,6 +64,7 @@ fn coturn_uclient_over_tcp_and_tls_loses_nothing() {
             .spawn()
             .expect("turnutils_peer (.ci/run installs coturn)"),
     );
+    common::wait_udp_echo(SocketAddr::from(([127, 0, 0, 1], peer_port)));
     let out = run_tool(
         "turnutils_uclient",
         &[

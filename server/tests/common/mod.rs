@@ -323,6 +323,22 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// Waits (at most 10 s) until a UDP echo server such as `turnutils_peer` answers on `addr`,
+/// so a load started next loses nothing to a peer that is not listening yet.
+pub fn wait_udp_echo(addr: SocketAddr) {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let mut buf = [0u8; 64];
+    for _ in 0..100 {
+        let _ = sock.send_to(b"ready?", addr);
+        if matches!(sock.recv_from(&mut buf), Ok((_, from)) if from == addr) {
+            return;
+        }
+    }
+    panic!("nothing echoes on udp {addr}");
+}
+
 /// Runs a command to completion (bounded by `timeout` seconds) and returns stdout+stderr.
 pub fn run_tool(program: &str, args: &[&str], timeout: u64) -> String {
     let out = Command::new("timeout")
