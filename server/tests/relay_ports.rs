@@ -7,7 +7,9 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{closes_within, read_frame, ConfigFile, RawClient, Relay, Response, REALM};
+use common::{
+    closes_within, free_port_range, read_frame, ConfigFile, RawClient, Relay, Response, REALM,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use turnpike_proto::stun::{attr, method, Message};
@@ -77,9 +79,14 @@ async fn tcp_allocations_never_share_a_relayed_port() {
     // 250 TCP allocations from 400 ports. Drawn at random without a registry, two would all
     // but surely share a port (no repeat in 250 draws from 400: odds below 1e-30), and the
     // kernel would split one allocation's peers between both listeners.
+    let range = free_port_range(400);
     let config = ConfigFile::new(
         "tcp-ports",
-        "relay_ports = \"20000-20399\"\n[tcp]\nmax_connections_per_ip = 1000\nmax_unallocated_connections = 1000\n",
+        &format!(
+            "relay_ports = \"{}-{}\"\n[tcp]\nmax_connections_per_ip = 1000\nmax_unallocated_connections = 1000\n",
+            range.start(),
+            range.end()
+        ),
     );
     let relay = relay(&config);
     let mut allocations = Vec::new();
@@ -87,10 +94,7 @@ async fn tcp_allocations_never_share_a_relayed_port() {
         allocations.push(tcp_allocation(&relay).await);
     }
     let mut ports: Vec<u16> = allocations.iter().map(|(_, _, r)| r.port()).collect();
-    assert!(
-        ports.iter().all(|p| (20000..=20399).contains(p)),
-        "{ports:?}"
-    );
+    assert!(ports.iter().all(|p| range.contains(p)), "{ports:?}");
     ports.sort_unstable();
     ports.dedup();
     assert_eq!(ports.len(), 250, "relayed ports shared between allocations");
@@ -108,7 +112,11 @@ async fn tcp_allocations_never_share_a_relayed_port() {
 
 #[test]
 fn udp_relay_ports_are_handed_out_once_and_free_again_when_the_allocation_ends() {
-    let config = ConfigFile::new("udp-ports", "relay_ports = \"20400-20409\"\n");
+    let range = free_port_range(10);
+    let config = ConfigFile::new(
+        "udp-ports",
+        &format!("relay_ports = \"{}-{}\"\n", range.start(), range.end()),
+    );
     let relay = relay(&config);
     let mut clients: Vec<(RawClient, u16)> = (0..10)
         .map(|_| {
@@ -121,7 +129,7 @@ fn udp_relay_ports_are_handed_out_once_and_free_again_when_the_allocation_ends()
         .collect();
     let mut ports: Vec<u16> = clients.iter().map(|(_, p)| *p).collect();
     ports.sort_unstable();
-    assert_eq!(ports, (20400..=20409).collect::<Vec<_>>());
+    assert_eq!(ports, range.collect::<Vec<_>>());
     let mut one_more = RawClient::new(relay.udp, "alice", "wonderland");
     assert_eq!(one_more.allocate().code(), Some(508), "every port is taken");
     let (c, freed) = &mut clients[3];

@@ -5,32 +5,68 @@ use std::cell::Cell;
 use std::io;
 use std::mem::size_of;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::unix::AsyncFd;
+use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 
-/// A non-blocking UDP socket registered with the shard's reactor, and where it sends without
-/// GSO: to a destination whose route's device cannot segment (EIO), and not at all once
-/// [`NO_GSO_DESTINATIONS`] destinations did so (the socket's own device, then).
+/// A non-blocking UDP socket, and where it sends without GSO: to a destination whose route's
+/// device cannot segment (EIO), and not at all once [`NO_GSO_DESTINATIONS`] destinations did
+/// so (the socket's own device, then).
+///
+/// A socket read by a task of its own is registered with tokio's reactor ([`register`]); the
+/// relay sockets of a shard's allocations are not ([`UdpSock::unregistered`]): one
+/// [`Poller`](crate::Poller) per shard watches them all.
 pub struct UdpSock {
-    fd: AsyncFd<std::net::UdpSocket>,
+    /// Declared before `sock`, so it is deregistered before the descriptor closes.
+    reactor: Option<AsyncFd<Fd>>,
+    sock: std::net::UdpSocket,
     gso: Cell<bool>,
     no_gso: std::cell::RefCell<Vec<SocketAddr>>,
+}
+
+/// A descriptor owned elsewhere (by the [`UdpSock`] beside it), as tokio's reactor sees it.
+pub struct Fd(pub(crate) RawFd);
+
+impl AsRawFd for Fd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
 }
 
 /// Destinations one socket remembers sending to without GSO before it stops using GSO.
 pub const NO_GSO_DESTINATIONS: usize = 64;
 
-impl std::ops::Deref for UdpSock {
-    type Target = AsyncFd<std::net::UdpSocket>;
-
-    fn deref(&self) -> &Self::Target {
-        &self.fd
+impl AsRawFd for UdpSock {
+    fn as_raw_fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
     }
 }
 
 impl UdpSock {
+    /// A socket no tokio task waits on: a [`Poller`](crate::Poller) reports when it is
+    /// readable.
+    pub fn unregistered(sock: std::net::UdpSocket) -> UdpSock {
+        UdpSock {
+            reactor: None,
+            sock,
+            gso: Cell::new(kernel_has_gso()),
+            no_gso: std::cell::RefCell::new(Vec::new()),
+        }
+    }
+
+    pub fn get_ref(&self) -> &std::net::UdpSocket {
+        &self.sock
+    }
+
+    /// Waits until a registered socket is readable; an error for one that is not registered.
+    pub async fn readable(&self) -> io::Result<AsyncFdReadyGuard<'_, Fd>> {
+        match &self.reactor {
+            Some(r) => r.readable().await,
+            None => Err(io::Error::other("socket not registered with the reactor")),
+        }
+    }
+
     /// Whether sends on this socket may use GSO.
     pub fn gso(&self) -> bool {
         self.gso.get()
@@ -61,14 +97,15 @@ impl UdpSock {
 /// Registers a non-blocking socket for readability only: sends are non-blocking system calls
 /// that drop on a full buffer, so write readiness would only cost wake-ups.
 pub fn register(sock: std::net::UdpSocket) -> io::Result<UdpSock> {
-    // SAFETY: a std UdpSocket owns its descriptor: it stays open, and `as_raw_fd` returns the
-    // same one, until the socket is dropped with the AsyncFd that owns it.
-    let fd = unsafe { AsyncFd::register_with_interest(sock, tokio::io::Interest::READABLE) }
-        .map_err(io::Error::from)?;
+    // SAFETY: the descriptor stays open while the registration lives: the `UdpSock` owns both
+    // and drops `reactor` before `sock` (field order).
+    let reactor = unsafe {
+        AsyncFd::register_with_interest(Fd(sock.as_raw_fd()), tokio::io::Interest::READABLE)
+    }
+    .map_err(io::Error::from)?;
     Ok(UdpSock {
-        fd,
-        gso: Cell::new(kernel_has_gso()),
-        no_gso: std::cell::RefCell::new(Vec::new()),
+        reactor: Some(reactor),
+        ..UdpSock::unregistered(sock)
     })
 }
 

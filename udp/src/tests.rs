@@ -204,3 +204,43 @@ fn a_batch_crosses_loopback_with_its_sources() {
     let want: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; 5]).collect();
     assert_eq!(got, want);
 }
+
+/// The poller reports every socket that became readable, by its token, and none it stopped
+/// watching; a socket not drained is not reported again until more arrives (edge-triggered).
+#[tokio::test(flavor = "current_thread")]
+async fn poller_reports_each_ready_socket_once_by_token() {
+    let (mut poller, registry) = Poller::new().expect("poller");
+    let socks: Vec<UdpSock> = (0..8)
+        .map(|_| {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+            s.set_nonblocking(true).expect("nonblocking");
+            UdpSock::unregistered(s)
+        })
+        .collect();
+    for (i, s) in socks.iter().enumerate() {
+        registry.add(s, 100 + i).expect("add");
+    }
+    registry.remove(&socks[5]);
+    let tx = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    for i in [1, 3, 5, 6] {
+        let to = socks[i].get_ref().local_addr().expect("addr");
+        tx.send_to(b"x", to).expect("send");
+        tx.send_to(b"y", to).expect("send");
+    }
+    let mut ready = Vec::new();
+    let wait = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        // Datagrams on loopback are queued by the time send_to returns.
+        poller.wait(&mut ready).await.expect("wait");
+    });
+    wait.await.expect("a socket became readable");
+    ready.sort_unstable();
+    assert_eq!(ready, vec![101, 103, 106]);
+    // Nothing was read, but nothing new arrived: no new event.
+    ready.clear();
+    assert_eq!(poller.take(&mut ready).expect("take"), 0);
+    tx.send_to(b"z", socks[3].get_ref().local_addr().expect("addr"))
+        .expect("send");
+    let wait = tokio::time::timeout(std::time::Duration::from_secs(5), poller.wait(&mut ready));
+    wait.await.expect("readable again").expect("wait");
+    assert_eq!(ready, vec![103]);
+}

@@ -1,6 +1,7 @@
 //! The relay sockets of an allocation: bound where the core says ([`RelayBind`]), reported
 //! back with [`Core::relay_bound`] (a port another process holds sends the core drawing
-//! again), read by one task per socket, and closed when the core frees the allocation.
+//! again), read by the shard's relay loop (UDP) or a task of their own (an RFC 6062 listening
+//! socket), and closed when the core frees the allocation.
 //!
 //! [`Core::relay_bound`]: turnpike_proto::Core::relay_bound
 
@@ -14,9 +15,9 @@ use tokio::task::JoinHandle;
 
 use turnpike_proto::{AllocId, BindFailure, BindOutcome, RelayBind};
 use turnpike_udp::socket::{bind_udp, set_dont_fragment};
-use turnpike_udp::UdpSock;
+use turnpike_udp::{PollRegistry, UdpSock};
 
-use super::shard::{relay_loop, Shard};
+use super::shard::{relay_token, Shard};
 use super::{sockets, tcp_relay, Ended};
 
 const RELAY_SOCKET_BUFFER: usize = 1 << 20;
@@ -66,7 +67,7 @@ impl Shard {
     /// taken), and on success starts reading the sockets. The answer is left in `out`.
     pub(super) fn allocate(self: &Rc<Self>, mut bind: RelayBind) {
         loop {
-            let bound = bind_sockets(&bind);
+            let bound = bind_sockets(&bind, &self.registry);
             let report = bound.as_ref().map(|_| ()).map_err(|e| *e);
             let outcome = self.core.borrow_mut().relay_bound(
                 bind.alloc,
@@ -100,21 +101,8 @@ impl Shard {
         };
         match bound {
             Bound::Udp(v4, v6) => {
-                for (sock, v6) in [(v4, false), (v6, true)] {
-                    let Some(sock) = sock else {
-                        continue;
-                    };
-                    slot.tasks.push(tokio::task::spawn_local(relay_loop(
-                        Rc::clone(self),
-                        id,
-                        Rc::clone(&sock),
-                    )));
-                    if v6 {
-                        slot.v6 = Some(sock);
-                    } else {
-                        slot.v4 = Some(sock);
-                    }
-                }
+                slot.v4 = v4;
+                slot.v6 = v6;
             }
             Bound::Tcp(listener, addr) => {
                 slot.tcp = Some(addr);
@@ -147,7 +135,7 @@ impl Shard {
 
 /// Binds the sockets of `bind`: UDP relay sockets (with DONT-FRAGMENT where asked), or an RFC
 /// 6062 listening socket.
-fn bind_sockets(bind: &RelayBind) -> Result<Bound, BindFailure> {
+fn bind_sockets(bind: &RelayBind, registry: &PollRegistry) -> Result<Bound, BindFailure> {
     let failure = |e: std::io::Error| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
             BindFailure::InUse
@@ -163,8 +151,9 @@ fn bind_sockets(bind: &RelayBind) -> Result<Bound, BindFailure> {
             .map_err(failure)?;
         return Ok(Bound::Tcp(listener, addr));
     }
-    // Registered with the reactor here, before the answer goes out: a failure refuses the
-    // allocation rather than advertising a port nothing reads.
+    // Added to the shard's poller here, before the answer goes out: a failure refuses the
+    // allocation rather than advertising a port nothing reads. (A socket the core then turns
+    // down leaves the poller when it closes.)
     let one = |addr: Option<SocketAddr>| -> Result<Option<Rc<UdpSock>>, BindFailure> {
         let Some(addr) = addr else {
             return Ok(None);
@@ -177,10 +166,13 @@ fn bind_sockets(bind: &RelayBind) -> Result<Bound, BindFailure> {
                 BindFailure::DontFragment
             })?;
         }
-        let sock = turnpike_udp::register(sock).map_err(|e| {
-            tracing::warn!(error = %e, "relay socket not registered");
-            BindFailure::Other
-        })?;
+        let sock = UdpSock::unregistered(sock);
+        registry
+            .add(&sock, relay_token(bind.alloc, addr.is_ipv6()))
+            .map_err(|e| {
+                tracing::warn!(error = %e, "relay socket not registered");
+                BindFailure::Other
+            })?;
         Ok(Some(Rc::new(sock)))
     };
     Ok(Bound::Udp(one(bind.v4)?, one(bind.v6)?))

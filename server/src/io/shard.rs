@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use rand::RngCore;
 
 use turnpike_proto::{AllocId, ClientAction, ClientId, Core, Event, PeerAction, Shared};
-use turnpike_udp::{RecvBatch, TxQueue, UdpSock, BATCH, TX_MAX};
+use turnpike_udp::{PollRegistry, Poller, RecvBatch, TxQueue, UdpSock, BATCH, TX_MAX};
 
 use super::relay::RelaySlot;
 use super::{stream, unix_now};
@@ -38,7 +38,9 @@ pub(super) struct Shard {
     pub(super) next_conn: Cell<u32>,
     /// Relay sockets by allocation slot ([`AllocId::index`]).
     pub(super) relays: RefCell<Vec<Option<RelaySlot>>>,
-    /// Receive buffers of the relay sockets' loops (each listener loop has its own).
+    /// Where relay sockets are added to the shard's [`Poller`].
+    pub(super) registry: PollRegistry,
+    /// Receive buffer of the relay loop (each listener loop has its own).
     buf: RefCell<RecvBatch>,
     /// The buffer the core writes its answers into.
     pub(super) out: RefCell<Vec<u8>>,
@@ -72,6 +74,7 @@ pub fn run_shard(setup: ShardSetup, stop: tokio::sync::watch::Receiver<bool>) ->
             .into_iter()
             .map(|s| turnpike_udp::register(s).map(Rc::new))
             .collect::<Result<Vec<_>, _>>()?;
+        let (poller, registry) = Poller::new()?;
         let shard = Rc::new(Shard {
             core: RefCell::new(Core::new(setup.shared, seed).with_shard(setup.index)),
             listeners,
@@ -79,6 +82,7 @@ pub fn run_shard(setup: ShardSetup, stop: tokio::sync::watch::Receiver<bool>) ->
             conns: RefCell::new(HashMap::new()),
             next_conn: Cell::new(stream::STREAM_BASE),
             relays: RefCell::new(Vec::new()),
+            registry,
             buf: RefCell::new(RecvBatch::new(MAX_DATAGRAM)),
             out: RefCell::new(Vec::with_capacity(1500)),
             tx: RefCell::new(TxQueue::new()),
@@ -88,6 +92,7 @@ pub fn run_shard(setup: ShardSetup, stop: tokio::sync::watch::Receiver<bool>) ->
         for i in 0..shard.listeners.len() {
             tokio::task::spawn_local(listener_loop(Rc::clone(&shard), i));
         }
+        tokio::task::spawn_local(relay_loop(Rc::clone(&shard), poller));
         tokio::task::spawn_local(flush_loop(Rc::clone(&shard)));
         for (l, cfg) in setup.tcp {
             let l = tokio::net::TcpListener::from_std(l)?;
@@ -130,7 +135,7 @@ async fn flush_loop(shard: Rc<Shard>) {
 /// readiness is cleared without another call that would only fail with `WouldBlock`;
 /// a datagram arriving after the call raises readiness again (edge-triggered epoll).
 fn recv_batch(
-    guard: &mut tokio::io::unix::AsyncFdReadyGuard<'_, StdUdpSocket>,
+    guard: &mut tokio::io::unix::AsyncFdReadyGuard<'_, turnpike_udp::socket::Fd>,
     batch: &mut RecvBatch,
 ) -> Option<usize> {
     match batch.recv(guard.get_inner().as_raw_fd()) {
@@ -216,53 +221,40 @@ async fn listener_loop(shard: Rc<Shard>, index: usize) {
     }
 }
 
-/// Reads what peers send to one relay socket of allocation `alloc`.
-pub(super) async fn relay_loop(shard: Rc<Shard>, alloc: AllocId, sock: Rc<UdpSock>) {
+/// Reads what peers send to the relay sockets of every allocation of the shard: one task,
+/// woken when any of them is readable, reads all that are in one turn of the event loop, so
+/// what they relay leaves in the same flush. A socket not drained within its budget is read
+/// again in the next turn, after the other tasks had theirs.
+pub(super) async fn relay_loop(shard: Rc<Shard>, mut poller: Poller) {
+    let mut ready = Vec::new();
+    let mut pending: Vec<usize> = Vec::new();
     loop {
-        let Ok(mut guard) = sock.readable().await else {
-            return;
-        };
-        let mut drained = false;
-        for _ in 0..BUDGET {
-            let mut batch = shard.buf.borrow_mut();
-            let Some(n) = recv_batch(&mut guard, &mut batch) else {
-                drained = true;
-                break;
-            };
-            let now = Instant::now();
-            for i in 0..n {
-                let Some(peer) = batch.source(i) else {
-                    continue;
-                };
-                let (buf, len) = batch.slot_mut(i);
-                let action = shard.core.borrow_mut().handle_peer(
-                    alloc,
-                    peer,
-                    buf,
-                    len,
-                    now,
-                    &mut shard.out.borrow_mut(),
-                );
-                match action {
-                    PeerAction::Drop => {}
-                    PeerAction::ChannelData { client, len } => {
-                        shard.send_to_client(client, &buf[..4 + len])
-                    }
-                    PeerAction::DataIndication { client } => {
-                        shard.send_to_client(client, &shard.out.borrow());
-                    }
-                }
+        if pending.is_empty() {
+            if let Err(e) = poller.wait(&mut ready).await {
+                tracing::error!(error = %e, "relay sockets cannot be polled");
+                return;
             }
-            if n < BATCH && n > 0 {
-                drained = true;
-                break;
+        } else {
+            let _ = poller.take(&mut ready);
+            ready.append(&mut pending);
+        }
+        for &token in &ready {
+            if !shard.read_relay(token) {
+                pending.push(token);
             }
         }
-        drop(guard);
-        if !drained {
+        ready.clear();
+        if !pending.is_empty() {
+            pending.sort_unstable();
+            pending.dedup();
             tokio::task::yield_now().await;
         }
     }
+}
+
+/// The poller's token of an allocation's relay socket.
+pub(super) fn relay_token(alloc: AllocId, v6: bool) -> usize {
+    alloc.index() * 2 + usize::from(v6)
 }
 
 impl Shard {
@@ -306,6 +298,60 @@ impl Shard {
         }
     }
 
+    /// Reads up to [`BUDGET`] batches from the relay socket behind `token`; false when it
+    /// holds more.
+    fn read_relay(&self, token: usize) -> bool {
+        let (alloc, sock) = {
+            let relays = self.relays.borrow();
+            let Some(Some(slot)) = relays.get(token / 2) else {
+                return true;
+            };
+            let sock = if token % 2 == 1 { &slot.v6 } else { &slot.v4 };
+            let Some(sock) = sock else {
+                return true;
+            };
+            (slot.id, Rc::clone(sock))
+        };
+        let fd = sock.as_raw_fd();
+        for _ in 0..BUDGET {
+            let mut batch = self.buf.borrow_mut();
+            let n = match batch.recv(fd) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+                // ICMP errors surface on later reads of a UDP socket; they concern one peer.
+                Err(_) => continue,
+            };
+            let now = Instant::now();
+            for i in 0..n {
+                let Some(peer) = batch.source(i) else {
+                    continue;
+                };
+                let (buf, len) = batch.slot_mut(i);
+                let action = self.core.borrow_mut().handle_peer(
+                    alloc,
+                    peer,
+                    buf,
+                    len,
+                    now,
+                    &mut self.out.borrow_mut(),
+                );
+                match action {
+                    PeerAction::Drop => {}
+                    PeerAction::ChannelData { client, len } => {
+                        self.send_to_client(client, &buf[..4 + len])
+                    }
+                    PeerAction::DataIndication { client } => {
+                        self.send_to_client(client, &self.out.borrow());
+                    }
+                }
+            }
+            if n < BATCH {
+                return true;
+            }
+        }
+        false
+    }
+
     /// The core's timers are due.
     fn timeout(&self) {
         self.core.borrow_mut().handle_timeout(Instant::now());
@@ -336,7 +382,11 @@ impl Shard {
                     if let Some(slot) = relays.get_mut(id.index()) {
                         // A stale event (the slot holds a newer allocation) touches nothing.
                         if slot.as_ref().is_some_and(|s| s.id == id) {
-                            *slot = None;
+                            if let Some(s) = slot.take() {
+                                for sock in [&s.v4, &s.v6].into_iter().flatten() {
+                                    self.registry.remove(sock);
+                                }
+                            }
                         }
                     }
                     tracing::debug!(alloc = id.index(), "allocation freed");

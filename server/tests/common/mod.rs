@@ -695,6 +695,37 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `len` consecutive ports below the kernel's ephemeral range that nothing holds now (UDP and
+/// TCP on 127.0.0.1), and that no other test of this process was given: for a relay's
+/// `relay_ports` when a test counts on owning the whole range. Another process may still take
+/// one later; the tests that use this hold their ranges for a few seconds.
+#[allow(dead_code)]
+pub fn free_port_range(len: u16) -> std::ops::RangeInclusive<u16> {
+    static GIVEN: Mutex<Vec<(u16, u16)>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral.saturating_sub(len).max(10_001));
+    for _ in 0..1000 {
+        let start = low + (rand::random::<u16>() % (high - low));
+        let end = start + len - 1;
+        if given.iter().any(|&(a, b)| start <= b && a <= end) {
+            continue;
+        }
+        let free = (start..=end).all(|p| {
+            UdpSocket::bind(("127.0.0.1", p)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+        });
+        if free {
+            given.push((start, end));
+            return start..=end;
+        }
+    }
+    panic!("no {len} free consecutive ports below {ephemeral}");
+}
+
 /// A child process killed when dropped.
 pub struct Child2(pub Child);
 
