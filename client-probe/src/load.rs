@@ -89,6 +89,11 @@ pub struct Options {
     pub peer_ip: Option<IpAddr>,
     /// Raw transport: the one peer's port (the forwarder sends there).
     pub peer_port: u16,
+    /// Peer mode: a generator peer socket for each allocation instead of a few shared ones,
+    /// so no two allocations send to the same peer address (a relay that multiplexes its
+    /// relayed addresses on one port, as coturn's `--multiplex-peer` does, refuses a peer
+    /// another allocation already has).
+    pub peer_per_allocation: bool,
     /// Allocations being set up at once.
     pub setup_concurrency: usize,
     pub timeout: Duration,
@@ -116,6 +121,10 @@ impl Options {
         }
         if self.mode == Mode::C2c && self.transport == Transport::Raw {
             return Err("--mode c2c needs TURN; raw sends to peers".into());
+        }
+        if self.peer_per_allocation && (self.mode != Mode::Peer || self.transport == Transport::Raw)
+        {
+            return Err("--peer-per-allocation: with --mode peer over TURN only".into());
         }
         if !(0.0..=MAX_RATE).contains(&self.rate) || !self.rate.is_finite() {
             return Err(format!(
@@ -171,6 +180,8 @@ pub struct Report {
     pub rate_per_allocation: f64,
     pub size: usize,
     pub setup: Setup,
+    /// The generator's distinct peer addresses (peer mode; 0 client to client).
+    pub peers: usize,
     /// Seconds of sending.
     pub duration_s: f64,
     pub sent: u64,
@@ -307,10 +318,17 @@ pub async fn run(
         }
     }
     bar.finish_and_clear();
-    Ok(report(opts, setup, sent_secs, &flows, &shared))
+    Ok(report(opts, setup, peers.len(), sent_secs, &flows, &shared))
 }
 
-fn report(opts: &Options, setup: Setup, secs: f64, flows: &[Tracker], shared: &Shared) -> Report {
+fn report(
+    opts: &Options,
+    setup: Setup,
+    peers: usize,
+    secs: f64,
+    flows: &[Tracker],
+    shared: &Shared,
+) -> Report {
     let sum = |f: fn(&Tracker) -> u64| flows.iter().map(f).sum::<u64>();
     let (sent, received) = (sum(|t| t.sent), sum(|t| t.received));
     let jitters: Vec<f64> = flows
@@ -353,6 +371,7 @@ fn report(opts: &Options, setup: Setup, secs: f64, flows: &[Tracker], shared: &S
         rate_per_allocation: opts.rate,
         size: opts.size,
         setup,
+        peers,
         duration_s: secs,
         sent,
         received,
@@ -427,7 +446,8 @@ pub fn table(r: &Report) -> String {
     s
 }
 
-/// The generator's UDP peers: enough sockets to spread the echo work over the threads.
+/// The generator's UDP peers: enough sockets to spread the echo work over the threads, or one
+/// per allocation with `peer_per_allocation`.
 fn start_peers(
     opts: &Options,
     stop: &tokio::sync::watch::Receiver<bool>,
@@ -441,6 +461,8 @@ fn start_peers(
     };
     let (count, port) = if opts.transport == Transport::Raw {
         (1, opts.peer_port)
+    } else if opts.peer_per_allocation {
+        (opts.allocations, 0)
     } else {
         (opts.allocations.min((opts.threads * 2).max(2)), 0)
     };

@@ -114,6 +114,10 @@ struct LoadArgs {
     /// raw transport: the peer's port, where the forwarder sends.
     #[arg(long = "peer-port", default_value_t = 0)]
     peer_port: u16,
+    /// peer mode: a peer socket of its own for each allocation (a relay multiplexing relayed
+    /// addresses on one port refuses a peer address two allocations share).
+    #[arg(long = "peer-per-allocation")]
+    peer_per_allocation: bool,
     /// Allocations set up at once.
     #[arg(long = "setup-concurrency", default_value_t = 64)]
     setup_concurrency: usize,
@@ -194,6 +198,7 @@ impl LoadArgs {
                 .clamp(1, 64),
             peer_ip: self.peer_ip,
             peer_port: self.peer_port,
+            peer_per_allocation: self.peer_per_allocation,
             setup_concurrency: self.setup_concurrency.clamp(1, 4096),
             timeout: Duration::from_millis(self.timeout_ms.max(1)),
             refresh: Duration::from_secs(self.refresh_secs),

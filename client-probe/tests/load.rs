@@ -243,3 +243,36 @@ fn many_allocations_from_one_address_need_few_401s() {
     assert_eq!(r["setup"]["allocations"], 100, "{r}");
     assert_eq!(r["lost"], 0, "{r}");
 }
+
+/// `--peer-per-allocation` gives every allocation a generator peer of its own (a relay that
+/// multiplexes relayed addresses on one port refuses a peer address another allocation has
+/// bound); without it a few peers are shared. Traffic still all comes back.
+#[test]
+fn a_peer_per_allocation_on_request() {
+    let cert = TestCert::new("load-peers", &["127.0.0.1"]);
+    let relay = relay(&cert);
+    let addr = relay.udp.to_string();
+    let cred = [
+        "--user",
+        "alice",
+        "--password",
+        "wonderland",
+        "--threads",
+        "1",
+    ];
+    let shared = check_clean_run(&addr, "udp", &cred);
+    assert_eq!(shared["peers"], 2, "{shared}");
+    let mut extra = cred.to_vec();
+    extra.push("--peer-per-allocation");
+    let own = check_clean_run(&addr, "udp", &extra);
+    assert_eq!(own["peers"], 4, "{own}");
+    assert_eq!(own["mode"], "peer", "{own}");
+    // Client to client has no generator peers to give out.
+    extra.extend_from_slice(&["--mode", "c2c"]);
+    let (ok, _, err) = load(&{
+        let mut a = vec!["--relay", &addr, "--allocations", "4", "--duration", "1"];
+        a.extend_from_slice(&extra);
+        a
+    });
+    assert!(!ok && err.contains("--peer-per-allocation"), "{err}");
+}
