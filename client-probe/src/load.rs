@@ -694,7 +694,7 @@ async fn bind_all(
 
 fn tls_connector(opts: &Options) -> Result<tokio_rustls::TlsConnector, Failure> {
     use rustls::pki_types::pem::PemObject;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .map_err(|e| Failure::Tls(e.to_string()))?;
