@@ -36,6 +36,11 @@ pub struct Region {
     /// ...or the shared secret ephemeral credentials are minted from.
     #[serde(default)]
     pub secret: Option<String>,
+    /// The relay's UDP relay ports, as the firewall table lists them: the few shared relay
+    /// ports of a relay with `shared_relay_ports` (numbers or "MIN-MAX"), or its
+    /// `relay_ports` range; empty: the relay's default range, 49152-65535.
+    #[serde(default)]
+    pub relay_ports: Vec<RelaySpec>,
     /// UDP echo ports: numbers or "MIN-MAX" ranges.
     #[serde(default)]
     pub echo_udp: Vec<PortSpec>,
@@ -59,6 +64,38 @@ pub struct Region {
 pub enum PortSpec {
     One(u16),
     Range(String),
+}
+
+/// Relay ports: a port, or a range of any length (unlike the echo ports, which are probed one
+/// by one).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RelaySpec {
+    One(u16),
+    Range(String),
+}
+
+impl RelaySpec {
+    /// The ports as the firewall table prints them: `50000` or `50000-50007`.
+    pub fn describe(&self) -> Result<String, String> {
+        match self {
+            RelaySpec::One(p) => Ok(p.to_string()),
+            RelaySpec::Range(r) => {
+                let bad = || format!("{r:?}: expected a port or MIN-MAX");
+                let (a, b) = r.split_once('-').ok_or_else(bad)?;
+                let a: u16 = a.trim().parse().map_err(|_| bad())?;
+                let b: u16 = b.trim().parse().map_err(|_| bad())?;
+                if a > b {
+                    return Err(format!("{r:?}: MIN above MAX"));
+                }
+                Ok(if a == b {
+                    a.to_string()
+                } else {
+                    format!("{a}-{b}")
+                })
+            }
+        }
+    }
 }
 
 impl PortSpec {
@@ -121,6 +158,10 @@ pub fn parse(source: &str, text: &str) -> Result<Vec<Region>, Error> {
                 at("username")
             )));
         }
+        for p in &r.relay_ports {
+            p.describe()
+                .map_err(|e| bad(format!("{}: {e}", at("relay_ports"))))?;
+        }
         for p in r.echo_udp.iter().chain(&r.echo_tcp) {
             p.ports()
                 .map_err(|e| bad(format!("{}: {e}", at("echo_udp/echo_tcp"))))?;
@@ -159,6 +200,7 @@ host = "relay-us.example.org"
 udp_port = 3478
 secret = "s"
 echo_udp = [5055, "5056-5058"]
+relay_ports = ["50000-50007"]
 "#,
         )
         .expect("parses");

@@ -125,9 +125,20 @@ pub fn firewall(regions: &[Region], results: &[PathResult]) -> String {
                 "STUN and TURN (best call quality); replies must get in",
                 found(&r.name, "turn-udp"),
             );
+            // The relay's shared ports when regions.toml names them, else its default range.
+            let relay_ports: Vec<String> = r
+                .relay_ports
+                .iter()
+                .filter_map(|p| p.describe().ok())
+                .collect();
+            let relay_ports = if relay_ports.is_empty() {
+                "49152-65535".to_owned()
+            } else {
+                relay_ports.join(",")
+            };
             row(
                 &r.host,
-                "49152-65535".into(),
+                relay_ports,
                 "UDP",
                 "relayed media (return traffic of the flows above)",
                 found(&r.name, "turn-udp"),

@@ -65,6 +65,24 @@ pub fn core(data: &[u8], start: Instant) -> crate::TenantStats {
     let unix_at = |now: Instant| 1_800_000_000 + (now - start).as_secs();
     let mut now = start;
     let mut core = Core::new(Arc::clone(&shared), [0; 32]);
+    // The first byte's low bit: relay through two shared ports per family.
+    let (mode, data) = data.split_first().map_or((0, data), |(m, d)| (*m, d));
+    let mut shared_ports = Vec::new();
+    if mode & 1 == 1 {
+        for ip in [
+            std::net::IpAddr::from([127, 0, 0, 1]),
+            std::net::Ipv6Addr::LOCALHOST.into(),
+        ] {
+            for port in [50_000, 50_001] {
+                let lease = shared
+                    .ports
+                    .take_port(crate::ports::RelayTransport::Udp, ip, port)
+                    .expect("a free port");
+                let addr = SocketAddr::new(ip, port);
+                shared_ports.push(core.add_shared_port(lease, addr, addr));
+            }
+        }
+    }
     let key = crate::auth::long_term_key("u", REALM, "p");
     let mut bytes = data.iter().copied();
     let mut next = move || bytes.next();
@@ -185,7 +203,9 @@ pub fn core(data: &[u8], start: Instant) -> crate::TenantStats {
             _ => {
                 let len = usize::from(flags);
                 buf[4..4 + len].fill(op);
-                if let Some(alloc) = allocations.get(usize::from(arg >> 4)) {
+                if let Some(&port) = shared_ports.get(usize::from(arg >> 4)) {
+                    let _ = core.handle_shared_peer(port, peer, &mut buf, len, now, &mut out);
+                } else if let Some(alloc) = allocations.get(usize::from(arg >> 4)) {
                     let _ = core.handle_peer(*alloc, peer, &mut buf, len, now, &mut out);
                 }
                 core.handle_timeout(now);
@@ -256,11 +276,17 @@ mod tests {
             allocations > 100,
             "{allocations} allocations, {relayed} relayed"
         );
-        // A script that allocates, permits a peer and sends to it reaches the relay path.
-        let stats = super::core(&[1, 0, 0, 3, 0, 0, 5, 0, 0], std::time::Instant::now());
-        assert_eq!(
-            (stats.allocations_created, stats.relayed_packets[0]),
-            (1, 1)
-        );
+        // A script that allocates, permits a peer and sends to it, and the peer answers,
+        // reaches the relay path both ways, on dedicated and (first byte 1) shared ports.
+        // (The allocation's shared port is 50001, the odd one, at index 1.)
+        for (mode, port) in [(0, 0), (1, 0x10)] {
+            let data = [mode, 1, 0, 0, 3, 0, 0, 5, 0, 0, 7, port, 4];
+            let stats = super::core(&data, std::time::Instant::now());
+            assert_eq!(
+                (stats.allocations_created, stats.relayed_packets),
+                (1, [1, 1]),
+                "mode {mode}"
+            );
+        }
     }
 }

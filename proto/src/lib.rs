@@ -50,5 +50,6 @@ pub mod tenant;
 
 pub use crate::core::{
     AllocId, BindFailure, BindOutcome, ClientAction, ClientId, Core, CoreConfig, CoreStats, Event,
-    PeerAction, RelayAddress, RelayAddrs, RelayBind, Shared, TcpQuota, TenantStats, STREAM_BASE,
+    PeerAction, RelayAddress, RelayAddrs, RelayBind, Shared, SharedPortId, TcpQuota, TenantStats,
+    STREAM_BASE,
 };

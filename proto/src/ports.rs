@@ -138,6 +138,22 @@ impl RelayPorts {
         Some(self.lease(transport, ip, port))
     }
 
+    /// Takes the lowest free port of the range (the shared relay ports, so that they are the
+    /// same from one start to the next and a firewall rule can name them).
+    pub fn take_lowest(
+        self: &Arc<Self>,
+        transport: RelayTransport,
+        ip: IpAddr,
+    ) -> Option<PortLease> {
+        let (lo, hi) = self.range;
+        let mut sets = self.sets();
+        let set = sets.entry((transport, ip)).or_insert_with(PortSet::new);
+        let port = (lo..=hi).find(|p| !set.is_used(*p))?;
+        set.set(port, true);
+        drop(sets);
+        Some(self.lease(transport, ip, port))
+    }
+
     /// Takes `port` if it is in the range and free (EVEN-PORT's reservation of the next port).
     pub fn take_port(
         self: &Arc<Self>,

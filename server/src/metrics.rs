@@ -30,6 +30,7 @@ pub const DROPPED_PACKETS_TOTAL: &str = "turnpike_dropped_packets_total";
 pub const DRAINING: &str = "turnpike_draining";
 pub const ALLOCATIONS_LIMIT: &str = "turnpike_allocations_limit";
 pub const RELAY_PORTS: &str = "turnpike_relay_ports";
+pub const SHARED_PORT_CONFLICTS_TOTAL: &str = "turnpike_shared_port_conflicts_total";
 pub const BUILD_INFO: &str = "turnpike_build_info";
 pub const ECHO_PACKETS_TOTAL: &str = "turnpike_echo_packets_total";
 pub const ECHO_DROPPED_TOTAL: &str = "turnpike_echo_dropped_total";
@@ -75,6 +76,8 @@ pub struct Metrics {
     dropped_malformed: IntCounter,
     dropped_reply_rate: IntCounter,
     dropped_oversized: IntCounter,
+    dropped_unmatched: IntCounter,
+    shared_port_conflicts: IntCounter,
     draining: IntGauge,
     allocations_limit: IntGauge,
     relay_ports: IntGauge,
@@ -191,7 +194,7 @@ impl Metrics {
             ),
             dropped: counter_vec(
                 DROPPED_PACKETS_TOTAL,
-                "Datagrams not relayed or not answered, by reason: no_route, malformed, quota, oversized (too large for the client), reply_rate (unauthenticated requests over the per-source reply limit).",
+                "Datagrams not relayed or not answered, by reason: no_route, malformed, quota, oversized (too large for the client), unmatched (shared relay ports: no single allocation for the peer), reply_rate (unauthenticated requests over the per-source reply limit).",
                 &["reason", "tenant"],
             ),
         };
@@ -205,6 +208,14 @@ impl Metrics {
         let dropped_oversized = families
             .dropped
             .with_label_values(&["oversized", NO_TENANT]);
+        let dropped_unmatched = families
+            .dropped
+            .with_label_values(&["unmatched", NO_TENANT]);
+        let shared_port_conflicts = must(IntCounter::new(
+            SHARED_PORT_CONFLICTS_TOTAL,
+            "Shared relay ports: ChannelBinds refused (403) and Send indications dropped because another allocation on the same port holds that peer address.",
+        ));
+        reg(Box::new(shared_port_conflicts.clone()));
         let draining = must(IntGauge::new(
             DRAINING,
             "1 while the relay drains after SIGTERM.",
@@ -251,6 +262,8 @@ impl Metrics {
             dropped_malformed,
             dropped_reply_rate,
             dropped_oversized,
+            dropped_unmatched,
+            shared_port_conflicts,
             draining,
             allocations_limit,
             relay_ports,
@@ -314,6 +327,8 @@ impl Metrics {
         self.dropped_malformed.inc_by(s.malformed);
         self.dropped_reply_rate.inc_by(s.replies_limited);
         self.dropped_oversized.inc_by(s.oversized);
+        self.dropped_unmatched.inc_by(s.shared_port_unmatched);
+        self.shared_port_conflicts.inc_by(s.shared_port_conflicts);
     }
 
     /// The Prometheus text exposition.

@@ -55,16 +55,7 @@ fn coturn_uclient_over_tcp_and_tls_loses_nothing() {
     assert_eq!(lost_packets(&out), 0, "TCP:\n{out}");
     // TLS client-to-client loses a little even against coturn; use a UDP peer as coturn's
     // own documentation does.
-    let peer_port = free_port();
-    let _peer = Child2(
-        Command::new("turnutils_peer")
-            .args(["-L", "127.0.0.1", "-p", &peer_port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("turnutils_peer (.ci/run installs coturn)"),
-    );
-    common::wait_udp_echo(SocketAddr::from(([127, 0, 0, 1], peer_port)));
+    let (_peer, peer_port) = common::turnutils_peer();
     let out = run_tool(
         "turnutils_uclient",
         &[

@@ -21,8 +21,8 @@ use crate::stun::{self, attr, method, Builder, Class, Message, TransactionId};
 use super::data::peer_allowed;
 use super::responses::{reason, sign};
 use super::{
-    AllocId, Allocation, BindFailure, BindOutcome, Channel, ClientId, Core, Event, RelayAddrs,
-    RelayBind, Slot, CHANNEL_LIFETIME, PERMISSION_LIFETIME,
+    live_mut, AllocId, Allocation, BindFailure, BindOutcome, Channel, ClientId, Core, Event,
+    RelayAddrs, RelayBind, Slot, CHANNEL_LIFETIME, PERMISSION_LIFETIME,
 };
 
 /// Transport protocol numbers in REQUESTED-TRANSPORT.
@@ -156,8 +156,23 @@ impl Core {
         if reserve_next && !self.shared.may_reserve() {
             return Err(508);
         }
-        // The ports: a reservation's, or a draw.
+        // Shared relay ports where the allocation's semantics allow them (see `sharing`).
+        let relay_only_tenant = config
+            .tenants
+            .get(auth.tenant)
+            .is_some_and(|t| t.policy.is_relay_only());
+        let even_only = even.is_some();
+        let share = self.sharing.enabled()
+            && !tcp
+            && !reserve_next
+            && use_token.is_none()
+            && !msg.has(attr::DONT_FRAGMENT)
+            && !relay_only_tenant
+            && (!want_v4 || self.sharing.has_family(false, even_only))
+            && (!want_v6 || self.sharing.has_family(true, even_only));
+        // The ports: a reservation's, or a draw (none for shared ports).
         let draw = match use_token {
+            _ if share => Draw::default(),
             Some(t) => {
                 let r = self.shared.take_reservation(&t).ok_or(508u16)?;
                 let drawn = Drawn {
@@ -216,14 +231,33 @@ impl Core {
             use std::hash::BuildHasher;
             rustc_hash::FxBuildHasher.hash_one(&auth.username)
         });
-        let relayed = RelayAddrs {
+        let mut relayed = RelayAddrs {
             v4: draw.v4.as_ref().map(|d| d.advertised),
             v6: draw.v6.as_ref().map(|d| d.advertised),
         };
-        let bind_to = (
+        let mut bind_to = (
             draw.v4.as_ref().map(|d| d.bind),
             draw.v6.as_ref().map(|d| d.bind),
         );
+        let mut shared = [None; 2];
+        if share {
+            // Nothing can fail from here on, so the ports' counts stay right.
+            for (v6, wanted) in [(false, want_v4), (true, want_v6)] {
+                if !wanted {
+                    continue;
+                }
+                let (id, bind, advertised) = self
+                    .sharing
+                    .assign(v6, even_only)
+                    .expect("families checked above");
+                shared[usize::from(v6)] = Some(id);
+                if v6 {
+                    (relayed.v6, bind_to.1) = (Some(advertised), Some(bind));
+                } else {
+                    (relayed.v4, bind_to.0) = (Some(advertised), Some(bind));
+                }
+            }
+        }
         let dont_fragment = msg.has(attr::DONT_FRAGMENT);
         let allocation = Allocation {
             client,
@@ -267,6 +301,8 @@ impl Core {
                 refused: Vec::new(),
                 tries: 1,
             })),
+            shared,
+            claimed: Vec::new(),
         };
         let alloc = self.insert(allocation);
         self.timers
@@ -277,6 +313,7 @@ impl Core {
             v6: bind_to.1,
             tcp,
             dont_fragment,
+            shared: share,
         })
     }
 
@@ -405,6 +442,7 @@ impl Core {
                     v6: draw.v6.as_ref().map(|d| d.bind),
                     tcp,
                     dont_fragment: binding.dont_fragment,
+                    shared: false,
                 };
                 let a = self.slot_mut(alloc).expect("looked up above");
                 a.relayed = RelayAddrs {
@@ -513,6 +551,14 @@ impl Core {
         let a = slot.allocation.take()?;
         slot.generation = slot.generation.wrapping_add(1);
         self.free_slots.push(alloc.index);
+        for port in a.shared.into_iter().flatten() {
+            self.sharing.release(
+                alloc,
+                port,
+                &a.claimed,
+                a.permissions.iter().map(|(ip, _)| *ip),
+            );
+        }
         Some(a)
     }
 
@@ -620,11 +666,11 @@ impl Core {
             }
         }
         let max = self.shared.config().max_permissions;
+        self.prune_permissions(id, now);
         let Some(a) = self.slot_mut(id) else {
             return Err(437);
         };
         let expires = now + PERMISSION_LIFETIME;
-        a.permissions.retain(|(_, exp)| *exp > now);
         let new = peers[..n]
             .iter()
             .flatten()
@@ -635,6 +681,12 @@ impl Core {
         }
         for ip in peers[..n].iter().flatten() {
             install_permission(a, *ip, expires, now, max);
+        }
+        let shared = a.shared;
+        for ip in peers[..n].iter().flatten() {
+            if let Some(port) = shared[usize::from(ip.is_ipv6())] {
+                self.sharing.index(id, port, *ip);
+            }
         }
         Ok(())
     }
@@ -663,9 +715,18 @@ impl Core {
         }
         let peer = self.check_peer(msg, peer, id)?;
         let max = self.shared.config().max_permissions;
-        let Some(a) = self.slot_mut(id) else {
+        self.prune_permissions(id, now);
+        let Some(a) = live_mut(&mut self.slots, id) else {
             return Err(437);
         };
+        // A peer address another allocation on the same shared port holds (`sharing`).
+        let port = a.shared_port(peer);
+        if let Some(port) = port {
+            if self.sharing.holder(port, peer, id, now).is_some() {
+                self.stats.shared_port_conflicts += 1;
+                return Err(403);
+            }
+        }
         // RFC 8656 §11.2: a channel stays tied to its peer, and a peer to its channel.
         if a.channels
             .iter()
@@ -690,6 +751,12 @@ impl Core {
                 expires,
             }),
         }
+        if let Some(port) = port {
+            self.sharing.index(id, port, peer.ip());
+            if self.sharing.claim(port, peer, id, expires) && !a.claimed.contains(&peer) {
+                a.claimed.push(peer);
+            }
+        }
         Ok(())
     }
 
@@ -711,6 +778,31 @@ impl Core {
         }
         self.forget_tcp_connections(id);
         self.events.push_back(Event::Freed(id));
+    }
+}
+
+impl Core {
+    /// Drops the allocation's expired permissions (and, on shared ports, their place in the
+    /// port's IP index and its expired claims).
+    pub(super) fn prune_permissions(&mut self, id: AllocId, now: Instant) {
+        let Some(a) = live_mut(&mut self.slots, id) else {
+            return;
+        };
+        if a.shared == [None; 2] {
+            a.permissions.retain(|(_, exp)| *exp > now);
+            return;
+        }
+        let sharing = &mut self.sharing;
+        a.permissions.retain(|(ip, exp)| {
+            let keep = *exp > now;
+            if let (false, Some(port)) = (keep, a.shared[usize::from(ip.is_ipv6())]) {
+                sharing.unindex(id, port, *ip);
+            }
+            keep
+        });
+        for port in a.shared.into_iter().flatten() {
+            sharing.expire_claims(id, port, &mut a.claimed, now);
+        }
     }
 }
 

@@ -13,7 +13,11 @@ use crate::stun::{
 };
 use crate::tenant::{Tenant, Tenants};
 
-use super::{AllocId, Allocation, ClientAction, ClientId, Core, PeerAction, Shared};
+use super::sharing::MAX_CLAIMS;
+use super::{
+    live_mut, AllocId, Allocation, ClientAction, ClientId, Core, PeerAction, Shared,
+    PERMISSION_LIFETIME,
+};
 
 impl Core {
     #[inline]
@@ -89,7 +93,7 @@ impl Core {
         }
         let peer = SocketAddr::new(normalize(peer.ip()), peer.port());
         let shared = std::sync::Arc::clone(&self.shared);
-        let Some(a) = self.slot_mut(id) else {
+        let Some(a) = live_mut(&mut self.slots, id) else {
             return ClientAction::None;
         };
         // Permissions are per IP, so the port-level rules (own relayed address, the relay's
@@ -102,6 +106,20 @@ impl Core {
         {
             self.stats.dropped_packets += 1;
             return ClientAction::None;
+        }
+        // On a shared port the peer address must not be another allocation's (`sharing`);
+        // sending claims it (up to a bound per allocation).
+        if let Some(port) = a.shared_port(peer) {
+            if self.sharing.holder(port, peer, id, now).is_some() {
+                self.stats.shared_port_conflicts += 1;
+                return ClientAction::None;
+            }
+            if a.claimed.len() < MAX_CLAIMS || a.claimed.contains(&peer) {
+                let expires = now + PERMISSION_LIFETIME;
+                if self.sharing.claim(port, peer, id, expires) && !a.claimed.contains(&peer) {
+                    a.claimed.push(peer);
+                }
+            }
         }
         if !within_bandwidth(a, &shared, now, data.len()) {
             let tenant = a.tenant;

@@ -21,6 +21,7 @@ mod data;
 mod request;
 mod responses;
 mod shared;
+mod sharing;
 mod stats;
 mod tcp;
 mod timers;
@@ -41,6 +42,7 @@ use crate::ports::PortLease;
 use crate::quota::{AtomicBucket, TokenBucket, UserState};
 
 pub use shared::{CoreConfig, RelayAddress, Shared, MAX_RESERVATIONS, RESERVATION_TTL};
+pub use sharing::SharedPortId;
 pub use stats::{CoreStats, TenantStats, METHODS, RESULTS};
 pub use tcp::TcpQuota;
 
@@ -129,6 +131,9 @@ pub struct RelayBind {
     pub tcp: bool,
     /// Set DONT-FRAGMENT on the UDP sockets.
     pub dont_fragment: bool,
+    /// The addresses are the shard's shared relay sockets ([`Core::add_shared_port`]):
+    /// nothing to bind, report success.
+    pub shared: bool,
 }
 
 /// Why the caller could not bind what a [`RelayBind`] asked for.
@@ -216,6 +221,11 @@ struct Allocation {
     leases: Vec<PortLease>,
     /// Until its sockets are bound: the Allocate to answer.
     binding: Option<Box<allocation::Binding>>,
+    /// The shared relay ports it relays through, by family (IPv4, IPv6); none with
+    /// dedicated ports.
+    shared: [Option<SharedPortId>; 2],
+    /// Peer addresses it claimed on its shared ports.
+    claimed: Vec<SocketAddr>,
 }
 
 impl Allocation {
@@ -223,6 +233,12 @@ impl Allocation {
         self.permissions
             .iter()
             .any(|(p, exp)| *p == ip && *exp > now)
+    }
+
+    /// The shared port that traffic with `peer` goes through, if the allocation has one.
+    #[inline]
+    fn shared_port(&self, peer: SocketAddr) -> Option<SharedPortId> {
+        self.shared[usize::from(peer.is_ipv6())]
     }
 
     fn family_ok(&self, peer: SocketAddr) -> bool {
@@ -261,6 +277,8 @@ pub struct Core {
     searches: Limiter,
     /// The configuration generation last checked for revocations.
     generation: u64,
+    /// Shared relay ports, when the IO layer added some.
+    sharing: sharing::Sharing,
 }
 
 impl Core {
@@ -281,6 +299,7 @@ impl Core {
             hosts: FxHashMap::default(),
             searches: Limiter::new(SEARCH_RATE, limiter::MAX_SOURCES),
             generation,
+            sharing: sharing::Sharing::default(),
         }
     }
 
@@ -311,6 +330,8 @@ impl Core {
         self.stats.malformed = 0;
         self.stats.replies_limited = 0;
         self.stats.oversized = 0;
+        self.stats.shared_port_conflicts = 0;
+        self.stats.shared_port_unmatched = 0;
         out
     }
 
@@ -334,11 +355,7 @@ impl Core {
 
     #[inline]
     fn slot_mut(&mut self, id: AllocId) -> Option<&mut Allocation> {
-        self.slots
-            .get_mut(id.index as usize)
-            .filter(|s| s.generation == id.generation)?
-            .allocation
-            .as_mut()
+        live_mut(&mut self.slots, id)
     }
 
     /// Records the TLS SNI host name a stream client sent, which selects its tenant.
@@ -374,4 +391,15 @@ impl Core {
             self.free(id);
         }
     }
+}
+
+/// The live allocation `id` in `slots`: borrows the table alone, so the core's other fields
+/// stay usable beside it.
+#[inline]
+fn live_mut(slots: &mut [Slot], id: AllocId) -> Option<&mut Allocation> {
+    slots
+        .get_mut(id.index as usize)
+        .filter(|s| s.generation == id.generation)?
+        .allocation
+        .as_mut()
 }

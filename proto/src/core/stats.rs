@@ -31,6 +31,12 @@ pub struct CoreStats {
     pub replies_limited: u64,
     /// Peer datagrams too large to be sent to the client in a Data indication.
     pub oversized: u64,
+    /// Shared relay ports: ChannelBinds refused (403) and Send indications dropped because
+    /// another allocation on the same port holds the peer address.
+    pub shared_port_conflicts: u64,
+    /// Shared relay ports: peer datagrams no allocation on the port claimed, and that no
+    /// single allocation there had a permission for.
+    pub shared_port_unmatched: u64,
 }
 
 impl CoreStats {

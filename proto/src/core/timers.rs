@@ -118,9 +118,9 @@ impl Core {
         }
         // Channels stay reserved for 5 minutes after they expire (RFC 8656 §12), so a late
         // packet cannot reach a new peer bound to the old number.
-        a.permissions.retain(|(_, exp)| *exp > now);
         a.channels.retain(|c| c.expires + PERMISSION_LIFETIME > now);
         let next = a.expires.min(now + PERMISSION_LIFETIME);
+        self.prune_permissions(id, now);
         self.timers.allocation(id, next);
     }
 

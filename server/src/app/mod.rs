@@ -128,6 +128,18 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
         Instant::now(),
     ));
     reserve_own_ports(&shared, &plan, &listeners);
+    let shared_ports = io::bind_shared_ports(
+        &shared,
+        &plan,
+        shards,
+        settings.shared_relay_ports,
+        settings.socket_buffer_bytes,
+    )
+    .map_err(|reason| Error::Config {
+        file: settings.source.clone(),
+        key: "shared_relay_ports".into(),
+        reason,
+    })?;
     let metrics = Arc::new(Metrics::new());
     metrics.set_capacity(settings.quotas.total_allocations, plan.ports);
     metrics.add_tenants(&shared.tenant_names());
@@ -195,6 +207,17 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
     }
     if let Some((bind, public)) = plan.v6 {
         tracing::info!(%bind, advertised = %public, ports = ?plan.ports, "relaying IPv6");
+    }
+    if settings.shared_relay_ports > 0 {
+        let ports: Vec<String> = shared_ports
+            .iter()
+            .flatten()
+            .map(|s| s.advertised.to_string())
+            .collect();
+        tracing::info!(
+            ports = %ports.join(" "),
+            "shared relay ports: UDP allocations relay through these (open them in the firewall)"
+        );
     }
     if let Some(l) = &metrics_listener {
         if let Ok(a) = l.local_addr() {
@@ -275,6 +298,7 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
         }
     }
     let mut threads = Vec::new();
+    let mut shared_ports = shared_ports.into_iter();
     for (i, (sockets, tcp)) in per_shard.into_iter().enumerate() {
         let setup = ShardSetup {
             index: i as u32,
@@ -283,6 +307,7 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
             tcp,
             streams: Arc::clone(&streams),
             metrics: Arc::clone(&metrics),
+            shared_ports: shared_ports.next().unwrap_or_default(),
         };
         let stop = stop_rx.clone();
         threads.push(

@@ -36,6 +36,10 @@ pub fn effective_toml(s: &Settings) -> String {
         "relay_ports".into(),
         format!("{}-{}", s.relay_ports.0, s.relay_ports.1).into(),
     );
+    root.insert(
+        "shared_relay_ports".into(),
+        int(u64::from(s.shared_relay_ports)),
+    );
     root.insert("threads".into(), int(s.threads as u64));
     root.insert(
         "software".into(),

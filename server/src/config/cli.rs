@@ -50,6 +50,9 @@ pub struct Cli {
     /// Relay port range `MIN-MAX`.
     #[arg(long = "relay-ports", value_name = "MIN-MAX")]
     pub relay_ports: Option<String>,
+    /// Shared relay ports per thread and relay address; 0: a port per allocation.
+    #[arg(long = "shared-relay-ports", value_name = "N")]
+    pub shared_relay_ports: Option<u16>,
     /// Allow relaying to this network, even if the defaults refuse it (repeatable).
     #[arg(long = "allow-peer", value_name = "CIDR")]
     pub allow_peer: Vec<String>,

@@ -24,6 +24,8 @@ pub struct FileConfig {
     #[serde(default = "default_relay_ports")]
     pub relay_ports: String,
     #[serde(default)]
+    pub shared_relay_ports: u16,
+    #[serde(default)]
     pub threads: usize,
     #[serde(default = "default_software")]
     pub software: String,

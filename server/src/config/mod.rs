@@ -132,6 +132,9 @@ pub struct Settings {
     /// (advertised, bound) pairs.
     pub external_ips: Vec<(IpAddr, Option<IpAddr>)>,
     pub relay_ports: (u16, u16),
+    /// UDP relay sockets each shard shares among its allocations, per relay address; 0: a
+    /// port per allocation.
+    pub shared_relay_ports: u16,
     pub threads: usize,
     pub software: Option<String>,
     pub software_unauthenticated: bool,

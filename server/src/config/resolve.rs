@@ -96,6 +96,19 @@ impl Settings {
             Some(r) => parse_ports(r).map_err(|e| flag_err("--relay-ports", e))?,
             None => parse_ports(&f.relay_ports).map_err(|e| file_err("relay_ports", e))?,
         };
+        let shared_relay_ports = cli.shared_relay_ports.unwrap_or(f.shared_relay_ports);
+        let span =
+            u32::from(relay_ports.1.max(relay_ports.0) - relay_ports.1.min(relay_ports.0)) + 1;
+        if shared_relay_ports > MAX_SHARED_RELAY_PORTS || u32::from(shared_relay_ports) > span {
+            let reason = format!(
+                "{shared_relay_ports}: at most {MAX_SHARED_RELAY_PORTS} per thread, within \
+                 the relay_ports range ({span} ports)"
+            );
+            return Err(match cli.shared_relay_ports {
+                Some(_) => flag_err("--shared-relay-ports", reason),
+                None => file_err("shared_relay_ports", reason),
+            });
+        }
         let log_format = match cli.log_format.as_deref() {
             Some(l) => parse_log_format(l).map_err(|e| flag_err("--log-format", e))?,
             None => parse_log_format(&f.log_format).map_err(|e| file_err("log_format", e))?,
@@ -329,6 +342,7 @@ impl Settings {
             relay_ips,
             external_ips,
             relay_ports,
+            shared_relay_ports,
             threads: cli.threads.unwrap_or(f.threads),
             software: (!f.software.is_empty()).then_some(f.software),
             software_unauthenticated: f.software_unauthenticated,
@@ -431,6 +445,9 @@ fn resolve_echo(
 }
 
 /// Shared secrets shorter than this are warned about: an HMAC key an attacker may guess.
+/// Most shared relay ports per thread and relay address.
+const MAX_SHARED_RELAY_PORTS: u16 = 1024;
+
 const SHORT_SECRET: usize = 16;
 
 /// Warns of networks written with host bits (`10.0.0.1/8`): the rule covers the whole

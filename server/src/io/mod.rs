@@ -123,6 +123,68 @@ impl Bound {
     }
 }
 
+/// One shared relay socket (`shared_relay_ports`), bound before the shards start.
+pub struct SharedSocket {
+    pub lease: turnpike_proto::ports::PortLease,
+    pub socket: StdUdpSocket,
+    pub bind: SocketAddr,
+    pub advertised: SocketAddr,
+}
+
+/// Binds `per_shard` shared relay sockets for each shard on each relay address, on the lowest
+/// free ports of the range (a port another process holds is skipped). The error says why
+/// they do not fit.
+pub fn bind_shared_ports(
+    shared: &turnpike_proto::Shared,
+    plan: &RelayPlan,
+    shards: usize,
+    per_shard: u16,
+    buffer: usize,
+) -> Result<Vec<Vec<SharedSocket>>, String> {
+    use turnpike_proto::ports::RelayTransport;
+    let mut out: Vec<Vec<SharedSocket>> = (0..shards).map(|_| Vec::new()).collect();
+    if per_shard == 0 {
+        return Ok(out);
+    }
+    // They carry the traffic of many allocations: at least a listener's buffer.
+    let buffer = buffer.max(relay::RELAY_SOCKET_BUFFER);
+    for (bind_ip, advertised_ip) in [plan.v4, plan.v6].into_iter().flatten() {
+        let mut skipped = Vec::new();
+        for sockets in out.iter_mut() {
+            for _ in 0..per_shard {
+                let socket = loop {
+                    let Some(lease) = shared.ports.take_lowest(RelayTransport::Udp, bind_ip) else {
+                        return Err(format!(
+                            "{per_shard} ports x {shards} threads on {bind_ip} do not fit the \
+                             free ports of relay_ports {}-{}",
+                            plan.ports.0, plan.ports.1
+                        ));
+                    };
+                    let bind = SocketAddr::new(bind_ip, lease.port());
+                    match bind_udp(bind, false, buffer) {
+                        Ok(socket) => {
+                            break SharedSocket {
+                                advertised: SocketAddr::new(advertised_ip, lease.port()),
+                                lease,
+                                socket,
+                                bind,
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => skipped.push(lease),
+                        Err(e) => return Err(format!("cannot bind {bind}: {e}")),
+                    }
+                };
+                sockets.push(socket);
+            }
+        }
+        if !skipped.is_empty() {
+            let ports: Vec<u16> = skipped.iter().map(|l| l.port()).collect();
+            tracing::warn!(?ports, "relay ports held by another process, skipped");
+        }
+    }
+    Ok(out)
+}
+
 /// Fails when another process holds `addr`: SO_REUSEPORT would otherwise let a second relay
 /// join the first one's port silently, and the kernel would split clients between them.
 fn ensure_free(l: &Listener) -> std::io::Result<()> {

@@ -20,7 +20,7 @@ use turnpike_udp::{PollRegistry, UdpSock};
 use super::shard::{relay_token, Shard};
 use super::{sockets, tcp_relay, Ended};
 
-const RELAY_SOCKET_BUFFER: usize = 1 << 20;
+pub(super) const RELAY_SOCKET_BUFFER: usize = 1 << 20;
 
 /// The sockets and tasks of one allocation, indexed by its slot.
 pub(super) struct RelaySlot {
@@ -29,6 +29,8 @@ pub(super) struct RelaySlot {
     pub(super) id: AllocId,
     pub(super) v4: Option<Rc<UdpSock>>,
     pub(super) v6: Option<Rc<UdpSock>>,
+    /// `v4` and `v6` are the shard's shared relay sockets, which outlive the allocation.
+    pub(super) shared: bool,
     /// RFC 6062: the listening socket's address, which outgoing peer connections use too.
     pub(super) tcp: Option<SocketAddr>,
     /// The listening socket's descriptor, shut down the moment the allocation ends (its task
@@ -67,7 +69,14 @@ impl Shard {
     /// taken), and on success starts reading the sockets. The answer is left in `out`.
     pub(super) fn allocate(self: &Rc<Self>, mut bind: RelayBind) {
         loop {
-            let bound = bind_sockets(&bind, &self.registry);
+            let bound = if bind.shared {
+                Ok(Bound::Udp(
+                    bind.v4.and_then(|a| self.shared_socket(a)),
+                    bind.v6.and_then(|a| self.shared_socket(a)),
+                ))
+            } else {
+                bind_sockets(&bind, &self.registry)
+            };
             let report = bound.as_ref().map(|_| ()).map_err(|e| *e);
             let outcome = self.core.borrow_mut().relay_bound(
                 bind.alloc,
@@ -81,7 +90,7 @@ impl Shard {
                     if let (Ok(bound), true) =
                         (bound, self.core.borrow().relayed(bind.alloc).is_some())
                     {
-                        self.install(bind.alloc, bound);
+                        self.install(bind.alloc, bound, bind.shared);
                     }
                     return;
                 }
@@ -89,11 +98,12 @@ impl Shard {
         }
     }
 
-    fn install(self: &Rc<Self>, id: AllocId, bound: Bound) {
+    fn install(self: &Rc<Self>, id: AllocId, bound: Bound, shared: bool) {
         let mut slot = RelaySlot {
             id,
             v4: None,
             v6: None,
+            shared,
             tcp: None,
             tcp_fd: None,
             tasks: Vec::new(),

@@ -13,11 +13,13 @@ use std::time::{Duration, Instant};
 
 use rand::RngCore;
 
-use turnpike_proto::{AllocId, ClientAction, ClientId, Core, Event, PeerAction, Shared};
+use turnpike_proto::{
+    AllocId, ClientAction, ClientId, Core, Event, PeerAction, Shared, SharedPortId,
+};
 use turnpike_udp::{PollRegistry, Poller, RecvBatch, TxQueue, UdpSock, BATCH, TX_MAX};
 
 use super::relay::RelaySlot;
-use super::{stream, unix_now};
+use super::{stream, unix_now, SharedSocket};
 use crate::config::Listener;
 use crate::metrics::Metrics;
 use crate::Error;
@@ -29,6 +31,9 @@ const MAX_DATAGRAM: usize = 65_536;
 const BUDGET: usize = 4;
 /// Counters are exported, and a reload's revocations noticed, at this pace.
 const TICK: Duration = Duration::from_millis(250);
+/// Poller tokens from here on are the shared relay sockets (by their place in
+/// `Shard::shared_socks`); below, allocations' own ([`relay_token`]).
+const SHARED_TOKEN: usize = usize::MAX / 2;
 
 pub(super) struct Shard {
     pub(super) core: RefCell<Core>,
@@ -40,6 +45,8 @@ pub(super) struct Shard {
     pub(super) relays: RefCell<Vec<Option<RelaySlot>>>,
     /// Where relay sockets are added to the shard's [`Poller`].
     pub(super) registry: PollRegistry,
+    /// The shared relay sockets (`shared_relay_ports`): the core's id, where each is bound.
+    shared_socks: Vec<(SharedPortId, SocketAddr, Rc<UdpSock>)>,
     /// Receive buffer of the relay loop (each listener loop has its own).
     buf: RefCell<RecvBatch>,
     /// The buffer the core writes its answers into.
@@ -58,6 +65,8 @@ pub struct ShardSetup {
     pub tcp: Vec<(std::net::TcpListener, Listener)>,
     pub streams: Arc<stream::StreamContext>,
     pub metrics: Arc<Metrics>,
+    /// Shared relay sockets, none unless `shared_relay_ports` is set.
+    pub shared_ports: Vec<SharedSocket>,
 }
 
 /// Runs one shard on the calling thread until `stop` resolves.
@@ -75,14 +84,23 @@ pub fn run_shard(setup: ShardSetup, stop: tokio::sync::watch::Receiver<bool>) ->
             .map(|s| turnpike_udp::register(s).map(Rc::new))
             .collect::<Result<Vec<_>, _>>()?;
         let (poller, registry) = Poller::new()?;
+        let mut core = Core::new(setup.shared, seed).with_shard(setup.index);
+        let mut shared_socks = Vec::new();
+        for (i, s) in setup.shared_ports.into_iter().enumerate() {
+            let id = core.add_shared_port(s.lease, s.bind, s.advertised);
+            let sock = UdpSock::unregistered(s.socket);
+            registry.add(&sock, SHARED_TOKEN + i)?;
+            shared_socks.push((id, s.bind, Rc::new(sock)));
+        }
         let shard = Rc::new(Shard {
-            core: RefCell::new(Core::new(setup.shared, seed).with_shard(setup.index)),
+            core: RefCell::new(core),
             listeners,
             streams: setup.streams,
             conns: RefCell::new(HashMap::new()),
             next_conn: Cell::new(stream::STREAM_BASE),
             relays: RefCell::new(Vec::new()),
             registry,
+            shared_socks,
             buf: RefCell::new(RecvBatch::new(MAX_DATAGRAM)),
             out: RefCell::new(Vec::with_capacity(1500)),
             tx: RefCell::new(TxQueue::new()),
@@ -298,9 +316,26 @@ impl Shard {
         }
     }
 
+    /// The shared relay socket bound at `bind`.
+    pub(super) fn shared_socket(&self, bind: SocketAddr) -> Option<Rc<UdpSock>> {
+        self.shared_socks
+            .iter()
+            .find(|(_, b, _)| *b == bind)
+            .map(|(_, _, s)| Rc::clone(s))
+    }
+
     /// Reads up to [`BUDGET`] batches from the relay socket behind `token`; false when it
     /// holds more.
     fn read_relay(&self, token: usize) -> bool {
+        if let Some(i) = token.checked_sub(SHARED_TOKEN) {
+            let Some((port, _, sock)) = self.shared_socks.get(i) else {
+                return true;
+            };
+            let port = *port;
+            return self.read_peers(sock, |core, peer, buf, len, now, out| {
+                core.handle_shared_peer(port, peer, buf, len, now, out)
+            });
+        }
         let (alloc, sock) = {
             let relays = self.relays.borrow();
             let Some(Some(slot)) = relays.get(token / 2) else {
@@ -312,6 +347,26 @@ impl Shard {
             };
             (slot.id, Rc::clone(sock))
         };
+        self.read_peers(&sock, |core, peer, buf, len, now, out| {
+            core.handle_peer(alloc, peer, buf, len, now, out)
+        })
+    }
+
+    /// Reads up to [`BUDGET`] batches of peer datagrams from a relay socket, `handle` telling
+    /// the core about each; false when the socket holds more.
+    #[inline]
+    fn read_peers(
+        &self,
+        sock: &UdpSock,
+        mut handle: impl FnMut(
+            &mut Core,
+            SocketAddr,
+            &mut [u8],
+            usize,
+            Instant,
+            &mut Vec<u8>,
+        ) -> PeerAction,
+    ) -> bool {
         let fd = sock.as_raw_fd();
         for _ in 0..BUDGET {
             let mut batch = self.buf.borrow_mut();
@@ -327,8 +382,8 @@ impl Shard {
                     continue;
                 };
                 let (buf, len) = batch.slot_mut(i);
-                let action = self.core.borrow_mut().handle_peer(
-                    alloc,
+                let action = handle(
+                    &mut self.core.borrow_mut(),
                     peer,
                     buf,
                     len,
@@ -383,8 +438,10 @@ impl Shard {
                         // A stale event (the slot holds a newer allocation) touches nothing.
                         if slot.as_ref().is_some_and(|s| s.id == id) {
                             if let Some(s) = slot.take() {
-                                for sock in [&s.v4, &s.v6].into_iter().flatten() {
-                                    self.registry.remove(sock);
+                                if !s.shared {
+                                    for sock in [&s.v4, &s.v6].into_iter().flatten() {
+                                        self.registry.remove(sock);
+                                    }
                                 }
                             }
                         }

@@ -96,8 +96,13 @@ impl Relay {
     }
 
     /// `start` with the relay's log at `level` (`TURNPIKE_LOG`), e.g. `debug` to see each
-    /// allocation's relayed addresses.
+    /// allocation's relayed addresses. Two threads unless `extra` says `--threads`.
     pub fn start_logging(level: &str, extra: &[&str]) -> Relay {
+        let threads = if extra.contains(&"--threads") {
+            &[][..]
+        } else {
+            &["--threads", "2"][..]
+        };
         let mut args = vec![
             "--listen",
             "udp://127.0.0.1:0",
@@ -107,11 +112,10 @@ impl Relay {
             "127.0.0.1",
             "--realm",
             REALM,
-            "--threads",
-            "2",
             "--drain-grace",
             "5",
         ];
+        args.extend_from_slice(threads);
         args.extend_from_slice(extra);
         Self::spawn_logging(&[], &args, level)
     }
@@ -724,6 +728,23 @@ pub fn free_port_range(len: u16) -> std::ops::RangeInclusive<u16> {
         }
     }
     panic!("no {len} free consecutive ports below {ephemeral}");
+}
+
+/// coturn's `turnutils_peer` echoing UDP on 127.0.0.1, answering: the process (killed when
+/// dropped) and its port.
+#[allow(dead_code)]
+pub fn turnutils_peer() -> (Child2, u16) {
+    let port = free_port();
+    let child = Child2(
+        Command::new("turnutils_peer")
+            .args(["-L", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("turnutils_peer (.ci/run installs coturn)"),
+    );
+    wait_udp_echo(SocketAddr::from(([127, 0, 0, 1], port)));
+    (child, port)
 }
 
 /// A child process killed when dropped.

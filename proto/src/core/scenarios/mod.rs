@@ -5,6 +5,7 @@
 mod allocations;
 mod relaying;
 mod requests;
+mod sharing;
 mod strangers;
 
 use std::net::{IpAddr, SocketAddr};
@@ -233,6 +234,17 @@ impl Client {
         });
         h.send(&req, self.id).expect("allocate reply")
     }
+}
+
+/// A Send indication of "payload" to `peer`, transaction id from `tid`.
+fn send_indication(peer: SocketAddr, tid: u8) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let mut t = [tid; 16];
+    t[..4].copy_from_slice(&stun::MAGIC_COOKIE.to_be_bytes());
+    Builder::new(&mut buf, Class::Indication, method::SEND, TransactionId(t))
+        .xor_address(attr::XOR_PEER_ADDRESS, peer)
+        .attr(attr::DATA, b"payload");
+    buf
 }
 
 fn code(reply: &[u8]) -> Option<u16> {

@@ -124,16 +124,7 @@ fn send_indications_need_a_permission_and_permissions_expire() {
     c.allocate(&mut h);
     let alloc = relayed_alloc(&h);
     let peer: SocketAddr = "127.0.0.1:7000".parse().expect("a");
-    let send = |tid: u8| {
-        let mut buf = Vec::new();
-        let mut t = [tid; 16];
-        t[..4].copy_from_slice(&stun::MAGIC_COOKIE.to_be_bytes());
-        Builder::new(&mut buf, Class::Indication, method::SEND, TransactionId(t))
-            .xor_address(attr::XOR_PEER_ADDRESS, peer)
-            .attr(attr::DATA, b"payload");
-        buf
-    };
-    let ind = send(1);
+    let ind = send_indication(peer, 1);
     assert!(matches!(
         h.core.handle_client(&ind, c.id, h.now, h.unix, &mut h.out),
         ClientAction::None

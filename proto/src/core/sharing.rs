@@ -1,0 +1,278 @@
+//! Shared relay ports (opt-in): a shard relays the UDP allocations it can through a few
+//! sockets per relay address instead of one port each, and tells them apart by relay port and
+//! peer address.
+//!
+//! - An allocation is given the shard's shared port (per family) with the fewest allocations;
+//!   EVEN-PORT without its R bit, an even one (odd ones are preferred for the others, so the
+//!   even ones stay free for it). EVEN-PORT's R bit, RESERVATION-TOKEN, DONT-FRAGMENT, RFC 6062
+//!   TCP and relay-only tenants keep dedicated ports: their semantics need a port of their own
+//!   (relay-only tenants' clients reach each other's relayed addresses, which on one shared
+//!   port would be their own).
+//! - A peer *transport address* on one shared port belongs to at most one allocation at a
+//!   time: the one that claimed it by ChannelBind (for the channel's lifetime) or by a Send
+//!   indication (for a permission lifetime after the last one). Another allocation on the same
+//!   port wanting the same peer address gets 403 to its ChannelBind and its Send indications
+//!   are dropped; both are counted ([`CoreStats::shared_port_conflicts`]). So one peer address
+//!   (an SFU's port, say) is reachable from at most one allocation per shared port: shards x
+//!   `shared_relay_ports` at once. The client that got 403 can allocate again (it may land on
+//!   another port) or relay through its own allocation's Send path to another peer port.
+//! - A datagram from a peer goes to the allocation that claimed its address; unclaimed (ICE
+//!   checks often arrive before the client sent anything), to the one allocation on that port
+//!   holding a permission for the peer's IP; with none or several, it is dropped and counted
+//!   ([`CoreStats::shared_port_unmatched`]). The lookups are two hash probes, never a scan.
+//!
+//! [`CoreStats::shared_port_conflicts`]: super::CoreStats::shared_port_conflicts
+//! [`CoreStats::shared_port_unmatched`]: super::CoreStats::shared_port_unmatched
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use rustc_hash::FxHashMap;
+
+use crate::ports::PortLease;
+
+use super::{AllocId, Core, PeerAction};
+
+/// Peer addresses one allocation may claim on its shared port; beyond, its Send indications
+/// still go out but claim nothing, and the answers reach it only while no other allocation on
+/// the port has a permission for the peer's IP. Bounds what one client makes the shard hold.
+pub(super) const MAX_CLAIMS: usize = 64;
+
+/// One of a shard's shared relay sockets: its family and its index among that family's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SharedPortId {
+    pub v6: bool,
+    pub index: u16,
+}
+
+#[derive(Debug)]
+struct Port {
+    /// Held for the shard's lifetime.
+    _lease: PortLease,
+    bind: SocketAddr,
+    advertised: SocketAddr,
+    allocations: u32,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Claim {
+    alloc: AllocId,
+    expires: Instant,
+}
+
+/// The shard's shared ports and who relays to which peer through them.
+#[derive(Debug, Default)]
+pub(super) struct Sharing {
+    /// By family: IPv4, IPv6.
+    ports: [Vec<Port>; 2],
+    claims: FxHashMap<(SharedPortId, SocketAddr), Claim>,
+    /// Allocations on a port with a permission (perhaps expired: checked on use) for an IP.
+    by_ip: FxHashMap<(SharedPortId, IpAddr), Vec<AllocId>>,
+}
+
+impl Sharing {
+    pub(super) fn enabled(&self) -> bool {
+        !self.ports[0].is_empty() || !self.ports[1].is_empty()
+    }
+
+    /// The port of family `v6` (an even one when `even`) with the fewest allocations, counted
+    /// as taken: its id, where it is bound and what the client is told.
+    pub(super) fn assign(
+        &mut self,
+        v6: bool,
+        even: bool,
+    ) -> Option<(SharedPortId, SocketAddr, SocketAddr)> {
+        let (i, port) = self.ports[usize::from(v6)]
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, p)| !even || p.advertised.port() % 2 == 0)
+            .min_by_key(|(_, p)| (p.allocations, p.advertised.port() % 2 == 0))?;
+        port.allocations += 1;
+        let id = SharedPortId {
+            v6,
+            index: i as u16,
+        };
+        Some((id, port.bind, port.advertised))
+    }
+
+    /// Whether a port of family `v6` (an even one when `even`) is there to assign.
+    pub(super) fn has_family(&self, v6: bool, even: bool) -> bool {
+        self.ports[usize::from(v6)]
+            .iter()
+            .any(|p| !even || p.advertised.port() % 2 == 0)
+    }
+
+    /// Forgets an allocation: its port's count, its claims and its place in the IP index.
+    pub(super) fn release(
+        &mut self,
+        alloc: AllocId,
+        port: SharedPortId,
+        claimed: &[SocketAddr],
+        ips: impl Iterator<Item = IpAddr>,
+    ) {
+        if let Some(p) = self.ports[usize::from(port.v6)].get_mut(usize::from(port.index)) {
+            p.allocations = p.allocations.saturating_sub(1);
+        }
+        for peer in claimed {
+            if self
+                .claims
+                .get(&(port, *peer))
+                .is_some_and(|c| c.alloc == alloc)
+            {
+                self.claims.remove(&(port, *peer));
+            }
+        }
+        for ip in ips {
+            self.unindex(alloc, port, ip);
+        }
+    }
+
+    /// Records that `alloc` holds a permission for `ip` on `port`.
+    pub(super) fn index(&mut self, alloc: AllocId, port: SharedPortId, ip: IpAddr) {
+        let list = self.by_ip.entry((port, ip)).or_default();
+        if !list.contains(&alloc) {
+            list.push(alloc);
+        }
+    }
+
+    pub(super) fn unindex(&mut self, alloc: AllocId, port: SharedPortId, ip: IpAddr) {
+        if let Some(list) = self.by_ip.get_mut(&(port, ip)) {
+            list.retain(|a| *a != alloc);
+            if list.is_empty() {
+                self.by_ip.remove(&(port, ip));
+            }
+        }
+    }
+
+    /// Who holds `peer` on `port` now, other than `alloc` (a claim whose owner's slot was
+    /// reused or that expired holds nothing).
+    pub(super) fn holder(
+        &self,
+        port: SharedPortId,
+        peer: SocketAddr,
+        alloc: AllocId,
+        now: Instant,
+    ) -> Option<AllocId> {
+        self.claims
+            .get(&(port, peer))
+            .filter(|c| c.alloc != alloc && c.expires > now)
+            .map(|c| c.alloc)
+    }
+
+    /// Claims `peer` on `port` for `alloc` until `expires` (or later, if it already holds it
+    /// longer). The caller checked [`Sharing::holder`]. True when the claim is new to `alloc`.
+    pub(super) fn claim(
+        &mut self,
+        port: SharedPortId,
+        peer: SocketAddr,
+        alloc: AllocId,
+        expires: Instant,
+    ) -> bool {
+        use std::collections::hash_map::Entry;
+        match self.claims.entry((port, peer)) {
+            Entry::Vacant(v) => {
+                v.insert(Claim { alloc, expires });
+                true
+            }
+            Entry::Occupied(mut o) => {
+                let c = o.get_mut();
+                if c.alloc != alloc {
+                    *c = Claim { alloc, expires };
+                    return true;
+                }
+                c.expires = c.expires.max(expires);
+                false
+            }
+        }
+    }
+
+    /// Drops `alloc`'s claims that expired by `now`; keeps the rest in `claimed`.
+    pub(super) fn expire_claims(
+        &mut self,
+        alloc: AllocId,
+        port: SharedPortId,
+        claimed: &mut Vec<SocketAddr>,
+        now: Instant,
+    ) {
+        claimed.retain(|peer| match self.claims.get(&(port, *peer)) {
+            // The other family's port.
+            _ if peer.is_ipv6() != port.v6 => true,
+            Some(c) if c.alloc == alloc && c.expires > now => true,
+            Some(c) if c.alloc == alloc => {
+                self.claims.remove(&(port, *peer));
+                false
+            }
+            // Taken over by another allocation after it expired, or gone.
+            _ => false,
+        });
+    }
+}
+
+impl Core {
+    /// Adds one of the shard's shared relay sockets, bound at `bind` (on the relay address of
+    /// its family, with a port of the range held by `lease`); `advertised` is what clients are
+    /// told. Called by the IO layer at start, before any packet; allocations are then given
+    /// these ports where they can be (see the module docs).
+    pub fn add_shared_port(
+        &mut self,
+        lease: PortLease,
+        bind: SocketAddr,
+        advertised: SocketAddr,
+    ) -> SharedPortId {
+        let v6 = bind.is_ipv6();
+        let ports = &mut self.sharing.ports[usize::from(v6)];
+        ports.push(Port {
+            _lease: lease,
+            bind,
+            advertised,
+            allocations: 0,
+        });
+        SharedPortId {
+            v6,
+            index: (ports.len() - 1) as u16,
+        }
+    }
+
+    /// Handles a datagram a peer sent to shared port `port`: finds the allocation it is for
+    /// (see the module docs), then as [`Core::handle_peer`].
+    pub fn handle_shared_peer(
+        &mut self,
+        port: SharedPortId,
+        peer: SocketAddr,
+        buf: &mut [u8],
+        len: usize,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> PeerAction {
+        let peer = SocketAddr::new(crate::policy::normalize(peer.ip()), peer.port());
+        let claimed = self
+            .sharing
+            .claims
+            .get(&(port, peer))
+            .filter(|c| c.expires > now)
+            .map(|c| c.alloc);
+        let alloc = claimed.or_else(|| {
+            let list = self.sharing.by_ip.get(&(port, peer.ip()))?;
+            let mut found = None;
+            for &id in list {
+                if self
+                    .slot(id)
+                    .is_some_and(|a| a.has_permission(peer.ip(), now))
+                {
+                    if found.is_some() {
+                        return None;
+                    }
+                    found = Some(id);
+                }
+            }
+            found
+        });
+        match alloc {
+            Some(id) => self.handle_peer(id, peer, buf, len, now, out),
+            None => {
+                self.stats.shared_port_unmatched += 1;
+                PeerAction::Drop
+            }
+        }
+    }
+}
