@@ -87,6 +87,9 @@ pub struct Options {
     /// Where the generator's peers bind; the address the kernel uses towards the relay when
     /// unset.
     pub peer_ip: Option<IpAddr>,
+    /// Where the allocations' client sockets bind over UDP (any address when unset): several
+    /// generators on 127.0.0.2, 127.0.0.3... are several sources, each with its own ports.
+    pub client_ip: Option<IpAddr>,
     /// Raw transport: the one peer's port (the forwarder sends there).
     pub peer_port: u16,
     /// Peer mode: a generator peer socket for each allocation instead of a few shared ones,
@@ -502,14 +505,12 @@ async fn connect(
 ) -> Result<Conn, Failure> {
     match opts.transport {
         Transport::Udp | Transport::Raw => {
-            let any = SocketAddr::new(
-                if to.is_ipv4() {
-                    IpAddr::from([0u8; 4])
-                } else {
-                    IpAddr::from([0u16; 8])
-                },
-                0,
-            );
+            let ip = opts.client_ip.unwrap_or(if to.is_ipv4() {
+                IpAddr::from([0u8; 4])
+            } else {
+                IpAddr::from([0u16; 8])
+            });
+            let any = SocketAddr::new(ip, 0);
             let s = udp_socket(any).map_err(|e| Failure::io("bind", e))?;
             s.connect(to).await.map_err(|e| Failure::io("connect", e))?;
             Ok(Conn::Udp(s))

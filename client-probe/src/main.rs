@@ -111,6 +111,10 @@ struct LoadArgs {
     /// Address the generator's peers bind (default: the one the kernel uses to the relay).
     #[arg(long = "peer-ip")]
     peer_ip: Option<std::net::IpAddr>,
+    /// Address the allocations' UDP client sockets bind (default: any); several generators on
+    /// 127.0.0.2, 127.0.0.3... reach past one source address's ports.
+    #[arg(long = "client-ip")]
+    client_ip: Option<std::net::IpAddr>,
     /// raw transport: the peer's port, where the forwarder sends.
     #[arg(long = "peer-port", default_value_t = 0)]
     peer_port: u16,
@@ -197,6 +201,7 @@ impl LoadArgs {
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
                 .clamp(1, 64),
             peer_ip: self.peer_ip,
+            client_ip: self.client_ip,
             peer_port: self.peer_port,
             peer_per_allocation: self.peer_per_allocation,
             setup_concurrency: self.setup_concurrency.clamp(1, 4096),

@@ -329,6 +329,10 @@ async fn turn_conn(
     }
 }
 
+/// Allocations a TURN path makes at most for its second one while the relay gives it the
+/// first one's relayed address.
+const SAME_RELAYED_TRIES: u32 = 4;
+
 /// A TURN path: allocation time, then the relayed round trip between two allocations of the
 /// same relay (the first sends to the second's relayed address, through the relay).
 async fn turn_path(region: &Region, opts: &Options, path: &str) -> PathResult {
@@ -340,13 +344,30 @@ async fn turn_path(region: &Region, opts: &Options, path: &str) -> PathResult {
         let start = Instant::now();
         let (relayed_a, mapped) = a.allocate(opts.timeout).await?;
         let alloc_ms = ms(start.elapsed());
-        let (conn_b, _) = turn_conn(region, opts, path).await?;
-        let mut b = TurnClient::new(conn_b, &user, &pass);
-        let relayed_b = match b.allocate(opts.timeout).await {
-            Ok((r, _)) => r,
-            Err(e) => {
-                a.release().await;
-                return Err(e);
+        // A relay with shared relay ports may give the second allocation the first one's
+        // relayed address (one port per thread): the two could not reach each other, so the
+        // second allocates again from another source port, which may reach another thread.
+        let mut tries = 0;
+        let (mut b, relayed_b) = loop {
+            tries += 1;
+            let (conn_b, _) = turn_conn(region, opts, path).await?;
+            let mut b = TurnClient::new(conn_b, &user, &pass);
+            match b.allocate(opts.timeout).await {
+                Ok((r, _)) if r == relayed_a && tries < SAME_RELAYED_TRIES => b.release().await,
+                Ok((r, _)) if r == relayed_a => {
+                    b.release().await;
+                    a.release().await;
+                    return Err(Failure::Other(format!(
+                        "{tries} allocations all got the relayed address {r}: the relay shares \
+                         one port per thread (shared_relay_ports = 1), where two of its clients \
+                         cannot reach each other; set 2 or more"
+                    )));
+                }
+                Ok((r, _)) => break (b, r),
+                Err(e) => {
+                    a.release().await;
+                    return Err(e);
+                }
             }
         };
         let permitted = async {

@@ -692,3 +692,60 @@ fn echo_ports_and_the_websocket_echo_are_probed() {
         "{blocked}"
     );
 }
+
+/// A relay with shared relay ports: the probe's TURN paths (two allocations of one relay
+/// reaching each other) pass, and the firewall table lists the few ports regions.toml names
+/// instead of the default range.
+#[test]
+fn shared_relay_ports_pass_the_turn_paths_and_the_firewall_table_lists_them() {
+    let range = common::free_port_range(8);
+    let (first, last) = (*range.start(), *range.end());
+    let ports = format!("{first}-{last}");
+    let r = relay(&[
+        "--relay-ports",
+        &ports,
+        "--threads",
+        "2",
+        "--shared-relay-ports",
+        "2",
+    ]);
+    let shared = format!("{first}-{}", first + 3);
+    let dir = TestCert::new("probe-shared", &["unused"]);
+    let regions = dir.dir.join("regions.toml");
+    std::fs::write(
+        &regions,
+        format!(
+            "[[region]]\nname = \"shared\"\nhost = \"127.0.0.1\"\nudp_port = {}\ntcp_port = {}\nusername = \"alice\"\npassword = \"wonderland\"\nrelay_ports = [\"{shared}\"]\n",
+            r.udp.port(),
+            r.addr_of("tcp").port()
+        ),
+    )
+    .expect("regions");
+    let (ok, out) = probe(&[
+        "measure",
+        "--regions",
+        regions.to_str().expect("path"),
+        "--json",
+        "--samples",
+        "3",
+    ]);
+    assert!(ok, "{out}");
+    let report = json(&out);
+    for p in ["turn-udp", "turn-tcp"] {
+        assert_eq!(path(&report, "shared", p)["reachable"], true, "{report}");
+    }
+    let (_, table) = probe(&[
+        "measure",
+        "--regions",
+        regions.to_str().expect("path"),
+        "--samples",
+        "2",
+        "--firewall",
+    ]);
+    let media = table
+        .lines()
+        .find(|l| l.contains("relayed media"))
+        .unwrap_or_else(|| panic!("no relayed media row:\n{table}"));
+    assert!(media.contains(&shared) && media.contains("open"), "{table}");
+    assert!(!table.contains("49152-65535"), "{table}");
+}

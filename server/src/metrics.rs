@@ -228,7 +228,7 @@ impl Metrics {
         reg(Box::new(allocations_limit.clone()));
         let relay_ports = must(IntGauge::new(
             RELAY_PORTS,
-            "Ports in the relay port range: the most UDP allocations per relay address.",
+            "Ports in the relay port range: the most UDP allocations per relay address; 0 with shared relay ports, where ports do not bound the allocations.",
         ));
         reg(Box::new(relay_ports.clone()));
         let build = must(IntGaugeVec::new(
@@ -333,11 +333,12 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     /// The relay's capacity, for "near capacity" alerts.
-    pub fn set_capacity(&self, total_allocations: Option<u32>, ports: (u16, u16)) {
+    /// `ports`: the relay port range, None with shared relay ports.
+    pub fn set_capacity(&self, total_allocations: Option<u32>, ports: Option<(u16, u16)>) {
         self.allocations_limit
             .set(i64::from(total_allocations.unwrap_or(0)));
         self.relay_ports
-            .set(i64::from(ports.1) - i64::from(ports.0) + 1);
+            .set(ports.map_or(0, |p| i64::from(p.1) - i64::from(p.0) + 1));
     }
 
     pub fn render(&self, shared: &Shared) -> String {

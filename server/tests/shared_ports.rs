@@ -72,6 +72,8 @@ fn allocations_on_one_port_are_told_apart_and_a_held_peer_is_refused() {
     let shared = SocketAddr::from(([127, 0, 0, 1], first));
     assert_eq!(relayed(&mut alice), shared);
     assert_eq!(relayed(&mut bob), shared);
+    // Ports bound no allocations here: the capacity alert's port gauge says 0.
+    assert_eq!(relay.metric("turnpike_relay_ports"), 0.0);
 
     let peer_a = UdpSocket::bind("127.0.0.1:0").expect("peer");
     let peer_b = UdpSocket::bind("127.0.0.1:0").expect("peer");

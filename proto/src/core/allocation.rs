@@ -248,7 +248,7 @@ impl Core {
                 }
                 let (id, bind, advertised) = self
                     .sharing
-                    .assign(v6, even_only)
+                    .assign(v6, even_only, client.addr.ip())
                     .expect("families checked above");
                 shared[usize::from(v6)] = Some(id);
                 if v6 {
@@ -555,6 +555,7 @@ impl Core {
             self.sharing.release(
                 alloc,
                 port,
+                a.client.addr.ip(),
                 &a.claimed,
                 a.permissions.iter().map(|(ip, _)| *ip),
             );

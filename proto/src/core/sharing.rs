@@ -2,8 +2,10 @@
 //! sockets per relay address instead of one port each, and tells them apart by relay port and
 //! peer address.
 //!
-//! - An allocation is given the shard's shared port (per family) with the fewest allocations;
-//!   EVEN-PORT without its R bit, an even one (odd ones are preferred for the others, so the
+//! - An allocation is given the shard's shared port (per family) with the fewest allocations
+//!   from its client's IP, then the fewest in all, so that two clients behind one address (an
+//!   office's NAT, or the probe's two allocations) get different ports and can reach each
+//!   other's relayed addresses; EVEN-PORT without its R bit, an even one (odd ones are preferred for the others, so the
 //!   even ones stay free for it). EVEN-PORT's R bit, RESERVATION-TOKEN, DONT-FRAGMENT, RFC 6062
 //!   TCP and relay-only tenants keep dedicated ports: their semantics need a port of their own
 //!   (relay-only tenants' clients reach each other's relayed addresses, which on one shared
@@ -68,6 +70,8 @@ pub(super) struct Sharing {
     claims: FxHashMap<(SharedPortId, SocketAddr), Claim>,
     /// Allocations on a port with a permission (perhaps expired: checked on use) for an IP.
     by_ip: FxHashMap<(SharedPortId, IpAddr), Vec<AllocId>>,
+    /// Allocations on a port by their client's IP.
+    clients: FxHashMap<(SharedPortId, IpAddr), u32>,
 }
 
 impl Sharing {
@@ -75,23 +79,34 @@ impl Sharing {
         !self.ports[0].is_empty() || !self.ports[1].is_empty()
     }
 
-    /// The port of family `v6` (an even one when `even`) with the fewest allocations, counted
-    /// as taken: its id, where it is bound and what the client is told.
+    /// The port of family `v6` (an even one when `even`) with the fewest allocations of
+    /// `client`'s IP, then the fewest in all (odd ones first, keeping even ones for
+    /// EVEN-PORT), counted as taken: its id, where it is bound and what the client is told.
     pub(super) fn assign(
         &mut self,
         v6: bool,
         even: bool,
+        client: IpAddr,
     ) -> Option<(SharedPortId, SocketAddr, SocketAddr)> {
+        let clients = &self.clients;
         let (i, port) = self.ports[usize::from(v6)]
             .iter_mut()
             .enumerate()
             .filter(|(_, p)| !even || p.advertised.port() % 2 == 0)
-            .min_by_key(|(_, p)| (p.allocations, p.advertised.port() % 2 == 0))?;
+            .min_by_key(|(i, p)| {
+                let id = SharedPortId {
+                    v6,
+                    index: *i as u16,
+                };
+                let same_ip = clients.get(&(id, client)).copied().unwrap_or(0);
+                (same_ip, p.allocations, p.advertised.port() % 2 == 0)
+            })?;
         port.allocations += 1;
         let id = SharedPortId {
             v6,
             index: i as u16,
         };
+        *self.clients.entry((id, client)).or_default() += 1;
         Some((id, port.bind, port.advertised))
     }
 
@@ -107,11 +122,18 @@ impl Sharing {
         &mut self,
         alloc: AllocId,
         port: SharedPortId,
+        client: IpAddr,
         claimed: &[SocketAddr],
         ips: impl Iterator<Item = IpAddr>,
     ) {
         if let Some(p) = self.ports[usize::from(port.v6)].get_mut(usize::from(port.index)) {
             p.allocations = p.allocations.saturating_sub(1);
+        }
+        if let Some(n) = self.clients.get_mut(&(port, client)) {
+            *n -= 1;
+            if *n == 0 {
+                self.clients.remove(&(port, client));
+            }
         }
         for peer in claimed {
             if self

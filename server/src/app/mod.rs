@@ -141,7 +141,10 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
         reason,
     })?;
     let metrics = Arc::new(Metrics::new());
-    metrics.set_capacity(settings.quotas.total_allocations, plan.ports);
+    metrics.set_capacity(
+        settings.quotas.total_allocations,
+        (settings.shared_relay_ports == 0).then_some(plan.ports),
+    );
     metrics.add_tenants(&shared.tenant_names());
 
     let rt = tokio::runtime::Builder::new_current_thread()

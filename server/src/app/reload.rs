@@ -1,5 +1,6 @@
 //! Reloading on SIGHUP or when a watched file changes: credentials, tenants, peer policy,
-//! limits and certificates change in place; listeners and relay addresses only on restart.
+//! limits and certificates change in place; listeners, relay addresses and relay ports only
+//! on restart.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -92,8 +93,12 @@ impl Reloader<'_> {
         if next.listen != self.current.listen
             || next.relay_ips != self.current.relay_ips
             || next.echo != self.current.echo
+            || next.relay_ports != self.current.relay_ports
+            || next.shared_relay_ports != self.current.shared_relay_ports
         {
-            tracing::warn!("listeners, relay addresses and echo services change only on restart");
+            tracing::warn!(
+                "listeners, relay addresses and ports, and echo services change only on restart"
+            );
         }
         self.shared
             .reload(core_config(&next, &self.plan, &self.bound));
