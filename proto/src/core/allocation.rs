@@ -717,17 +717,17 @@ impl Core {
         let peer = self.check_peer(msg, peer, id)?;
         let max = self.shared.config().max_permissions;
         self.prune_permissions(id, now);
-        let Some(a) = live_mut(&mut self.slots, id) else {
-            return Err(437);
-        };
         // A peer address another allocation on the same shared port holds (`sharing`).
-        let port = a.shared_port(peer);
+        let port = self.slot(id).and_then(|a| a.shared_port(peer));
         if let Some(port) = port {
-            if self.sharing.holder(port, peer, id, now).is_some() {
+            if self.claim_holder(port, peer, id, now).is_some() {
                 self.stats.shared_port_conflicts += 1;
                 return Err(403);
             }
         }
+        let Some(a) = live_mut(&mut self.slots, id) else {
+            return Err(437);
+        };
         // RFC 8656 §11.2: a channel stays tied to its peer, and a peer to its channel.
         if a.channels
             .iter()
@@ -754,7 +754,8 @@ impl Core {
         }
         if let Some(port) = port {
             self.sharing.index(id, port, peer.ip());
-            if self.sharing.claim(port, peer, id, expires) && !a.claimed.contains(&peer) {
+            // A channel's claim is not bounded by MAX_CLAIMS: channels are bounded already.
+            if self.sharing.claim(port, peer, id) && !a.claimed.contains(&peer) {
                 a.claimed.push(peer);
             }
         }
@@ -784,7 +785,7 @@ impl Core {
 
 impl Core {
     /// Drops the allocation's expired permissions (and, on shared ports, their place in the
-    /// port's IP index and its expired claims).
+    /// port's IP index and the claims of peers on their IPs).
     pub(super) fn prune_permissions(&mut self, id: AllocId, now: Instant) {
         let Some(a) = live_mut(&mut self.slots, id) else {
             return;
@@ -794,16 +795,15 @@ impl Core {
             return;
         }
         let sharing = &mut self.sharing;
+        let (shared, claimed) = (a.shared, &mut a.claimed);
         a.permissions.retain(|(ip, exp)| {
             let keep = *exp > now;
-            if let (false, Some(port)) = (keep, a.shared[usize::from(ip.is_ipv6())]) {
+            if let (false, Some(port)) = (keep, shared[usize::from(ip.is_ipv6())]) {
                 sharing.unindex(id, port, *ip);
+                sharing.drop_claims(id, port, *ip, claimed);
             }
             keep
         });
-        for port in a.shared.into_iter().flatten() {
-            sharing.expire_claims(id, port, &mut a.claimed, now);
-        }
     }
 }
 

@@ -13,11 +13,7 @@ use crate::stun::{
 };
 use crate::tenant::{Tenant, Tenants};
 
-use super::sharing::MAX_CLAIMS;
-use super::{
-    live_mut, AllocId, Allocation, ClientAction, ClientId, Core, PeerAction, Shared,
-    PERMISSION_LIFETIME,
-};
+use super::{live_mut, AllocId, Allocation, ClientAction, ClientId, Core, PeerAction, Shared};
 
 impl Core {
     #[inline]
@@ -92,6 +88,14 @@ impl Core {
             return ClientAction::None;
         }
         let peer = SocketAddr::new(normalize(peer.ip()), peer.port());
+        // On a shared port the peer address must not be another allocation's (`sharing`).
+        let port = self.slot(id).and_then(|a| a.shared_port(peer));
+        if let Some(port) = port {
+            if self.claim_holder(port, peer, id, now).is_some() {
+                self.stats.shared_port_conflicts += 1;
+                return ClientAction::None;
+            }
+        }
         let shared = std::sync::Arc::clone(&self.shared);
         let Some(a) = live_mut(&mut self.slots, id) else {
             return ClientAction::None;
@@ -107,26 +111,16 @@ impl Core {
             self.stats.dropped_packets += 1;
             return ClientAction::None;
         }
-        // On a shared port the peer address must not be another allocation's (`sharing`);
-        // sending claims it (up to a bound per allocation).
-        if let Some(port) = a.shared_port(peer) {
-            if self.sharing.holder(port, peer, id, now).is_some() {
-                self.stats.shared_port_conflicts += 1;
-                return ClientAction::None;
-            }
-            if a.claimed.len() < MAX_CLAIMS || a.claimed.contains(&peer) {
-                let expires = now + PERMISSION_LIFETIME;
-                if self.sharing.claim(port, peer, id, expires) && !a.claimed.contains(&peer) {
-                    a.claimed.push(peer);
-                }
-            }
-        }
         if !within_bandwidth(a, &shared, now, data.len()) {
             let tenant = a.tenant;
             self.stats.tenant(tenant).quota_dropped += 1;
             return ClientAction::None;
         }
         let tenant = a.tenant;
+        // Sending claims the peer address on a shared port (up to a bound per allocation).
+        if let Some(port) = port {
+            self.claim_for(id, port, peer);
+        }
         let counters = self.stats.tenant(tenant);
         let start = data.as_ptr() as usize - msg.raw().as_ptr() as usize;
         counters.relayed_packets[0] += 1;

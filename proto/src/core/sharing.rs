@@ -5,23 +5,27 @@
 //! - An allocation is given the shard's shared port (per family) with the fewest allocations
 //!   from its client's IP, then the fewest in all, so that two clients behind one address (an
 //!   office's NAT, or the probe's two allocations) get different ports and can reach each
-//!   other's relayed addresses; EVEN-PORT without its R bit, an even one (odd ones are preferred for the others, so the
-//!   even ones stay free for it). EVEN-PORT's R bit, RESERVATION-TOKEN, DONT-FRAGMENT, RFC 6062
+//!   other's relayed addresses; EVEN-PORT without its R bit, an even one (odd ones are
+//!   preferred for the others, so the even ones stay free for it). EVEN-PORT's R bit, RESERVATION-TOKEN, DONT-FRAGMENT, RFC 6062
 //!   TCP and relay-only tenants keep dedicated ports: their semantics need a port of their own
 //!   (relay-only tenants' clients reach each other's relayed addresses, which on one shared
 //!   port would be their own).
 //! - A peer *transport address* on one shared port belongs to at most one allocation at a
-//!   time: the one that claimed it by ChannelBind (for the channel's lifetime) or by a Send
-//!   indication (for a permission lifetime after the last one). Another allocation on the same
-//!   port wanting the same peer address gets 403 to its ChannelBind and its Send indications
-//!   are dropped; both are counted ([`CoreStats::shared_port_conflicts`]). So one peer address
+//!   time: the one that claimed it, by a ChannelBind, a Send indication, or receiving the
+//!   first datagram from it (below), for as long as that allocation keeps its permission for
+//!   the peer's IP. Another allocation on the same port wanting the same peer address gets 403
+//!   to its ChannelBind and its Send indications are dropped; both are counted
+//!   ([`CoreStats::shared_port_conflicts`]). A flow that only receives keeps its claim, so no
+//!   other allocation of the port can take its peer over by sending to it. So one peer address
 //!   (an SFU's port, say) is reachable from at most one allocation per shared port: shards x
 //!   `shared_relay_ports` at once. The client that got 403 can allocate again (it may land on
 //!   another port) or relay through its own allocation's Send path to another peer port.
-//! - A datagram from a peer goes to the allocation that claimed its address; unclaimed (ICE
-//!   checks often arrive before the client sent anything), to the one allocation on that port
-//!   holding a permission for the peer's IP; with none or several, it is dropped and counted
-//!   ([`CoreStats::shared_port_unmatched`]). The lookups are two hash probes, never a scan.
+//! - A datagram from a peer goes to the allocation that claimed its address (one hash probe);
+//!   unclaimed (ICE checks often arrive before the client sent anything), to the one
+//!   allocation on that port holding a permission for the peer's IP, which then claims it;
+//!   with none or several, it is dropped and counted ([`CoreStats::shared_port_unmatched`]).
+//!   Finding that one looks at the allocations of the port indexed under the peer's IP (never
+//!   the whole port), stopping at the second with a live permission.
 //!
 //! [`CoreStats::shared_port_conflicts`]: super::CoreStats::shared_port_conflicts
 //! [`CoreStats::shared_port_unmatched`]: super::CoreStats::shared_port_unmatched
@@ -33,7 +37,7 @@ use rustc_hash::FxHashMap;
 
 use crate::ports::PortLease;
 
-use super::{AllocId, Core, PeerAction};
+use super::{live_mut, AllocId, Core, PeerAction};
 
 /// Peer addresses one allocation may claim on its shared port; beyond, its Send indications
 /// still go out but claim nothing, and the answers reach it only while no other allocation on
@@ -56,18 +60,14 @@ struct Port {
     allocations: u32,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Claim {
-    alloc: AllocId,
-    expires: Instant,
-}
-
 /// The shard's shared ports and who relays to which peer through them.
 #[derive(Debug, Default)]
 pub(super) struct Sharing {
     /// By family: IPv4, IPv6.
     ports: [Vec<Port>; 2],
-    claims: FxHashMap<(SharedPortId, SocketAddr), Claim>,
+    /// Who each peer address of a port belongs to; a claim holds while its allocation lives
+    /// and has a permission for the peer's IP (checked on use).
+    claims: FxHashMap<(SharedPortId, SocketAddr), AllocId>,
     /// Allocations on a port with a permission (perhaps expired: checked on use) for an IP.
     by_ip: FxHashMap<(SharedPortId, IpAddr), Vec<AllocId>>,
     /// Allocations on a port by their client's IP.
@@ -136,11 +136,7 @@ impl Sharing {
             }
         }
         for peer in claimed {
-            if self
-                .claims
-                .get(&(port, *peer))
-                .is_some_and(|c| c.alloc == alloc)
-            {
+            if self.claims.get(&(port, *peer)) == Some(&alloc) {
                 self.claims.remove(&(port, *peer));
             }
         }
@@ -166,66 +162,28 @@ impl Sharing {
         }
     }
 
-    /// Who holds `peer` on `port` now, other than `alloc` (a claim whose owner's slot was
-    /// reused or that expired holds nothing).
-    pub(super) fn holder(
-        &self,
-        port: SharedPortId,
-        peer: SocketAddr,
-        alloc: AllocId,
-        now: Instant,
-    ) -> Option<AllocId> {
-        self.claims
-            .get(&(port, peer))
-            .filter(|c| c.alloc != alloc && c.expires > now)
-            .map(|c| c.alloc)
+    /// Claims `peer` on `port` for `alloc` (the caller checked that no other allocation
+    /// holds it). True when the claim is new to `alloc`.
+    pub(super) fn claim(&mut self, port: SharedPortId, peer: SocketAddr, alloc: AllocId) -> bool {
+        self.claims.insert((port, peer), alloc) != Some(alloc)
     }
 
-    /// Claims `peer` on `port` for `alloc` until `expires` (or later, if it already holds it
-    /// longer). The caller checked [`Sharing::holder`]. True when the claim is new to `alloc`.
-    pub(super) fn claim(
-        &mut self,
-        port: SharedPortId,
-        peer: SocketAddr,
-        alloc: AllocId,
-        expires: Instant,
-    ) -> bool {
-        use std::collections::hash_map::Entry;
-        match self.claims.entry((port, peer)) {
-            Entry::Vacant(v) => {
-                v.insert(Claim { alloc, expires });
-                true
-            }
-            Entry::Occupied(mut o) => {
-                let c = o.get_mut();
-                if c.alloc != alloc {
-                    *c = Claim { alloc, expires };
-                    return true;
-                }
-                c.expires = c.expires.max(expires);
-                false
-            }
-        }
-    }
-
-    /// Drops `alloc`'s claims that expired by `now`; keeps the rest in `claimed`.
-    pub(super) fn expire_claims(
+    /// Forgets `alloc`'s claims of peers on `ip` (its permission for `ip` ended).
+    pub(super) fn drop_claims(
         &mut self,
         alloc: AllocId,
         port: SharedPortId,
+        ip: IpAddr,
         claimed: &mut Vec<SocketAddr>,
-        now: Instant,
     ) {
-        claimed.retain(|peer| match self.claims.get(&(port, *peer)) {
-            // The other family's port.
-            _ if peer.is_ipv6() != port.v6 => true,
-            Some(c) if c.alloc == alloc && c.expires > now => true,
-            Some(c) if c.alloc == alloc => {
-                self.claims.remove(&(port, *peer));
-                false
+        claimed.retain(|peer| {
+            if peer.ip() != ip {
+                return true;
             }
-            // Taken over by another allocation after it expired, or gone.
-            _ => false,
+            if self.claims.get(&(port, *peer)) == Some(&alloc) {
+                self.claims.remove(&(port, *peer));
+            }
+            false
         });
     }
 }
@@ -255,6 +213,57 @@ impl Core {
         }
     }
 
+    /// The allocation other than `me` that holds `peer` on `port` now.
+    pub(super) fn claim_holder(
+        &self,
+        port: SharedPortId,
+        peer: SocketAddr,
+        me: AllocId,
+        now: Instant,
+    ) -> Option<AllocId> {
+        let owner = *self.sharing.claims.get(&(port, peer))?;
+        (owner != me && self.holds(owner, peer, now)).then_some(owner)
+    }
+
+    /// Whether `owner` lives and has a permission for `peer`'s IP: what makes its claim hold.
+    fn holds(&self, owner: AllocId, peer: SocketAddr, now: Instant) -> bool {
+        self.slot(owner)
+            .is_some_and(|a| a.has_permission(peer.ip(), now))
+    }
+
+    /// The one allocation on `port` with a live permission for `peer`'s IP, if exactly one.
+    fn only_permitted(
+        &self,
+        port: SharedPortId,
+        peer: SocketAddr,
+        now: Instant,
+    ) -> Option<AllocId> {
+        let list = self.sharing.by_ip.get(&(port, peer.ip()))?;
+        let mut found = None;
+        for &id in list {
+            if self.holds(id, peer, now) {
+                if found.is_some() {
+                    return None;
+                }
+                found = Some(id);
+            }
+        }
+        found
+    }
+
+    /// Claims `peer` on `port` for allocation `id` within its [`MAX_CLAIMS`] (the caller
+    /// checked that no other allocation holds it).
+    pub(super) fn claim_for(&mut self, id: AllocId, port: SharedPortId, peer: SocketAddr) {
+        let Some(a) = live_mut(&mut self.slots, id) else {
+            return;
+        };
+        if a.claimed.contains(&peer) {
+            self.sharing.claim(port, peer, id);
+        } else if a.claimed.len() < MAX_CLAIMS && self.sharing.claim(port, peer, id) {
+            a.claimed.push(peer);
+        }
+    }
+
     /// Handles a datagram a peer sent to shared port `port`: finds the allocation it is for
     /// (see the module docs), then as [`Core::handle_peer`].
     pub fn handle_shared_peer(
@@ -267,28 +276,22 @@ impl Core {
         out: &mut Vec<u8>,
     ) -> PeerAction {
         let peer = SocketAddr::new(crate::policy::normalize(peer.ip()), peer.port());
-        let claimed = self
+        let owner = self
             .sharing
             .claims
             .get(&(port, peer))
-            .filter(|c| c.expires > now)
-            .map(|c| c.alloc);
-        let alloc = claimed.or_else(|| {
-            let list = self.sharing.by_ip.get(&(port, peer.ip()))?;
-            let mut found = None;
-            for &id in list {
-                if self
-                    .slot(id)
-                    .is_some_and(|a| a.has_permission(peer.ip(), now))
-                {
-                    if found.is_some() {
-                        return None;
-                    }
-                    found = Some(id);
+            .copied()
+            .filter(|&id| self.holds(id, peer, now));
+        let alloc = match owner {
+            Some(id) => Some(id),
+            None => {
+                let found = self.only_permitted(port, peer, now);
+                if let Some(id) = found {
+                    self.claim_for(id, port, peer);
                 }
+                found
             }
-            found
-        });
+        };
         match alloc {
             Some(id) => self.handle_peer(id, peer, buf, len, now, out),
             None => {

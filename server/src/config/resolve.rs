@@ -444,10 +444,10 @@ fn resolve_echo(
     })
 }
 
-/// Shared secrets shorter than this are warned about: an HMAC key an attacker may guess.
 /// Most shared relay ports per thread and relay address.
 const MAX_SHARED_RELAY_PORTS: u16 = 1024;
 
+/// Shared secrets shorter than this are warned about: an HMAC key an attacker may guess.
 const SHORT_SECRET: usize = 16;
 
 /// Warns of networks written with host bits (`10.0.0.1/8`): the rule covers the whole

@@ -146,17 +146,52 @@ fn unclaimed_peer_datagrams_reach_the_one_allocation_with_a_permission() {
     let peer: SocketAddr = "127.0.0.2:9000".parse().expect("a");
     let req = a.request(method::CREATE_PERMISSION, peer_attr(peer));
     assert_eq!(code(&h.send(&req, a.id).expect("reply")), None);
-    // An ICE check arriving before Alice sent anything: a Data indication for her.
+    // An ICE check arriving before Alice sent anything: a Data indication for her, and the
+    // peer address is hers from now on.
     assert_eq!(
         from_peer(&mut h, "127.0.0.2:9000"),
         PeerAction::DataIndication { client: a.id }
     );
-    // Bob permits the same IP: unclaimed datagrams from it are nobody's now...
+    // Bob permits the same IP: Alice's flow, which only receives, stays hers...
     let req = b.request(method::CREATE_PERMISSION, peer_attr(peer));
     assert_eq!(code(&h.send(&req, b.id).expect("reply")), None);
-    assert_eq!(from_peer(&mut h, "127.0.0.2:9000"), PeerAction::Drop);
-    // ...until one of them sends to the address, which claims it.
+    assert_eq!(
+        from_peer(&mut h, "127.0.0.2:9000"),
+        PeerAction::DataIndication { client: a.id }
+    );
+    // ...and Bob cannot take it over by sending to it.
     let ind = send_indication(peer, 2);
+    assert!(matches!(
+        h.core.handle_client(&ind, b.id, h.now, h.unix, &mut h.out),
+        ClientAction::None
+    ));
+    assert_eq!(
+        from_peer(&mut h, "127.0.0.2:9000"),
+        PeerAction::DataIndication { client: a.id }
+    );
+    // Another port of that IP, which neither claimed, is nobody's while both may have it...
+    assert_eq!(from_peer(&mut h, "127.0.0.2:9001"), PeerAction::Drop);
+    let stats = h.core.take_stats();
+    assert_eq!(
+        (stats.shared_port_unmatched, stats.shared_port_conflicts),
+        (1, 1)
+    );
+    // ...until one of them sends to it.
+    let other: SocketAddr = "127.0.0.2:9001".parse().expect("a");
+    assert!(matches!(
+        h.core
+            .handle_client(&send_indication(other, 3), b.id, h.now, h.unix, &mut h.out),
+        ClientAction::Relay { .. }
+    ));
+    assert_eq!(
+        from_peer(&mut h, "127.0.0.2:9001"),
+        PeerAction::DataIndication { client: b.id }
+    );
+    // A claim lasts as long as its allocation's permission: once Alice's lapses, Bob may have
+    // her peer address.
+    h.advance(301);
+    let req = b.request(method::CREATE_PERMISSION, peer_attr(peer));
+    assert_eq!(code(&h.send(&req, b.id).expect("reply")), None);
     assert!(matches!(
         h.core.handle_client(&ind, b.id, h.now, h.unix, &mut h.out),
         ClientAction::Relay { .. }
@@ -164,18 +199,6 @@ fn unclaimed_peer_datagrams_reach_the_one_allocation_with_a_permission() {
     assert_eq!(
         from_peer(&mut h, "127.0.0.2:9000"),
         PeerAction::DataIndication { client: b.id }
-    );
-    // A Send claim lasts a permission lifetime after the last Send; then Alice may take it.
-    h.advance(301);
-    let req = a.request(method::CREATE_PERMISSION, peer_attr(peer));
-    assert_eq!(code(&h.send(&req, a.id).expect("reply")), None);
-    assert!(matches!(
-        h.core.handle_client(&ind, a.id, h.now, h.unix, &mut h.out),
-        ClientAction::Relay { .. }
-    ));
-    assert_eq!(
-        from_peer(&mut h, "127.0.0.2:9000"),
-        PeerAction::DataIndication { client: a.id }
     );
 }
 
