@@ -339,6 +339,7 @@ impl Common {
             interval: Duration::from_millis(self.interval_ms),
             timeout: Duration::from_millis(self.timeout_ms.max(1)),
             proxy,
+            progress: false,
         };
         Ok((regions, opts, prefer))
     }
@@ -369,13 +370,14 @@ fn main() -> ExitCode {
             ice_servers,
             firewall,
         } => {
-            let (regions, opts, prefer) = match common.load() {
+            let (regions, mut opts, prefer) = match common.load() {
                 Ok(x) => x,
                 Err(e) => {
                     eprintln!("turnpike-probe: {e}");
                     return ExitCode::from(2);
                 }
             };
+            opts.progress = true;
             let results = rt.block_on(turnpike_probe::measure(&regions, &opts));
             let selected = select::nearest(&results, &prefer);
             let chosen = selected
@@ -390,12 +392,20 @@ fn main() -> ExitCode {
                 if let (true, Some(r)) = (ice_servers, chosen) {
                     doc["ice_servers"] = report::ice_servers(r);
                 }
+                if firewall {
+                    doc["firewall"] =
+                        serde_json::to_value(report::firewall_rows(&regions, &results))
+                            .unwrap_or_default();
+                }
                 println!("{doc}");
             } else {
                 print!("{}", report::table(&results, selected.as_ref()));
                 if firewall {
                     println!();
-                    print!("{}", report::firewall(&regions, &results));
+                    print!(
+                        "{}",
+                        report::firewall(&report::firewall_rows(&regions, &results))
+                    );
                 }
                 if let (true, Some(r)) = (ice_servers, chosen) {
                     println!(

@@ -24,6 +24,8 @@ pub struct Options {
     pub timeout: Duration,
     /// HTTP CONNECT proxy for the `turn-tls-proxy` path.
     pub proxy: Option<Proxy>,
+    /// Say on stderr which path is being probed (a blocked path waits for its timeouts).
+    pub progress: bool,
 }
 
 /// `http://[user:pass@]host:port`.
@@ -232,29 +234,47 @@ pub async fn connect_via_proxy(
 /// Every path of one region, in a fixed order.
 pub async fn probe_region(region: &Region, opts: &Options) -> Vec<PathResult> {
     let mut out = Vec::new();
+    let progress = |path: &str| {
+        if opts.progress {
+            eprintln!(
+                "turnpike-probe: {} {path}: probing ({} samples, up to {} ms each)",
+                region.name,
+                opts.samples,
+                opts.timeout.as_millis()
+            );
+        }
+    };
     if region.udp_port != 0 {
+        progress("stun-udp");
         out.push(stun_udp(region, opts).await);
+        progress("turn-udp");
         out.push(turn_path(region, opts, "turn-udp").await);
     }
     if region.tcp_port != 0 {
+        progress("turn-tcp");
         out.push(turn_path(region, opts, "turn-tcp").await);
     }
     if region.tls_port != 0 {
+        progress("turn-tls");
         out.push(turn_path(region, opts, "turn-tls").await);
         if opts.proxy.is_some() {
+            progress("turn-tls-proxy");
             out.push(turn_path(region, opts, "turn-tls-proxy").await);
         }
         if region.websocket {
+            progress("websocket");
             out.push(websocket(region, opts).await);
         }
     }
     for spec in &region.echo_udp {
         for port in spec.ports().unwrap_or_default() {
+            progress(&format!("echo-udp:{port}"));
             out.push(echo_udp(region, opts, port).await);
         }
     }
     for spec in &region.echo_tcp {
         for port in spec.ports().unwrap_or_default() {
+            progress(&format!("echo-tcp:{port}"));
             out.push(echo_tcp(region, opts, port).await);
         }
     }
@@ -338,11 +358,15 @@ const SAME_RELAYED_TRIES: u32 = 4;
 async fn turn_path(region: &Region, opts: &Options, path: &str) -> PathResult {
     let mut result = PathResult::new(&region.name, path);
     let (user, pass) = credentials(region);
+    // Whether the host was reached: a TCP connection accepted, or any answer from the relay.
+    let reached = std::cell::Cell::new(false);
     let run = async {
         let (conn_a, tls_ms) = turn_conn(region, opts, path).await?;
+        reached.set(path != "turn-udp");
         let mut a = TurnClient::new(conn_a, &user, &pass);
         let start = Instant::now();
         let (relayed_a, mapped) = a.allocate(opts.timeout).await?;
+        reached.set(true);
         let alloc_ms = ms(start.elapsed());
         // A relay with shared relay ports may give the second allocation the first one's
         // relayed address (one port per thread): the two could not reach each other, so the
@@ -405,6 +429,7 @@ async fn turn_path(region: &Region, opts: &Options, path: &str) -> PathResult {
             result.tls_handshake_ms = tls_ms;
             result.allocation_ms = Some(alloc_ms);
             result.mapped = mapped.map(|m| m.to_string());
+            result.reached = true;
             let r = result.with_samples(&samples, opts.samples);
             let median = r.rtt_ms.map(|x| x.median);
             PathResult {
@@ -412,7 +437,12 @@ async fn turn_path(region: &Region, opts: &Options, path: &str) -> PathResult {
                 ..r
             }
         }
-        Err(e) => result.failed(e.to_string()),
+        Err(e) => {
+            let answered = matches!(e, Failure::Status(..) | Failure::Tls(_));
+            let mut r = result.failed(e.to_string());
+            r.reached = reached.get() || answered;
+            r
+        }
     }
 }
 
@@ -489,8 +519,10 @@ async fn echo_udp(region: &Region, opts: &Options, port: u16) -> PathResult {
 
 async fn echo_tcp(region: &Region, opts: &Options, port: u16) -> PathResult {
     let result = PathResult::new(&region.name, &format!("echo-tcp:{port}"));
+    let reached = std::cell::Cell::new(false);
     let run = async {
         let mut tcp = tcp_to(resolve(&region.host, port).await?, opts.timeout).await?;
+        reached.set(true);
         let mut samples = Vec::new();
         let mut mapped = None;
         for i in 0..opts.samples {
@@ -518,7 +550,11 @@ async fn echo_tcp(region: &Region, opts: &Options, port: u16) -> PathResult {
             r.mapped = mapped;
             r.with_samples(&samples, opts.samples)
         }
-        Err(e) => result.failed(e.to_string()),
+        Err(e) => {
+            let mut r = result.failed(e.to_string());
+            r.reached = reached.get();
+            r
+        }
     }
 }
 

@@ -94,36 +94,133 @@ pub fn ice_servers(region: &Region) -> serde_json::Value {
     serde_json::Value::Array(servers)
 }
 
-/// Destination, port, protocol, purpose, and what the probe found from where it ran: the
-/// table enterprise firewall documents give IT departments.
-pub fn firewall(regions: &[Region], results: &[PathResult]) -> String {
-    let found = |region: &str, path: &str| match results
-        .iter()
-        .find(|r| r.region == region && r.path == path)
-    {
-        Some(r) if r.reachable => "open".to_owned(),
-        // A name that does not resolve says nothing about the firewall.
-        Some(r) if r.error.as_deref().is_some_and(|e| e.starts_with("dns")) => {
-            format!("UNKNOWN ({})", r.error.clone().unwrap_or_default())
+/// What the probe found on one path, for the firewall table: told apart so that IT reads
+/// only what was seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// The path works.
+    Open,
+    /// Packets or connections are dropped or cut on the way (timeout without any answer,
+    /// reset, a proxy refusing).
+    Blocked,
+    /// The host answered that nothing listens there (ICMP port unreachable, TCP reset to the
+    /// connection attempt): the service is down or elsewhere, not a firewall.
+    Refused,
+    /// Something accepted the connection (or answered) but not as a TURN relay would.
+    NotAnswering,
+    /// The relay answered and refused (401, 403...): the network is open, the credentials or
+    /// the relay's policy are not.
+    RelayRefused,
+    /// The name does not resolve.
+    Unknown,
+    /// Not tested from here (the path was not probed, or what it depends on failed first).
+    NotTested,
+}
+
+impl Verdict {
+    fn label(self) -> &'static str {
+        match self {
+            Verdict::Open => "open",
+            Verdict::Blocked => "BLOCKED on the way",
+            Verdict::Refused => "REFUSED by the host (nothing listening)",
+            Verdict::NotAnswering => "REACHED, but no TURN answer",
+            Verdict::RelayRefused => "open, but the relay refused",
+            Verdict::Unknown => "UNKNOWN",
+            Verdict::NotTested => "not tested",
         }
-        Some(r) => format!("BLOCKED ({})", r.error.clone().unwrap_or_default()),
-        None => "not probed".to_owned(),
+    }
+}
+
+/// One row of the firewall table.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FirewallRow {
+    pub destination: String,
+    pub port: String,
+    pub protocol: &'static str,
+    pub direction: &'static str,
+    pub purpose: &'static str,
+    pub verdict: Verdict,
+    /// What was seen: the error, or why it was not tested.
+    pub detail: String,
+}
+
+/// The verdict on a path from its result.
+fn verdict(r: Option<&PathResult>) -> (Verdict, String) {
+    let Some(r) = r else {
+        return (Verdict::NotTested, "not probed".into());
     };
-    let mut out = format!(
-        "{:<28} {:<12} {:<12} {:<56} {}\n",
-        "DESTINATION", "PORT", "PROTOCOL", "PURPOSE", "FOUND FROM HERE"
-    );
-    let mut row = |dest: &str, port: String, proto: &str, purpose: &str, status: String| {
-        out += &format!("{dest:<28} {port:<12} {proto:<12} {purpose:<56} {status}\n");
+    if r.reachable {
+        return (Verdict::Open, String::new());
+    }
+    let e = r.error.clone().unwrap_or_default();
+    let kind = e.split(':').next().unwrap_or("");
+    let v = match kind {
+        "dns" => Verdict::Unknown,
+        "refused" => Verdict::Refused,
+        "reset" | "proxy" => Verdict::Blocked,
+        "timeout" if r.reached => Verdict::NotAnswering,
+        "timeout" => Verdict::Blocked,
+        _ if e.starts_with(|c: char| c.is_ascii_digit()) => Verdict::RelayRefused,
+        _ if r.reached => Verdict::NotAnswering,
+        _ => Verdict::Blocked,
     };
+    (v, e)
+}
+
+/// The relayed-media row follows the UDP TURN path: its relayed datagrams crossed the relay
+/// ports (open), the relay allocated but they did not come back (blocked), or no allocation
+/// was made, so the relay ports were never tried.
+fn relayed_verdict(r: Option<&PathResult>) -> (Verdict, String) {
+    match r {
+        Some(r) if r.reachable => (Verdict::Open, "relayed datagrams came back".into()),
+        Some(r) if r.allocation_ms.is_some() => (
+            Verdict::Blocked,
+            "the relay allocated, but relayed datagrams did not come back".into(),
+        ),
+        Some(_) => (
+            Verdict::NotTested,
+            "no UDP allocation was made; see the turn-udp path".into(),
+        ),
+        None => (Verdict::NotTested, "not probed".into()),
+    }
+}
+
+/// Destination, port, protocol, direction, purpose, and what the probe found from where it
+/// ran: the table enterprise firewall documents give IT departments.
+pub fn firewall_rows(regions: &[Region], results: &[PathResult]) -> Vec<FirewallRow> {
+    let result = |region: &str, path: &str| {
+        results
+            .iter()
+            .find(|r| r.region == region && r.path == path)
+    };
+    let mut rows = Vec::new();
+    let mut row = |r: &Region,
+                   port: String,
+                   protocol: &'static str,
+                   direction: &'static str,
+                   purpose: &'static str,
+                   (verdict, detail): (Verdict, String)| {
+        rows.push(FirewallRow {
+            destination: r.host.clone(),
+            port,
+            protocol,
+            direction,
+            purpose,
+            verdict,
+            detail,
+        })
+    };
+    const OUT: &str = "out";
     for r in regions {
         if r.udp_port != 0 {
             row(
-                &r.host,
+                r,
                 r.udp_port.to_string(),
                 "UDP",
+                OUT,
                 "STUN and TURN (best call quality); replies must get in",
-                found(&r.name, "turn-udp"),
+                verdict(result(&r.name, "turn-udp")),
             );
             // The relay's shared ports when regions.toml names them, else its default range.
             let relay_ports: Vec<String> = r
@@ -137,37 +234,41 @@ pub fn firewall(regions: &[Region], results: &[PathResult]) -> String {
                 relay_ports.join(",")
             };
             row(
-                &r.host,
+                r,
                 relay_ports,
                 "UDP",
+                "out and in",
                 "relayed media (return traffic of the flows above)",
-                found(&r.name, "turn-udp"),
+                relayed_verdict(result(&r.name, "turn-udp")),
             );
         }
         if r.tcp_port != 0 {
             row(
-                &r.host,
+                r,
                 r.tcp_port.to_string(),
                 "TCP",
+                OUT,
                 "TURN over TCP, where UDP is blocked",
-                found(&r.name, "turn-tcp"),
+                verdict(result(&r.name, "turn-tcp")),
             );
         }
         if r.tls_port != 0 {
             row(
-                &r.host,
+                r,
                 r.tls_port.to_string(),
                 "TCP/TLS",
+                OUT,
                 "TURN over TLS: the path through strict firewalls",
-                found(&r.name, "turn-tls"),
+                verdict(result(&r.name, "turn-tls")),
             );
-            if results.iter().any(|x| x.path == "turn-tls-proxy") {
+            if let Some(p) = result(&r.name, "turn-tls-proxy") {
                 row(
-                    &r.host,
+                    r,
                     r.tls_port.to_string(),
                     "HTTP CONNECT",
+                    OUT,
                     "the same through the web proxy (no TLS inspection)",
-                    found(&r.name, "turn-tls-proxy"),
+                    verdict(Some(p)),
                 );
             }
         }
@@ -177,11 +278,12 @@ pub fn firewall(regions: &[Region], results: &[PathResult]) -> String {
             .flat_map(|s| s.ports().unwrap_or_default())
         {
             row(
-                &r.host,
+                r,
                 p.to_string(),
                 "UDP",
+                OUT,
                 "application media port (echo test)",
-                found(&r.name, &format!("echo-udp:{p}")),
+                verdict(result(&r.name, &format!("echo-udp:{p}"))),
             );
         }
         for p in r
@@ -190,13 +292,34 @@ pub fn firewall(regions: &[Region], results: &[PathResult]) -> String {
             .flat_map(|s| s.ports().unwrap_or_default())
         {
             row(
-                &r.host,
+                r,
                 p.to_string(),
                 "TCP",
+                OUT,
                 "application port (echo test)",
-                found(&r.name, &format!("echo-tcp:{p}")),
+                verdict(result(&r.name, &format!("echo-tcp:{p}"))),
             );
         }
+    }
+    rows
+}
+
+/// The firewall table as text.
+pub fn firewall(rows: &[FirewallRow]) -> String {
+    let mut out = format!(
+        "{:<28} {:<12} {:<12} {:<10} {:<56} {}\n",
+        "DESTINATION", "PORT", "PROTOCOL", "DIRECTION", "PURPOSE", "FOUND FROM HERE"
+    );
+    for r in rows {
+        let found = if r.detail.is_empty() {
+            r.verdict.label().to_owned()
+        } else {
+            format!("{}: {}", r.verdict.label(), r.detail)
+        };
+        out += &format!(
+            "{:<28} {:<12} {:<12} {:<10} {:<56} {found}\n",
+            r.destination, r.port, r.protocol, r.direction, r.purpose
+        );
     }
     out
 }

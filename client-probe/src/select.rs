@@ -29,8 +29,13 @@ pub struct PathResult {
     pub relay_rtt_ms: Option<f64>,
     /// The address the relay or echo saw the probe at.
     pub mapped: Option<String>,
-    /// Why the path failed: dns, timeout, refused, tls, 401, 403, proxy…, with details.
+    /// Why the path failed: dns, timeout, refused, reset, tls, 401, 403, proxy…, with
+    /// details.
     pub error: Option<String>,
+    /// Whether the probe got through to the host: a TCP connection was accepted, or the relay
+    /// answered at all (an error response counts). A timeout of a path that was reached is a
+    /// service not answering, not a firewall dropping packets.
+    pub reached: bool,
 }
 
 impl PathResult {
@@ -51,6 +56,7 @@ impl PathResult {
     /// Fills RTT, jitter and loss from the samples that came back out of `sent`.
     pub fn with_samples(mut self, samples: &[f64], sent: usize) -> Self {
         self.reachable = !samples.is_empty();
+        self.reached |= self.reachable;
         self.rtt_ms = rtt(samples);
         self.jitter_ms = jitter(samples);
         self.loss = (sent > 0).then(|| 1.0 - samples.len() as f64 / sent as f64);

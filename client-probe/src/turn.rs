@@ -19,6 +19,9 @@ pub enum Failure {
     Timeout(String),
     #[error("refused: {0}")]
     Refused(String),
+    /// The connection was reset: a middlebox (or the host) cut it.
+    #[error("reset: {0}")]
+    Reset(String),
     #[error("tls: {0}")]
     Tls(String),
     #[error("proxy: {0}")]
@@ -37,6 +40,9 @@ impl Failure {
                 Failure::Refused(format!("{what}: connection refused"))
             }
             std::io::ErrorKind::TimedOut => Failure::Timeout(what.to_owned()),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted => {
+                Failure::Reset(format!("{what}: connection reset"))
+            }
             _ => Failure::Other(format!("{what}: {e}")),
         }
     }

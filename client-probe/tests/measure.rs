@@ -298,6 +298,9 @@ fn every_unreachable_path_says_why() {
         .expect("addr")
         .port();
     let closed_tcp = free_port();
+    // Accepts TCP connections (the kernel completes them into the backlog) and never answers.
+    let silent = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let silent_port = silent.local_addr().expect("addr").port();
     let other = relay(&[]);
     let file = format!(
         r#"
@@ -330,6 +333,13 @@ password = "wonderland"
 name = "nowhere"
 host = "relay.invalid"
 udp_port = 3478
+username = "alice"
+password = "wonderland"
+
+[[region]]
+name = "silent"
+host = "127.0.0.1"
+tcp_port = {silent_port}
 username = "alice"
 password = "wonderland"
 "#,
@@ -382,7 +392,10 @@ password = "wonderland"
     assert!(error("down", "turn-tcp").starts_with("refused"), "{report}");
     assert!(error("nowhere", "stun-udp").starts_with("dns"), "{report}");
 
-    // The table and the firewall report say the same for people.
+    // The table and the firewall report say the same for people, and tell apart what was
+    // seen: a port nothing listens on, one that accepts but does not speak TURN, a relay
+    // that refused the credentials, a name that does not resolve, and the relay ports,
+    // never tried where no UDP allocation was made.
     let (_, table) = probe(&[
         "measure",
         "--regions",
@@ -394,8 +407,74 @@ password = "wonderland"
         "--firewall",
     ]);
     assert!(table.contains("selected: tcp-only via turn-tcp"), "{table}");
-    assert!(table.contains("BLOCKED (refused"), "{table}");
+    let row = |port: u16, purpose: &str| {
+        table
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(&port.to_string()) && l.contains(purpose))
+            .unwrap_or_else(|| panic!("no row for {port} ({purpose}):\n{table}"))
+            .to_owned()
+    };
+    assert!(
+        row(closed_tcp, "TURN over TCP").contains("REFUSED by the host (nothing listening)"),
+        "{table}"
+    );
+    assert!(
+        row(silent_port, "TURN over TCP").contains("REACHED, but no TURN answer"),
+        "{table}"
+    );
+    assert!(
+        row(other.udp.port(), "STUN and TURN").contains("open, but the relay refused: 401"),
+        "{table}"
+    );
+    assert!(
+        row(closed_udp, "STUN and TURN").contains("REFUSED by the host"),
+        "{table}"
+    );
+    let relayed: Vec<&str> = table
+        .lines()
+        .filter(|l| l.contains("relayed media"))
+        .collect();
+    assert!(
+        relayed.iter().all(|l| l.contains("not tested")) && relayed.len() == 3,
+        "{table}"
+    );
+    assert!(table.contains("UNKNOWN: dns"), "{table}");
+    assert!(
+        !table.contains("BLOCKED"),
+        "nothing here was blocked on the way:\n{table}"
+    );
     assert!(table.contains("TURN over TLS"), "{table}");
+    // Progress on stderr while the paths wait.
+    assert!(
+        table.contains("turnpike-probe: silent turn-tcp: probing"),
+        "{table}"
+    );
+    // The same rows in the JSON.
+    let (_, out) = probe(&[
+        "measure",
+        "--regions",
+        regions.to_str().expect("path"),
+        "--samples",
+        "2",
+        "--timeout-ms",
+        "500",
+        "--firewall",
+        "--json",
+    ]);
+    let rows = json(&out)["firewall"]
+        .as_array()
+        .expect("firewall rows")
+        .clone();
+    let verdict = |port: u16| {
+        rows.iter()
+            .find(|r| r["port"] == port.to_string().as_str() && r["protocol"] == "TCP")
+            .unwrap_or_else(|| panic!("no row for {port}: {rows:?}"))["verdict"]
+            .clone()
+    };
+    assert_eq!(verdict(closed_tcp), "refused");
+    assert_eq!(verdict(silent_port), "not_answering");
+    assert_eq!(verdict(tcp_only.addr_of("tcp").port()), "open");
+    drop(silent);
 }
 
 #[test]
@@ -510,7 +589,12 @@ fn tls_through_a_real_connect_proxy_and_fresh_ice_servers() {
     ]);
     assert!(ok, "{out}");
     let start = out.find("[\n").expect("iceServers JSON");
-    let servers: serde_json::Value = serde_json::from_str(&out[start..]).expect("iceServers");
+    // The array, without the progress lines stderr adds after it.
+    let servers: serde_json::Value = serde_json::Deserializer::from_str(&out[start..])
+        .into_iter()
+        .next()
+        .expect("iceServers")
+        .expect("iceServers");
     let turn = &servers[1];
     let user = turn["username"].as_str().expect("username");
     let pass = turn["credential"].as_str().expect("credential");
