@@ -6,6 +6,7 @@
 //! - [`turn`]: a small STUN/TURN client over UDP, TCP, TLS and HTTP CONNECT proxies.
 //! - [`probe`]: the paths probed for each region.
 //! - [`select`]: statistics and the choice of the nearest relay (no IO).
+//! - [`quality`]: the voice-call score (ITU-T G.107 E-model) a path's figures predict.
 //! - [`report`]: table, JSON, `iceServers`, firewall table.
 //! - [`watch`]: the exporter.
 //! - [`load`]: the load generator (`turnpike-probe load`), batching its system calls with
@@ -13,6 +14,7 @@
 
 pub mod load;
 pub mod probe;
+pub mod quality;
 pub mod regions;
 pub mod report;
 pub mod select;

@@ -14,8 +14,19 @@ fn num(v: Option<f64>) -> String {
 /// A fixed-width table, one line per region and path, the selection last.
 pub fn table(results: &[PathResult], selected: Option<&Candidate>) -> String {
     let mut out = format!(
-        "{:<12} {:<16} {:<5} {:>7} {:>7} {:>7} {:>7} {:>6} {:>7} {:>7}  {}\n",
-        "REGION", "PATH", "OK", "MIN", "MEDIAN", "P95", "JITTER", "LOSS", "TLS", "ALLOC", "DETAIL"
+        "{:<12} {:<16} {:<5} {:>7} {:>7} {:>7} {:>7} {:>6} {:>4} {:>7} {:>7}  {}\n",
+        "REGION",
+        "PATH",
+        "OK",
+        "MIN",
+        "MEDIAN",
+        "P95",
+        "JITTER",
+        "LOSS",
+        "MOS",
+        "TLS",
+        "ALLOC",
+        "DETAIL"
     );
     for r in results {
         let rtt = r.rtt_ms;
@@ -25,7 +36,7 @@ pub fn table(results: &[PathResult], selected: Option<&Candidate>) -> String {
             (None, None) => String::new(),
         };
         out += &format!(
-            "{:<12} {:<16} {:<5} {:>7} {:>7} {:>7} {:>7} {:>6} {:>7} {:>7}  {}\n",
+            "{:<12} {:<16} {:<5} {:>7} {:>7} {:>7} {:>7} {:>6} {:>4} {:>7} {:>7}  {}\n",
             r.region,
             r.path,
             if r.reachable { "yes" } else { "NO" },
@@ -36,12 +47,15 @@ pub fn table(results: &[PathResult], selected: Option<&Candidate>) -> String {
             r.loss
                 .map(|l| format!("{:.0}%", l * 100.0))
                 .unwrap_or_else(|| "-".into()),
+            r.voice
+                .map(|v| format!("{:.1}", v.mos))
+                .unwrap_or_else(|| "-".into()),
             num(r.tls_handshake_ms),
             num(r.allocation_ms),
             detail
         );
     }
-    out += "(milliseconds; TURN paths time a datagram sent through the relay from one allocation to another)\n";
+    out += "(milliseconds; TURN paths time a datagram sent through the relay from one allocation to another; MOS: a voice call's estimated score, 1 to 4.4, ITU-T G.107)\n";
     match selected {
         Some(c) => {
             out += &format!(

@@ -32,6 +32,8 @@ pub struct PathResult {
     /// Why the path failed: dns, timeout, refused, reset, tls, 401, 403, proxy…, with
     /// details.
     pub error: Option<String>,
+    /// The voice-call score these figures predict (see [`crate::quality`]).
+    pub voice: Option<crate::quality::Voice>,
     /// Whether the probe got through to the host: a TCP connection was accepted, or the relay
     /// answered at all (an error response counts). A timeout of a path that was reached is a
     /// service not answering, not a firewall dropping packets.
@@ -60,6 +62,13 @@ impl PathResult {
         self.rtt_ms = rtt(samples);
         self.jitter_ms = jitter(samples);
         self.loss = (sent > 0).then(|| 1.0 - samples.len() as f64 / sent as f64);
+        self.voice = self.rtt_ms.map(|r| {
+            crate::quality::voice(
+                r.median,
+                self.jitter_ms.unwrap_or(0.0),
+                self.loss.unwrap_or(0.0),
+            )
+        });
         if samples.is_empty() && self.error.is_none() {
             self.error = Some("timeout: no answer".into());
         }

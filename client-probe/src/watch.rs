@@ -17,6 +17,7 @@ pub struct ProbeMetrics {
     up: GaugeVec,
     rtt: GaugeVec,
     jitter: GaugeVec,
+    mos: GaugeVec,
     loss: GaugeVec,
     allocation: GaugeVec,
     tls: GaugeVec,
@@ -67,6 +68,12 @@ impl ProbeMetrics {
                 "Fraction of samples lost in the last round.",
                 rp,
             ),
+            mos: gauge(
+                &registry,
+                "turnpike_probe_mos",
+                "Estimated voice-call MOS (ITU-T G.107 E-model, G.711) from the last round's RTT, jitter and loss; NaN when nothing came back.",
+                rp,
+            ),
             allocation: gauge(
                 &registry,
                 "turnpike_probe_allocation_ms",
@@ -108,6 +115,9 @@ impl ProbeMetrics {
                 .with_label_values(&l)
                 .set(r.jitter_ms.unwrap_or(f64::NAN));
             self.loss.with_label_values(&l).set(r.loss.unwrap_or(1.0));
+            self.mos
+                .with_label_values(&l)
+                .set(r.voice.map_or(f64::NAN, |v| v.mos));
             if let Some(a) = r.allocation_ms {
                 self.allocation.with_label_values(&l).set(a);
             }

@@ -377,6 +377,16 @@ password = "wonderland"
         "{report}"
     );
     assert_eq!(path(&report, "tcp-only", "turn-tcp")["reachable"], true);
+    // Its voice-call estimate, near the ceiling on loopback; none where nothing came back.
+    let voice = &path(&report, "tcp-only", "turn-tcp")["voice"];
+    assert!(
+        voice["mos"]
+            .as_f64()
+            .is_some_and(|m| (4.3..=4.41).contains(&m))
+            && voice["rating"] == "best",
+        "{voice}"
+    );
+    assert!(path(&report, "tcp-only", "turn-udp")["voice"].is_null());
     let tls = path(&report, "tcp-only", "turn-tls");
     assert_eq!(tls["reachable"], true, "{tls}");
     assert!(tls["tls_handshake_ms"].as_f64().is_some());
@@ -691,6 +701,12 @@ fn watch_serves_prometheus_metrics() {
         &[("region", "eu"), ("path", "stun-udp"), ("stat", "median")]
     )
     .is_some_and(|v| v >= 0.0));
+    // Loopback, nothing lost: a voice call would score near G.711's ceiling of 4.41.
+    let mos = value(
+        "turnpike_probe_mos",
+        &[("region", "eu"), ("path", "turn-udp")],
+    );
+    assert!(mos.is_some_and(|m| (4.3..=4.41).contains(&m)), "{body}");
 }
 
 #[test]
