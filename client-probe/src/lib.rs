@@ -8,10 +8,12 @@
 //! - [`select`]: statistics and the choice of the nearest relay (no IO).
 //! - [`quality`]: the voice-call score (ITU-T G.107 E-model) a path's figures predict.
 //! - [`report`]: table, JSON, `iceServers`, firewall table.
+//! - [`capture`]: the pcapng file of what the probe sent and received.
 //! - [`watch`]: the exporter.
 //! - [`load`]: the load generator (`turnpike-probe load`), batching its system calls with
 //!   `turnpike_udp`.
 
+pub mod capture;
 pub mod load;
 pub mod probe;
 pub mod quality;

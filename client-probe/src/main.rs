@@ -33,6 +33,9 @@ enum Command {
         /// Print the firewall table for IT (destinations, ports, protocols, what was open).
         #[arg(long)]
         firewall: bool,
+        /// Write every packet the probe sent and received to this pcapng file (Wireshark).
+        #[arg(long, value_name = "FILE.pcapng")]
+        capture: Option<std::path::PathBuf>,
     },
     /// Probe on an interval and serve Prometheus metrics.
     Watch {
@@ -340,6 +343,7 @@ impl Common {
             timeout: Duration::from_millis(self.timeout_ms.max(1)),
             proxy,
             progress: false,
+            capture: None,
         };
         Ok((regions, opts, prefer))
     }
@@ -369,6 +373,7 @@ fn main() -> ExitCode {
             json,
             ice_servers,
             firewall,
+            capture,
         } => {
             let (regions, mut opts, prefer) = match common.load() {
                 Ok(x) => x,
@@ -378,7 +383,34 @@ fn main() -> ExitCode {
                 }
             };
             opts.progress = true;
+            if capture.is_some() {
+                opts.capture = Some(turnpike_probe::capture::Capture::new());
+            }
             let results = rt.block_on(turnpike_probe::measure(&regions, &opts));
+            if let (Some(file), Some(c)) = (&capture, &opts.capture) {
+                let written = std::fs::File::create(file)
+                    .map_err(|e| e.to_string())
+                    .and_then(|f| {
+                        c.write(std::io::BufWriter::new(f), |region, path| {
+                            report::path_verdict(
+                                results
+                                    .iter()
+                                    .find(|r| r.region == region && r.path == path),
+                            )
+                        })
+                    });
+                match written {
+                    Ok(n) => eprintln!(
+                        "turnpike-probe: {n} packets written to {} (tshark -r {} -Y stun)",
+                        file.display(),
+                        file.display()
+                    ),
+                    Err(e) => {
+                        eprintln!("turnpike-probe: {}: {e}", file.display());
+                        return ExitCode::from(2);
+                    }
+                }
+            }
             let selected = select::nearest(&results, &prefer);
             let chosen = selected
                 .as_ref()

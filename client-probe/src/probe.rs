@@ -9,6 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
+use crate::capture::{PathCapture, TapStream};
 use crate::regions::Region;
 use crate::select::PathResult;
 use crate::turn::{Conn, Failure, Stream, TurnClient};
@@ -26,6 +27,15 @@ pub struct Options {
     pub proxy: Option<Proxy>,
     /// Say on stderr which path is being probed (a blocked path waits for its timeouts).
     pub progress: bool,
+    /// Record every packet (`measure --capture`).
+    pub capture: Option<std::sync::Arc<crate::capture::Capture>>,
+}
+
+impl Options {
+    /// Where a path records its packets, when capturing.
+    fn tap(&self, region: &Region, path: &str) -> Option<PathCapture> {
+        self.capture.as_ref().map(|c| c.path(&region.name, path))
+    }
 }
 
 /// `http://[user:pass@]host:port`.
@@ -283,9 +293,11 @@ pub async fn probe_region(region: &Region, opts: &Options) -> Vec<PathResult> {
 
 async fn stun_udp(region: &Region, opts: &Options) -> PathResult {
     let result = PathResult::new(&region.name, "stun-udp");
+    let tap = opts.tap(region, "stun-udp");
     let run = async {
         let addr = resolve(&region.host, region.udp_port).await?;
-        let mut client = TurnClient::new(Conn::Udp(udp_to(addr).await?), "", "");
+        let mut client =
+            TurnClient::new(Conn::Udp(udp_to(addr).await?), "", "").tapped(tap.as_ref());
         let mut samples = Vec::new();
         let mut mapped = None;
         let mut last_error = None;
@@ -322,6 +334,7 @@ async fn turn_conn(
     region: &Region,
     opts: &Options,
     path: &str,
+    tap: Option<&PathCapture>,
 ) -> Result<(Conn, Option<f64>), Failure> {
     match path {
         "turn-udp" => Ok((
@@ -330,10 +343,11 @@ async fn turn_conn(
         )),
         "turn-tcp" => {
             let tcp = tcp_to(resolve(&region.host, region.tcp_port).await?, opts.timeout).await?;
-            Ok((Conn::Stream(Box::new(tcp)), None))
+            Ok((Conn::Stream(Box::new(TapStream::tcp(tcp, tap))), None))
         }
         "turn-tls" => {
             let tcp = tcp_to(resolve(&region.host, region.tls_port).await?, opts.timeout).await?;
+            let tcp = TapStream::tcp(tcp, tap);
             let (tls, t) = tls_over(region, tcp, &[b"stun.turn"], opts.timeout).await?;
             Ok((Conn::Stream(tls), Some(t)))
         }
@@ -343,6 +357,8 @@ async fn turn_conn(
                 .as_ref()
                 .ok_or_else(|| Failure::Other("no proxy".into()))?;
             let tcp = connect_via_proxy(proxy, &region.host, region.tls_port, opts.timeout).await?;
+            // Recorded from the TLS handshake on (the CONNECT exchange before it is not).
+            let tcp = TapStream::tcp(tcp, tap);
             let (tls, t) = tls_over(region, tcp, &[b"stun.turn"], opts.timeout).await?;
             Ok((Conn::Stream(tls), Some(t)))
         }
@@ -357,13 +373,14 @@ const SAME_RELAYED_TRIES: u32 = 4;
 /// same relay (the first sends to the second's relayed address, through the relay).
 async fn turn_path(region: &Region, opts: &Options, path: &str) -> PathResult {
     let mut result = PathResult::new(&region.name, path);
+    let tap = opts.tap(region, path);
     let (user, pass) = credentials(region);
     // Whether the host was reached: a TCP connection accepted, or any answer from the relay.
     let reached = std::cell::Cell::new(false);
     let run = async {
-        let (conn_a, tls_ms) = turn_conn(region, opts, path).await?;
+        let (conn_a, tls_ms) = turn_conn(region, opts, path, tap.as_ref()).await?;
         reached.set(path != "turn-udp");
-        let mut a = TurnClient::new(conn_a, &user, &pass);
+        let mut a = TurnClient::new(conn_a, &user, &pass).tapped(tap.as_ref());
         let start = Instant::now();
         let (relayed_a, mapped) = a.allocate(opts.timeout).await?;
         reached.set(true);
@@ -374,8 +391,8 @@ async fn turn_path(region: &Region, opts: &Options, path: &str) -> PathResult {
         let mut tries = 0;
         let (mut b, relayed_b) = loop {
             tries += 1;
-            let (conn_b, _) = turn_conn(region, opts, path).await?;
-            let mut b = TurnClient::new(conn_b, &user, &pass);
+            let (conn_b, _) = turn_conn(region, opts, path, tap.as_ref()).await?;
+            let mut b = TurnClient::new(conn_b, &user, &pass).tapped(tap.as_ref());
             match b.allocate(opts.timeout).await {
                 Ok((r, _)) if r == relayed_a && tries < SAME_RELAYED_TRIES => b.release().await,
                 Ok((r, _)) if r == relayed_a => {
@@ -466,8 +483,13 @@ fn echo_mapped(reply: &[u8]) -> Option<String> {
 
 async fn echo_udp(region: &Region, opts: &Options, port: u16) -> PathResult {
     let result = PathResult::new(&region.name, &format!("echo-udp:{port}"));
+    let tap = opts.tap(region, &format!("echo-udp:{port}"));
     let run = async {
         let sock = udp_to(resolve(&region.host, port).await?).await?;
+        let udp_tap = match (&tap, sock.local_addr(), sock.peer_addr()) {
+            (Some(t), Ok(l), Ok(r)) => Some(t.udp(l, r)),
+            _ => None,
+        };
         let mut samples = Vec::new();
         let mut mapped = None;
         let mut last_error = None;
@@ -478,6 +500,9 @@ async fn echo_udp(region: &Region, opts: &Options, port: u16) -> PathResult {
             let req = echo_request(i as u32);
             let start = Instant::now();
             sock.send(&req).await.map_err(|e| Failure::io("send", e))?;
+            if let Some(t) = &udp_tap {
+                t.sent(&req);
+            }
             let deadline = start + opts.timeout;
             loop {
                 let mut buf = [0u8; 128];
@@ -493,12 +518,16 @@ async fn echo_udp(region: &Region, opts: &Options, port: u16) -> PathResult {
                         last_error = Some(Failure::io("echo", e));
                         break;
                     }
-                    Ok(Ok(n)) if n >= 8 && buf[4..8] == req[4..8] => {
-                        samples.push(ms(start.elapsed()));
-                        mapped = echo_mapped(&buf[..n]);
-                        break;
+                    Ok(Ok(n)) => {
+                        if let (Some(t), Ok(from)) = (&udp_tap, sock.peer_addr()) {
+                            t.received(from, &buf[..n]);
+                        }
+                        if n >= 8 && buf[4..8] == req[4..8] {
+                            samples.push(ms(start.elapsed()));
+                            mapped = echo_mapped(&buf[..n]);
+                            break;
+                        }
                     }
-                    Ok(Ok(_)) => {}
                 }
             }
         }
@@ -519,9 +548,13 @@ async fn echo_udp(region: &Region, opts: &Options, port: u16) -> PathResult {
 
 async fn echo_tcp(region: &Region, opts: &Options, port: u16) -> PathResult {
     let result = PathResult::new(&region.name, &format!("echo-tcp:{port}"));
+    let tap = opts.tap(region, &format!("echo-tcp:{port}"));
     let reached = std::cell::Cell::new(false);
     let run = async {
-        let mut tcp = tcp_to(resolve(&region.host, port).await?, opts.timeout).await?;
+        let mut tcp = TapStream::tcp(
+            tcp_to(resolve(&region.host, port).await?, opts.timeout).await?,
+            tap.as_ref(),
+        );
         reached.set(true);
         let mut samples = Vec::new();
         let mut mapped = None;
@@ -562,11 +595,13 @@ async fn echo_tcp(region: &Region, opts: &Options, port: u16) -> PathResult {
 /// given, as a browser behind it would go).
 async fn websocket(region: &Region, opts: &Options) -> PathResult {
     let mut result = PathResult::new(&region.name, "websocket");
+    let tap = opts.tap(region, "websocket");
     let run = async {
         let tcp = match &opts.proxy {
             Some(p) => connect_via_proxy(p, &region.host, region.tls_port, opts.timeout).await?,
             None => tcp_to(resolve(&region.host, region.tls_port).await?, opts.timeout).await?,
         };
+        let tcp = TapStream::tcp(tcp, tap.as_ref());
         let (tls, tls_ms) = tls_over(region, tcp, &[b"http/1.1"], opts.timeout).await?;
         let url = format!("wss://{}:{}/echo/ws", region.tls_name(), region.tls_port);
         let (mut ws, _) =

@@ -182,6 +182,16 @@ fn verdict(r: Option<&PathResult>) -> (Verdict, String) {
     (v, e)
 }
 
+/// A path's verdict in words, as the firewall table and the capture's comments give it.
+pub fn path_verdict(r: Option<&PathResult>) -> String {
+    let (v, detail) = verdict(r);
+    if detail.is_empty() {
+        v.label().to_owned()
+    } else {
+        format!("{}: {detail}", v.label())
+    }
+}
+
 /// The relayed-media row follows the UDP TURN path: its relayed datagrams crossed the relay
 /// ports (open), the relay allocated but they did not come back (blocked), or no allocation
 /// was made, so the relay ports were never tried.

@@ -62,6 +62,8 @@ pub struct TurnClient {
     conn: Conn,
     creds: Credentials,
     rbuf: Vec<u8>,
+    /// Records the UDP datagrams (`measure --capture`); streams record below TLS.
+    tap: Option<crate::capture::UdpTap>,
 }
 
 /// Credentials and the state long-term authentication learns (realm, nonce): what signs a
@@ -136,7 +138,18 @@ impl TurnClient {
                 next: rand::random(),
             },
             rbuf: Vec::new(),
+            tap: None,
         }
+    }
+
+    /// Records this client's UDP datagrams into `path`, when there is one.
+    pub fn tapped(mut self, path: Option<&crate::capture::PathCapture>) -> Self {
+        if let (Some(path), Conn::Udp(s)) = (path, &self.conn) {
+            if let (Ok(local), Ok(remote)) = (s.local_addr(), s.peer_addr()) {
+                self.tap = Some(path.udp(local, remote));
+            }
+        }
+        self
     }
 
     /// Starts with a realm and nonce learnt by another client of the same address, so the
@@ -163,11 +176,13 @@ impl TurnClient {
 
     async fn send(&mut self, packet: &[u8]) -> Result<(), Failure> {
         match &mut self.conn {
-            Conn::Udp(s) => s
-                .send(packet)
-                .await
-                .map(|_| ())
-                .map_err(|e| Failure::io("send", e)),
+            Conn::Udp(s) => {
+                s.send(packet).await.map_err(|e| Failure::io("send", e))?;
+                if let Some(t) = &self.tap {
+                    t.sent(packet);
+                }
+                Ok(())
+            }
             Conn::Stream(s) => s
                 .write_all(packet)
                 .await
@@ -187,6 +202,9 @@ impl TurnClient {
                         .await
                         .map_err(|e| Failure::io("receive", e))?;
                     buf.truncate(n);
+                    if let (Some(t), Ok(from)) = (&self.tap, s.peer_addr()) {
+                        t.received(from, &buf);
+                    }
                     Ok(buf)
                 }
                 Conn::Stream(s) => loop {

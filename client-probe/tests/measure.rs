@@ -849,3 +849,110 @@ fn shared_relay_ports_pass_the_turn_paths_and_the_firewall_table_lists_them() {
     assert!(media.contains(&shared) && media.contains("open"), "{table}");
     assert!(!table.contains("49152-65535"), "{table}");
 }
+
+/// `--capture`: a pcapng file Wireshark's tshark reads without a malformed packet, with as many
+/// packets as the probe said it wrote, the STUN and TURN messages decoded, TLS as TLS records,
+/// one interface per path, and each path's first packet naming the path and its verdict.
+#[test]
+fn the_capture_file_is_what_tshark_decodes() {
+    let cert = TestCert::new("probe-capture", &["turn.test", "127.0.0.1"]);
+    let r = relay(&[
+        "--listen",
+        "tls://127.0.0.1:0",
+        "--cert",
+        cert.cert.to_str().expect("p"),
+        "--key",
+        cert.key.to_str().expect("p"),
+    ]);
+    let closed_udp = free_port();
+    let regions = cert.dir.join("regions.toml");
+    std::fs::write(
+        &regions,
+        format!(
+            "[[region]]\nname = \"local\"\nhost = \"127.0.0.1\"\nudp_port = {}\ntcp_port = {}\ntls_port = {}\ntls_name = \"turn.test\"\nca_file = \"{}\"\nusername = \"alice\"\npassword = \"wonderland\"\n\n[[region]]\nname = \"down\"\nhost = \"127.0.0.1\"\nudp_port = {closed_udp}\nusername = \"alice\"\npassword = \"wonderland\"\n",
+            r.udp.port(),
+            r.addr_of("tcp").port(),
+            r.addr_of("tls").port(),
+            cert.cert.display()
+        ),
+    )
+    .expect("regions");
+    let file = cert.dir.join("probe.pcapng");
+    let (_, out) = probe(&[
+        "measure",
+        "--regions",
+        regions.to_str().expect("path"),
+        "--samples",
+        "3",
+        "--timeout-ms",
+        "500",
+        "--capture",
+        file.to_str().expect("path"),
+    ]);
+    let written: usize = out
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("turnpike-probe: ")?
+                .split_once(" packets written to ")
+        })
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count of packets written:\n{out}"));
+    let tshark = |args: &[&str]| -> String {
+        let o = Command::new("tshark")
+            .arg("-r")
+            .arg(&file)
+            .args(args)
+            .output()
+            .expect("tshark (.ci/run installs it)");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    // The relay's ports as STUN, as the README tells IT to decode a relay on other ports.
+    let decode = [
+        "-d",
+        &format!("udp.port=={},stun", r.udp.port()),
+        "-d",
+        &format!("tcp.port=={},stun", r.addr_of("tcp").port()),
+        "-d",
+        &format!("tcp.port=={},tls", r.addr_of("tls").port()),
+    ]
+    .map(|s| s.to_owned());
+    let decode: Vec<&str> = decode.iter().map(String::as_str).collect();
+    let all = tshark(&decode);
+    assert_eq!(all.lines().count(), written, "{all}");
+    let mut filter = decode.clone();
+    filter.extend(["-Y", "_ws.malformed || _ws.expert.severity >= error"]);
+    assert_eq!(tshark(&filter).trim(), "", "malformed packets:\n{all}");
+    for (shown, what) in [
+        ("Allocate Success Response", "TURN over UDP and TCP"),
+        ("Binding Success Response", "STUN"),
+        ("CreatePermission", "permissions"),
+        ("Application Data", "TLS records"),
+    ] {
+        assert!(all.contains(shown), "no {what} ({shown}):\n{all}");
+    }
+    let comments = tshark(&[
+        "-Y",
+        "frame.comment",
+        "-T",
+        "fields",
+        "-e",
+        "frame.interface_name",
+        "-e",
+        "frame.comment",
+    ]);
+    for (path, verdict) in [
+        ("local stun-udp", "open"),
+        ("local turn-udp", "open"),
+        ("local turn-tcp", "open"),
+        ("local turn-tls", "open"),
+        ("down stun-udp", "REFUSED by the host"),
+    ] {
+        assert!(
+            comments
+                .lines()
+                .any(|l| l.starts_with(&format!("{path}\t{path}: {verdict}"))),
+            "no comment for {path}: {verdict}:\n{comments}"
+        );
+    }
+}

@@ -1,0 +1,330 @@
+//! `measure --capture FILE.pcapng`: every packet the probe sent and received, for IT to open
+//! in Wireshark.
+//!
+//! Each probed path is one interface of the file, named after the region and path. UDP paths
+//! are recorded as the datagrams that went out and came in; TCP and TLS paths as the bytes
+//! each write and read carried on the TCP connection (for TLS, the TLS records, as on the
+//! wire), each as one segment with the connection's real addresses, ports and sequence
+//! numbers. The kernel's own packets (handshakes, acknowledgements, retransmissions) are not
+//! there: the probe sees what its sockets carry, not the wire, so a capture file needs no
+//! privileges. Addresses and timestamps are the real ones. The first packet of each path
+//! carries a comment naming the path and its verdict. The file format and the headers are
+//! written by the `pcap-file` and `etherparse` crates.
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use pcap_file::pcapng::blocks::enhanced_packet::{EnhancedPacketBlock, EnhancedPacketOption};
+use pcap_file::pcapng::blocks::interface_description::{
+    InterfaceDescriptionBlock, InterfaceDescriptionOption,
+};
+use pcap_file::pcapng::PcapNgWriter;
+use pcap_file::DataLink;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Most bytes one recorded segment carries: an IP packet's limit, less the headers.
+const MAX_SEGMENT: usize = 65_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    Udp,
+    Tcp,
+}
+
+#[derive(Debug)]
+struct Packet {
+    time: Duration,
+    src: SocketAddr,
+    dst: SocketAddr,
+    proto: Proto,
+    /// TCP: sequence and acknowledgement numbers.
+    seq: u32,
+    ack: u32,
+    payload: Vec<u8>,
+}
+
+#[derive(Debug, Default)]
+struct Trace {
+    region: String,
+    path: String,
+    packets: Vec<Packet>,
+}
+
+/// What a measurement run captured, path by path.
+#[derive(Debug, Default)]
+pub struct Capture {
+    traces: Mutex<Vec<Trace>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn now() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+impl Capture {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Capture::default())
+    }
+
+    /// A trace for one path of one region: where its connections record.
+    pub fn path(self: &Arc<Self>, region: &str, path: &str) -> PathCapture {
+        let mut traces = lock(&self.traces);
+        traces.push(Trace {
+            region: region.to_owned(),
+            path: path.to_owned(),
+            packets: Vec::new(),
+        });
+        PathCapture {
+            capture: Arc::clone(self),
+            index: traces.len() - 1,
+        }
+    }
+
+    fn push(&self, index: usize, packet: Packet) {
+        if let Some(t) = lock(&self.traces).get_mut(index) {
+            t.packets.push(packet);
+        }
+    }
+
+    /// Packets captured so far.
+    pub fn count(&self) -> usize {
+        lock(&self.traces).iter().map(|t| t.packets.len()).sum()
+    }
+
+    /// Writes the pcapng file: an interface per path that sent anything, with `verdict`'s
+    /// text for each path in the comment of its first packet. Returns the packets written.
+    pub fn write(
+        &self,
+        out: impl std::io::Write,
+        verdict: impl Fn(&str, &str) -> String,
+    ) -> Result<usize, String> {
+        let traces = lock(&self.traces);
+        let mut w = PcapNgWriter::new(out).map_err(|e| e.to_string())?;
+        let mut written = 0;
+        for (interface, t) in traces.iter().filter(|t| !t.packets.is_empty()).enumerate() {
+            let name = format!("{} {}", t.region, t.path);
+            w.write_pcapng_block(InterfaceDescriptionBlock {
+                linktype: DataLink::RAW,
+                snaplen: 0,
+                options: vec![
+                    InterfaceDescriptionOption::IfName(Cow::Owned(name.clone())),
+                    InterfaceDescriptionOption::IfDescription(Cow::Borrowed(
+                        "turnpike-probe: what this path's sockets sent and received",
+                    )),
+                    // The timestamps are written in nanoseconds.
+                    InterfaceDescriptionOption::IfTsResol(9),
+                ],
+            })
+            .map_err(|e| e.to_string())?;
+            for (i, p) in t.packets.iter().enumerate() {
+                let data = ip_packet(p)?;
+                let options = if i == 0 {
+                    vec![EnhancedPacketOption::Comment(Cow::Owned(format!(
+                        "{name}: {}",
+                        verdict(&t.region, &t.path)
+                    )))]
+                } else {
+                    Vec::new()
+                };
+                w.write_pcapng_block(EnhancedPacketBlock {
+                    interface_id: interface as u32,
+                    timestamp: p.time,
+                    original_len: data.len() as u32,
+                    data: Cow::Owned(data),
+                    options,
+                })
+                .map_err(|e| e.to_string())?;
+                written += 1;
+            }
+        }
+        Ok(written)
+    }
+}
+
+/// An IPv4 or IPv6 packet with its UDP or TCP header around the payload.
+fn ip_packet(p: &Packet) -> Result<Vec<u8>, String> {
+    use etherparse::PacketBuilder;
+    let ip = match (p.src, p.dst) {
+        (SocketAddr::V4(s), SocketAddr::V4(d)) => {
+            PacketBuilder::ipv4(s.ip().octets(), d.ip().octets(), 64)
+        }
+        (SocketAddr::V6(s), SocketAddr::V6(d)) => {
+            PacketBuilder::ipv6(s.ip().octets(), d.ip().octets(), 64)
+        }
+        _ => return Err("a packet between address families".into()),
+    };
+    let mut out = Vec::new();
+    let written = match p.proto {
+        Proto::Udp => ip
+            .udp(p.src.port(), p.dst.port())
+            .write(&mut out, &p.payload)
+            .map_err(|e| e.to_string()),
+        Proto::Tcp => ip
+            .tcp(p.src.port(), p.dst.port(), p.seq, 65_535)
+            .ack(p.ack)
+            .psh()
+            .write(&mut out, &p.payload)
+            .map_err(|e| e.to_string()),
+    };
+    written.map(|()| out)
+}
+
+/// Where one path records.
+#[derive(Debug, Clone)]
+pub struct PathCapture {
+    capture: Arc<Capture>,
+    index: usize,
+}
+
+impl PathCapture {
+    /// A UDP socket's datagrams between `local` and `remote`.
+    pub fn udp(&self, local: SocketAddr, remote: SocketAddr) -> UdpTap {
+        UdpTap {
+            path: self.clone(),
+            local,
+            remote,
+        }
+    }
+
+    fn record(&self, packet: Packet) {
+        self.capture.push(self.index, packet);
+    }
+}
+
+/// Records a UDP socket's datagrams.
+#[derive(Debug, Clone)]
+pub struct UdpTap {
+    path: PathCapture,
+    local: SocketAddr,
+    remote: SocketAddr,
+}
+
+impl UdpTap {
+    pub fn sent(&self, payload: &[u8]) {
+        self.datagram(self.local, self.remote, payload);
+    }
+
+    /// A datagram received from `from` (the relay, or a peer through it).
+    pub fn received(&self, from: SocketAddr, payload: &[u8]) {
+        self.datagram(from, self.local, payload);
+    }
+
+    fn datagram(&self, src: SocketAddr, dst: SocketAddr, payload: &[u8]) {
+        self.path.record(Packet {
+            time: now(),
+            src,
+            dst,
+            proto: Proto::Udp,
+            seq: 0,
+            ack: 0,
+            payload: payload.to_vec(),
+        });
+    }
+}
+
+/// A TCP stream that records what each write and read carried, as segments of the
+/// connection between `local` and `remote`.
+pub struct TapStream<S> {
+    inner: S,
+    path: Option<PathCapture>,
+    local: SocketAddr,
+    remote: SocketAddr,
+    /// Next sequence numbers of each direction (relative, from 1, as Wireshark shows them).
+    out_seq: u32,
+    in_seq: u32,
+}
+
+impl TapStream<tokio::net::TcpStream> {
+    /// `tcp`, recording into `path` when there is one.
+    pub fn tcp(tcp: tokio::net::TcpStream, path: Option<&PathCapture>) -> Self {
+        let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+        TapStream {
+            local: tcp.local_addr().unwrap_or(unspecified),
+            remote: tcp.peer_addr().unwrap_or(unspecified),
+            inner: tcp,
+            path: path.cloned(),
+            out_seq: 1,
+            in_seq: 1,
+        }
+    }
+}
+
+impl<S> TapStream<S> {
+    fn segment(&mut self, outgoing: bool, bytes: &[u8]) {
+        let Some(path) = self.path.clone() else {
+            return;
+        };
+        for chunk in bytes.chunks(MAX_SEGMENT) {
+            let (src, dst, seq, ack) = if outgoing {
+                (self.local, self.remote, self.out_seq, self.in_seq)
+            } else {
+                (self.remote, self.local, self.in_seq, self.out_seq)
+            };
+            path.record(Packet {
+                time: now(),
+                src,
+                dst,
+                proto: Proto::Tcp,
+                seq,
+                ack,
+                payload: chunk.to_vec(),
+            });
+            let n = chunk.len() as u32;
+            if outgoing {
+                self.out_seq = self.out_seq.wrapping_add(n);
+            } else {
+                self.in_seq = self.in_seq.wrapping_add(n);
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for TapStream<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &r {
+            let got = buf.filled()[before..].to_vec();
+            if !got.is_empty() {
+                self.segment(false, &got);
+            }
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for TapStream<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = &r {
+            let n = *n;
+            self.segment(true, &data[..n]);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
