@@ -8,11 +8,13 @@
 //! - [`select`]: statistics and the choice of the nearest relay (no IO).
 //! - [`quality`]: the voice-call score (ITU-T G.107 E-model) a path's figures predict.
 //! - [`report`]: table, JSON, `iceServers`, firewall table.
+//! - [`bandwidth`]: whether a TURN path carries a stated bit rate.
 //! - [`capture`]: the pcapng file of what the probe sent and received.
 //! - [`watch`]: the exporter.
 //! - [`load`]: the load generator (`turnpike-probe load`), batching its system calls with
 //!   `turnpike_udp`.
 
+pub mod bandwidth;
 pub mod capture;
 pub mod load;
 pub mod probe;

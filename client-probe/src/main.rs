@@ -36,6 +36,13 @@ enum Command {
         /// Write every packet the probe sent and received to this pcapng file (Wireshark).
         #[arg(long, value_name = "FILE.pcapng")]
         capture: Option<std::path::PathBuf>,
+        /// Check that each TURN path carries this rate through the relay (bits per second:
+        /// 6M, 500k), up and down at once.
+        #[arg(long, value_name = "RATE")]
+        bandwidth: Option<String>,
+        /// Seconds each bandwidth test lasts (1 to 10).
+        #[arg(long = "bandwidth-secs", default_value_t = 3)]
+        bandwidth_secs: u64,
     },
     /// Probe on an interval and serve Prometheus metrics.
     Watch {
@@ -344,6 +351,7 @@ impl Common {
             proxy,
             progress: false,
             capture: None,
+            bandwidth: None,
         };
         Ok((regions, opts, prefer))
     }
@@ -374,6 +382,8 @@ fn main() -> ExitCode {
             ice_servers,
             firewall,
             capture,
+            bandwidth,
+            bandwidth_secs,
         } => {
             let (regions, mut opts, prefer) = match common.load() {
                 Ok(x) => x,
@@ -383,6 +393,20 @@ fn main() -> ExitCode {
                 }
             };
             opts.progress = true;
+            if let Some(rate) = &bandwidth {
+                let bps = match turnpike_probe::bandwidth::parse_rate(rate) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        eprintln!("turnpike-probe: --bandwidth: {e}");
+                        return ExitCode::from(2);
+                    }
+                };
+                if !(1..=turnpike_probe::bandwidth::MAX_SECS).contains(&bandwidth_secs) {
+                    eprintln!("turnpike-probe: --bandwidth-secs: 1 to 10");
+                    return ExitCode::from(2);
+                }
+                opts.bandwidth = Some((bps, bandwidth_secs));
+            }
             if capture.is_some() {
                 opts.capture = Some(turnpike_probe::capture::Capture::new());
             }

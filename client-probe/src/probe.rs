@@ -9,6 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
+use crate::bandwidth::{self, Bandwidth};
 use crate::capture::{PathCapture, TapStream};
 use crate::regions::Region;
 use crate::select::PathResult;
@@ -29,6 +30,8 @@ pub struct Options {
     pub progress: bool,
     /// Record every packet (`measure --capture`).
     pub capture: Option<std::sync::Arc<crate::capture::Capture>>,
+    /// `measure --bandwidth`: bits per second and seconds, over each TURN path.
+    pub bandwidth: Option<(f64, u64)>,
 }
 
 impl Options {
@@ -433,7 +436,13 @@ async fn turn_path(region: &Region, opts: &Options, path: &str) -> PathResult {
                         }
                     }
                 }
-                Ok(samples)
+                let bandwidth = match opts.bandwidth {
+                    Some((bps, secs)) => Some(
+                        bandwidth_test(&mut a, &mut b, relayed_b, bps, secs, opts.timeout).await,
+                    ),
+                    None => None,
+                };
+                Ok((samples, bandwidth))
             }
             Err(e) => Err(e),
         };
@@ -442,7 +451,8 @@ async fn turn_path(region: &Region, opts: &Options, path: &str) -> PathResult {
         Ok::<_, Failure>((tls_ms, alloc_ms, mapped, outcome?))
     };
     match run.await {
-        Ok((tls_ms, alloc_ms, mapped, samples)) => {
+        Ok((tls_ms, alloc_ms, mapped, (samples, bandwidth))) => {
+            result.bandwidth = bandwidth;
             result.tls_handshake_ms = tls_ms;
             result.allocation_ms = Some(alloc_ms);
             result.mapped = mapped.map(|m| m.to_string());
@@ -461,6 +471,56 @@ async fn turn_path(region: &Region, opts: &Options, path: &str) -> PathResult {
             r
         }
     }
+}
+
+/// Sends paced datagrams from `a` to `to` (the relayed address of `b`) at `bps` for `secs`,
+/// counting what reaches `b` (see [`crate::bandwidth`]).
+async fn bandwidth_test(
+    a: &mut TurnClient,
+    b: &mut TurnClient,
+    to: SocketAddr,
+    bps: f64,
+    secs: u64,
+    timeout: Duration,
+) -> Bandwidth {
+    let (count, gap) = bandwidth::plan(bps, secs);
+    let base = Instant::now();
+    let send = async {
+        let mut sent = 0;
+        for seq in 0..count {
+            tokio::time::sleep_until((base + gap.mul_f64(seq as f64)).into()).await;
+            if a.send_to(to, &bandwidth::payload(seq as u32, base))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            sent += 1;
+        }
+        sent
+    };
+    let receive = async {
+        let end = base + Duration::from_secs(secs) + timeout;
+        let mut seen = vec![false; count];
+        let (mut received, mut rtts) = (0, Vec::new());
+        while received < count {
+            let Ok(data) = b.recv_data(end).await else {
+                break;
+            };
+            let Some((seq, sent_us)) = bandwidth::parse_payload(&data) else {
+                continue;
+            };
+            if let Some(s) = seen.get_mut(seq as usize).filter(|s| !**s) {
+                *s = true;
+                received += 1;
+                let now_us = base.elapsed().as_micros() as u64;
+                rtts.push(now_us.saturating_sub(sent_us) as f64 / 1000.0);
+            }
+        }
+        (received, rtts)
+    };
+    let (sent, (received, mut rtts)) = tokio::join!(send, receive);
+    bandwidth::summarize(bps, secs, sent, received, &mut rtts)
 }
 
 /// A 64-byte echo request: `TPEQ`, sequence number, then padding the echo overwrites.

@@ -56,6 +56,21 @@ pub fn table(results: &[PathResult], selected: Option<&Candidate>) -> String {
         );
     }
     out += "(milliseconds; TURN paths time a datagram sent through the relay from one allocation to another; MOS: a voice call's estimated score, 1 to 4.4, ITU-T G.107)\n";
+    for r in results {
+        if let Some(b) = r.bandwidth {
+            out += &format!(
+                "bandwidth: {} {}: {:.2} of {:.2} Mbit/s through the relay, loss {:.1}%, {} ms under load: {} (video up to {})\n",
+                r.region,
+                r.path,
+                b.received_mbps,
+                b.required_mbps,
+                b.loss * 100.0,
+                b.rtt_ms.map_or("-".into(), |v| format!("{v:.1}")),
+                if b.meets { "meets the requirement" } else { "DOES NOT meet the requirement" },
+                b.video
+            );
+        }
+    }
     match selected {
         Some(c) => {
             out += &format!(

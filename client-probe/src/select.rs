@@ -32,6 +32,8 @@ pub struct PathResult {
     /// Why the path failed: dns, timeout, refused, reset, tls, 401, 403, proxy…, with
     /// details.
     pub error: Option<String>,
+    /// `measure --bandwidth`: what the path carried through the relay at the rate asked for.
+    pub bandwidth: Option<crate::bandwidth::Bandwidth>,
     /// The voice-call score these figures predict (see [`crate::quality`]).
     pub voice: Option<crate::quality::Voice>,
     /// Whether the probe got through to the host: a TCP connection was accepted, or the relay

@@ -956,3 +956,59 @@ fn the_capture_file_is_what_tshark_decodes() {
         );
     }
 }
+
+/// `--bandwidth`: a relay that carries the rate meets the requirement over UDP and TCP; one
+/// whose per-allocation quota is below it does not, and says how much got through.
+#[test]
+fn bandwidth_through_the_relay_meets_or_misses_the_requirement() {
+    let open = relay(&[]);
+    // 62,500 bytes a second per allocation: 0.5 Mbit/s.
+    let limited = relay(&["--max-bps", "62500"]);
+    let cert = TestCert::new("probe-bandwidth", &["unused"]);
+    let regions = cert.dir.join("regions.toml");
+    std::fs::write(
+        &regions,
+        format!(
+            "[[region]]\nname = \"open\"\nhost = \"127.0.0.1\"\nudp_port = {}\ntcp_port = {}\nusername = \"alice\"\npassword = \"wonderland\"\n\n[[region]]\nname = \"limited\"\nhost = \"127.0.0.1\"\nudp_port = {}\nusername = \"alice\"\npassword = \"wonderland\"\n",
+            open.udp.port(),
+            open.addr_of("tcp").port(),
+            limited.udp.port()
+        ),
+    )
+    .expect("regions");
+    let (ok, out) = probe(&[
+        "measure",
+        "--regions",
+        regions.to_str().expect("path"),
+        "--samples",
+        "2",
+        "--bandwidth",
+        "2M",
+        "--bandwidth-secs",
+        "2",
+        "--json",
+    ]);
+    assert!(ok, "{out}");
+    let report = json(&out);
+    for p in ["turn-udp", "turn-tcp"] {
+        let b = &path(&report, "open", p)["bandwidth"];
+        assert_eq!(b["meets"], true, "{p}: {b}");
+        assert_eq!(b["required_mbps"], 2.0, "{b}");
+        assert!(
+            b["received_mbps"].as_f64().is_some_and(|m| m >= 1.9),
+            "{p}: {b}"
+        );
+        assert!(b["rtt_ms"].as_f64().is_some(), "{b}");
+        assert_eq!(b["video"], "540p", "{b}");
+    }
+    let b = &path(&report, "limited", "turn-udp")["bandwidth"];
+    assert_eq!(b["meets"], false, "{b}");
+    assert!(
+        b["received_mbps"]
+            .as_f64()
+            .is_some_and(|m| m > 0.2 && m < 1.0),
+        "the quota's 0.5 Mbit/s (and its burst) got through: {b}"
+    );
+    // Paths without a relay in between are not bandwidth-tested.
+    assert!(path(&report, "open", "stun-udp")["bandwidth"].is_null());
+}
