@@ -11,6 +11,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::bandwidth::{self, Bandwidth};
 use crate::capture::{PathCapture, TapStream};
+use crate::inspect;
 use crate::regions::Region;
 use crate::select::PathResult;
 use crate::turn::{Conn, Failure, Stream, TurnClient};
@@ -136,7 +137,11 @@ async fn tcp_to(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, Failur
 }
 
 /// A TLS client for the region: its own CA when given, else the public web roots.
-pub fn tls_connector(region: &Region) -> Result<tokio_rustls::TlsConnector, Failure> {
+/// A TLS connector for `region`, and the verifier that notes the certificate each handshake
+/// is shown (TLS inspection is told from it).
+pub fn tls_connector(
+    region: &Region,
+) -> Result<(tokio_rustls::TlsConnector, Arc<inspect::Verifier>), Failure> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     match &region.ca_file {
@@ -154,12 +159,20 @@ pub fn tls_connector(region: &Region) -> Result<tokio_rustls::TlsConnector, Fail
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::clone(&provider),
+    )
+    .build()
+    .map_err(|e| Failure::Tls(e.to_string()))?;
+    let verifier = inspect::Verifier::new(webpki, region.tls_spki.clone());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| Failure::Tls(e.to_string()))?
-        .with_root_certificates(roots)
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::clone(&verifier) as _)
         .with_no_client_auth();
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+    Ok((tokio_rustls::TlsConnector::from(Arc::new(config)), verifier))
 }
 
 /// TLS over an established stream; returns the stream and the handshake time.
@@ -172,7 +185,7 @@ async fn tls_over<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let connector = tls_connector(region)?;
+    let (connector, verifier) = tls_connector(region)?;
     let connector = if alpn.is_empty() {
         connector
     } else {
@@ -186,7 +199,18 @@ where
     let tls = tokio::time::timeout(timeout, connector.connect(name, tcp))
         .await
         .map_err(|_| Failure::Timeout("TLS handshake".into()))?
-        .map_err(|e| Failure::Tls(e.to_string()))?;
+        .map_err(|e| {
+            let seen = verifier.last_seen();
+            match inspect::diagnose(
+                &e,
+                region.tls_name(),
+                seen.as_ref(),
+                region.tls_spki.as_deref(),
+            ) {
+                Some(why) => Failure::Inspected(why),
+                None => Failure::Tls(e.to_string()),
+            }
+        })?;
     Ok((Box::new(tls), ms(start.elapsed())))
 }
 

@@ -53,6 +53,11 @@ pub struct Region {
     /// Name the TLS certificate must carry; defaults to `host`.
     #[serde(default)]
     pub tls_name: Option<String>,
+    /// The relay's TLS key, `sha256/BASE64` of its SubjectPublicKeyInfo (as curl's
+    /// `--pinnedpubkey`): a certificate with another key is reported as TLS inspection even
+    /// when this machine trusts its issuer (a company CA installed for its proxy).
+    #[serde(default)]
+    pub tls_spki: Option<String>,
     /// PEM file of the CA to trust for this region instead of the public roots.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
@@ -157,6 +162,20 @@ pub fn parse(source: &str, text: &str) -> Result<Vec<Region>, Error> {
                 "{}: give username and password, or secret",
                 at("username")
             )));
+        }
+        if let Some(pin) = &r.tls_spki {
+            use base64::Engine;
+            let ok = pin.strip_prefix("sha256/").is_some_and(|b| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(b)
+                    .is_ok_and(|d| d.len() == 32)
+            });
+            if !ok {
+                return Err(bad(format!(
+                    "{}: {pin:?}: expected sha256/ and the base64 of 32 bytes",
+                    at("tls_spki")
+                )));
+            }
         }
         for p in &r.relay_ports {
             p.describe()

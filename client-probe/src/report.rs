@@ -141,6 +141,8 @@ pub enum Verdict {
     /// The relay answered and refused (401, 403...): the network is open, the credentials or
     /// the relay's policy are not.
     RelayRefused,
+    /// A TLS certificate that is not the relay's: a proxy on the way inspects TLS.
+    Inspected,
     /// The name does not resolve.
     Unknown,
     /// Not tested from here (the path was not probed, or what it depends on failed first).
@@ -155,6 +157,7 @@ impl Verdict {
             Verdict::Refused => "REFUSED by the host (nothing listening)",
             Verdict::NotAnswering => "REACHED, but no TURN answer",
             Verdict::RelayRefused => "open, but the relay refused",
+            Verdict::Inspected => "TLS INSPECTED on the way",
             Verdict::Unknown => "UNKNOWN",
             Verdict::NotTested => "not tested",
         }
@@ -186,6 +189,7 @@ fn verdict(r: Option<&PathResult>) -> (Verdict, String) {
     let kind = e.split(':').next().unwrap_or("");
     let v = match kind {
         "dns" => Verdict::Unknown,
+        "tls-inspection" => Verdict::Inspected,
         "refused" => Verdict::Refused,
         "reset" | "proxy" => Verdict::Blocked,
         "timeout" if r.reached => Verdict::NotAnswering,

@@ -24,6 +24,9 @@ pub enum Failure {
     Reset(String),
     #[error("tls: {0}")]
     Tls(String),
+    /// The TLS certificate was not the relay's: something on the way inspects TLS.
+    #[error("tls-inspection: {0}")]
+    Inspected(String),
     #[error("proxy: {0}")]
     Proxy(String),
     /// A STUN error response: 401, 403, 437, 508…

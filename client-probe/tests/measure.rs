@@ -1012,3 +1012,110 @@ fn bandwidth_through_the_relay_meets_or_misses_the_requirement() {
     // Paths without a relay in between are not bandwidth-tested.
     assert!(path(&report, "open", "stun-udp")["bandwidth"].is_null());
 }
+
+/// A real proxy that inspects TLS (mitmproxy, re-signing with its own CA): the probe names the
+/// issuer it was shown and says what to ask for; with the relay's key pinned (`tls_spki`) it
+/// tells inspection even where the proxy's CA is trusted, and the relay's own certificate
+/// passes the pin.
+#[test]
+fn a_proxy_that_inspects_tls_is_named_with_its_issuer() {
+    let cert = TestCert::new("probe-mitm", &["turn.test", "127.0.0.1"]);
+    let r = relay(&[
+        "--listen",
+        "tls://127.0.0.1:0",
+        "--cert",
+        cert.cert.to_str().expect("p"),
+        "--key",
+        cert.key.to_str().expect("p"),
+    ]);
+    let tls = r.addr_of("tls").port();
+    let proxy_port = free_port();
+    let confdir = cert.dir.join("mitmproxy");
+    let _proxy = Child2(
+        Command::new("mitmdump")
+            .args(["--listen-host", "127.0.0.1", "-p", &proxy_port.to_string()])
+            .args(["--set", &format!("confdir={}", confdir.display())])
+            // It reaches the relay's self-signed certificate itself.
+            .args(["--ssl-insecure", "-q"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mitmdump (.ci/run installs mitmproxy)"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect(("127.0.0.1", proxy_port)).is_err() {
+        assert!(Instant::now() < deadline, "mitmdump did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let relay_der = {
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_file(&cert.cert).expect("relay cert")
+    };
+    let pin = turnpike_probe::inspect::seen(&relay_der)
+        .expect("parses")
+        .spki;
+    let mitm_ca = confdir.join("mitmproxy-ca-cert.pem");
+    let regions = cert.dir.join("regions.toml");
+    let region = |name: &str, ca: &std::path::Path, pinned: bool| {
+        format!(
+            "[[region]]\nname = \"{name}\"\nhost = \"127.0.0.1\"\ntls_port = {tls}\ntls_name = \"turn.test\"\nca_file = \"{}\"\nusername = \"alice\"\npassword = \"wonderland\"\n{}\n",
+            ca.display(),
+            if pinned { format!("tls_spki = \"{pin}\"\n") } else { String::new() }
+        )
+    };
+    std::fs::write(
+        &regions,
+        region("trusting-relay", &cert.cert, false) + &region("trusting-proxy", &mitm_ca, true),
+    )
+    .expect("regions");
+    let proxy = format!("http://127.0.0.1:{proxy_port}");
+    let (_, out) = probe(&[
+        "measure",
+        "--regions",
+        regions.to_str().expect("path"),
+        "--samples",
+        "2",
+        "--proxy",
+        &proxy,
+        "--json",
+        "--firewall",
+    ]);
+    let report = json(&out);
+    // Directly, the relay's certificate: it works where its CA is trusted.
+    assert_eq!(
+        path(&report, "trusting-relay", "turn-tls")["reachable"],
+        true,
+        "{report}"
+    );
+    // Through the proxy: a certificate from mitmproxy's CA, which this client does not trust.
+    let e = path(&report, "trusting-relay", "turn-tls-proxy")["error"]
+        .as_str()
+        .expect("error")
+        .to_owned();
+    assert!(
+        e.starts_with("tls-inspection:") && e.contains("mitmproxy") && e.contains("bypass list"),
+        "{e}"
+    );
+    // The proxy's CA trusted (as a company installs it), the relay's key pinned: the proxy is
+    // caught by the pin...
+    let e = path(&report, "trusting-proxy", "turn-tls-proxy")["error"]
+        .as_str()
+        .expect("error")
+        .to_owned();
+    assert!(
+        e.starts_with("tls-inspection:") && e.contains("tls_spki") && e.contains("mitmproxy"),
+        "{e}"
+    );
+    // ...and the relay's own certificate, which that CA did not sign, is not called inspection.
+    let e = path(&report, "trusting-proxy", "turn-tls")["error"]
+        .as_str()
+        .expect("error")
+        .to_owned();
+    assert!(e.starts_with("tls:"), "{e}");
+    let rows = report["firewall"].as_array().expect("rows");
+    assert!(
+        rows.iter()
+            .any(|r| r["protocol"] == "HTTP CONNECT" && r["verdict"] == "inspected"),
+        "{rows:?}"
+    );
+}
