@@ -1081,6 +1081,12 @@ fn a_proxy_that_inspects_tls_is_named_with_its_issuer() {
         "--firewall",
     ]);
     let report = json(&out);
+    let error = |region: &str, p: &str| {
+        path(&report, region, p)["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error for {region} {p}: {report}"))
+            .to_owned()
+    };
     // Directly, the relay's certificate: it works where its CA is trusted.
     assert_eq!(
         path(&report, "trusting-relay", "turn-tls")["reachable"],
@@ -1088,29 +1094,20 @@ fn a_proxy_that_inspects_tls_is_named_with_its_issuer() {
         "{report}"
     );
     // Through the proxy: a certificate from mitmproxy's CA, which this client does not trust.
-    let e = path(&report, "trusting-relay", "turn-tls-proxy")["error"]
-        .as_str()
-        .expect("error")
-        .to_owned();
+    let e = error("trusting-relay", "turn-tls-proxy");
     assert!(
         e.starts_with("tls-inspection:") && e.contains("mitmproxy") && e.contains("bypass list"),
         "{e}"
     );
     // The proxy's CA trusted (as a company installs it), the relay's key pinned: the proxy is
     // caught by the pin...
-    let e = path(&report, "trusting-proxy", "turn-tls-proxy")["error"]
-        .as_str()
-        .expect("error")
-        .to_owned();
+    let e = error("trusting-proxy", "turn-tls-proxy");
     assert!(
         e.starts_with("tls-inspection:") && e.contains("tls_spki") && e.contains("mitmproxy"),
         "{e}"
     );
     // ...and the relay's own certificate, which that CA did not sign, is not called inspection.
-    let e = path(&report, "trusting-proxy", "turn-tls")["error"]
-        .as_str()
-        .expect("error")
-        .to_owned();
+    let e = error("trusting-proxy", "turn-tls");
     assert!(e.starts_with("tls:"), "{e}");
     let rows = report["firewall"].as_array().expect("rows");
     assert!(
