@@ -9,6 +9,7 @@
 //! - [`quality`]: the voice-call score (ITU-T G.107 E-model) a path's figures predict.
 //! - [`report`]: table, JSON, `iceServers`, firewall table.
 //! - [`bandwidth`]: whether a TURN path carries a stated bit rate.
+//! - [`html`]: the self-contained HTML report to attach to a ticket.
 //! - [`inspect`]: telling the relay's TLS certificate from an inspecting proxy's.
 //! - [`capture`]: the pcapng file of what the probe sent and received.
 //! - [`watch`]: the exporter.
@@ -17,6 +18,7 @@
 
 pub mod bandwidth;
 pub mod capture;
+pub mod html;
 pub mod inspect;
 pub mod load;
 pub mod probe;

@@ -43,6 +43,9 @@ enum Command {
         /// Seconds each bandwidth test lasts (1 to 10).
         #[arg(long = "bandwidth-secs", default_value_t = 3)]
         bandwidth_secs: u64,
+        /// Write a self-contained HTML report (firewall table, figures, charts, fixes).
+        #[arg(long, value_name = "FILE.html")]
+        report: Option<std::path::PathBuf>,
     },
     /// Probe on an interval and serve Prometheus metrics.
     Watch {
@@ -357,6 +360,54 @@ impl Common {
     }
 }
 
+/// How the run was made, for the HTML report.
+fn run_info(
+    rt: &tokio::runtime::Runtime,
+    regions: &[regions::Region],
+    opts: &Options,
+    common: &Common,
+    started: time::OffsetDateTime,
+) -> turnpike_probe::html::RunInfo {
+    let mut name = [0u8; 256];
+    // SAFETY: gethostname writes at most `len` bytes into the buffer we own.
+    let host = if unsafe { libc::gethostname(name.as_mut_ptr().cast(), name.len()) } == 0 {
+        let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+        String::from_utf8_lossy(&name[..end]).into_owned()
+    } else {
+        "this machine".into()
+    };
+    let mut resolved = Vec::new();
+    for r in regions {
+        if resolved
+            .iter()
+            .any(|(h, _): &(String, Vec<String>)| *h == r.host)
+        {
+            continue;
+        }
+        let addrs = rt
+            .block_on(tokio::net::lookup_host((r.host.as_str(), 0)))
+            .map(|a| {
+                let mut v: Vec<String> = a.map(|s| s.ip().to_string()).collect();
+                v.dedup();
+                v
+            })
+            .unwrap_or_else(|e| vec![format!("does not resolve: {e}")]);
+        resolved.push((r.host.clone(), addrs));
+    }
+    let format = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
+    turnpike_probe::html::RunInfo {
+        time: started.format(&format).unwrap_or_default(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        host,
+        proxy: opts
+            .proxy
+            .as_ref()
+            .map(|p| format!("{}:{}", p.host, p.port)),
+        regions_file: common.regions.display().to_string(),
+        resolved,
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let cli = match cli.command {
@@ -384,6 +435,7 @@ fn main() -> ExitCode {
             capture,
             bandwidth,
             bandwidth_secs,
+            report: report_file,
         } => {
             let (regions, mut opts, prefer) = match common.load() {
                 Ok(x) => x,
@@ -410,6 +462,7 @@ fn main() -> ExitCode {
             if capture.is_some() {
                 opts.capture = Some(turnpike_probe::capture::Capture::new());
             }
+            let started = time::OffsetDateTime::now_utc();
             let results = rt.block_on(turnpike_probe::measure(&regions, &opts));
             if let (Some(file), Some(c)) = (&capture, &opts.capture) {
                 let written = std::fs::File::create(file)
@@ -436,6 +489,22 @@ fn main() -> ExitCode {
                 }
             }
             let selected = select::nearest(&results, &prefer);
+            if let Some(file) = &report_file {
+                let info = run_info(&rt, &regions, &opts, &common, started);
+                let rows = report::firewall_rows(&regions, &results);
+                let page = turnpike_probe::html::report(
+                    &info,
+                    &regions,
+                    &results,
+                    &rows,
+                    selected.as_ref(),
+                );
+                if let Err(e) = std::fs::write(file, page) {
+                    eprintln!("turnpike-probe: {}: {e}", file.display());
+                    return ExitCode::from(2);
+                }
+                eprintln!("turnpike-probe: report written to {}", file.display());
+            }
             let chosen = selected
                 .as_ref()
                 .and_then(|c| regions.iter().find(|r| r.name == c.region));

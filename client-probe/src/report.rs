@@ -150,7 +150,8 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    fn label(self) -> &'static str {
+    /// The words the firewall table, the capture and the HTML report use.
+    pub fn label(self) -> &'static str {
         match self {
             Verdict::Open => "open",
             Verdict::Blocked => "BLOCKED on the way",

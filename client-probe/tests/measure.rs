@@ -1116,3 +1116,115 @@ fn a_proxy_that_inspects_tls_is_named_with_its_issuer() {
         "{rows:?}"
     );
 }
+
+/// `--report`: one self-contained HTML file that headless Chromium renders loading nothing
+/// else, saying what to open, what was refused, the figures and a chart per region; the
+/// screenshot shows each verdict's badge in its colour.
+#[test]
+fn the_html_report_renders_on_its_own_and_says_what_to_do() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    for module in ["playwright-core", "pngjs"] {
+        assert!(
+            std::path::Path::new(&format!("{root}/tests/browser/node_modules/{module}")).exists(),
+            "run `npm ci` in tests/browser (.ci/run does)"
+        );
+    }
+    let r = relay(&[]);
+    let closed_tcp = free_port();
+    let dir = TestCert::new("probe-report", &["unused"]);
+    let regions = dir.dir.join("regions.toml");
+    std::fs::write(
+        &regions,
+        format!(
+            "[[region]]\nname = \"office-eu\"\nhost = \"127.0.0.1\"\nudp_port = {}\ntcp_port = {closed_tcp}\nusername = \"alice\"\npassword = \"wonderland\"\n",
+            r.udp.port()
+        ),
+    )
+    .expect("regions");
+    let html = dir.dir.join("report.html");
+    let (ok, out) = probe(&[
+        "measure",
+        "--regions",
+        regions.to_str().expect("path"),
+        "--samples",
+        "3",
+        "--timeout-ms",
+        "500",
+        "--bandwidth",
+        "1M",
+        "--bandwidth-secs",
+        "1",
+        "--report",
+        html.to_str().expect("path"),
+    ]);
+    assert!(ok, "{out}");
+    let page = std::fs::read_to_string(&html).expect("report");
+    for external in ["<script", "<link", "src=", "@import", "url("] {
+        assert!(
+            !page.contains(external),
+            "the report loads something: {external}"
+        );
+    }
+    let shot = dir.dir.join("shot");
+    let node = Command::new("node")
+        .arg(format!("{root}/tests/browser/probe-report.mjs"))
+        .arg(&html)
+        .arg(&shot)
+        .current_dir(format!("{root}/tests/browser"))
+        .output()
+        .expect("node (.ci/run installs it)");
+    assert!(
+        node.status.success(),
+        "{}",
+        String::from_utf8_lossy(&node.stderr)
+    );
+    let seen: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(shot.with_extension("json")).expect("json"))
+            .expect("json");
+    let requests: Vec<&str> = seen["requests"]
+        .as_array()
+        .expect("requests")
+        .iter()
+        .filter_map(|u| u.as_str())
+        .collect();
+    assert_eq!(requests.len(), 1, "only the file itself: {requests:?}");
+    let text = seen["text"].as_str().expect("text");
+    for want in [
+        "Turnpike network report",
+        "Calls would use office-eu over turn-udp",
+        &format!("127.0.0.1 port {closed_tcp} answered that nothing listens there"),
+        "REFUSED by the host (nothing listening)",
+        "relayed media",
+        "meets",
+    ] {
+        assert!(text.contains(want), "no {want:?} in:\n{text}");
+    }
+    // An RTT chart and a bandwidth chart, with a bar per measured path.
+    let svgs: Vec<u64> = seen["svgs"]
+        .as_array()
+        .expect("svgs")
+        .iter()
+        .filter_map(|v| v.as_u64())
+        .collect();
+    assert!(svgs.len() == 2 && svgs[0] >= 2 && svgs[1] == 1, "{svgs:?}");
+    let badges = seen["badges"].as_array().expect("badges");
+    assert!(badges.len() >= 3, "{badges:?}");
+    for b in badges {
+        let c: Vec<i64> = b["rgb"]
+            .as_array()
+            .expect("rgb")
+            .iter()
+            .map(|v| v.as_i64().unwrap_or(-1))
+            .collect();
+        let want = match b["verdict"].as_str().expect("verdict") {
+            "ok" => [0x1a, 0x7f, 0x37],
+            "fail" => [0xcf, 0x22, 0x2e],
+            "warn" => [0x9a, 0x67, 0x00],
+            _ => [0x6e, 0x77, 0x81],
+        };
+        assert!(
+            c.iter().zip(want).all(|(a, w)| (a - w).abs() <= 24),
+            "badge {b} is not painted as its verdict"
+        );
+    }
+}
