@@ -889,24 +889,8 @@ fn the_capture_file_is_what_tshark_decodes() {
         "--capture",
         file.to_str().expect("path"),
     ]);
-    let written: usize = out
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("turnpike-probe: ")?
-                .split_once(" packets written to ")
-        })
-        .and_then(|(n, _)| n.parse().ok())
-        .unwrap_or_else(|| panic!("no count of packets written:\n{out}"));
-    let tshark = |args: &[&str]| -> String {
-        let o = Command::new("tshark")
-            .arg("-r")
-            .arg(&file)
-            .args(args)
-            .output()
-            .expect("tshark (.ci/run installs it)");
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    };
+    let written = packets_written(&out);
+    let tshark = |args: &[&str]| tshark(&file, args);
     // The relay's ports as STUN, as the README tells IT to decode a relay on other ports.
     let decode = [
         "-d",
@@ -1227,4 +1211,95 @@ fn the_html_report_renders_on_its_own_and_says_what_to_do() {
             "badge {b} is not painted as its verdict"
         );
     }
+}
+
+/// The case IT gets, end to end: a laptop behind a firewall that drops UDP to the relay and a
+/// proxy that inspects TLS (network namespaces and a real mitmproxy), one probe run. The report
+/// and the capture, read by someone who never saw Turnpike, say which port to open, that the
+/// proxy breaks TLS to the relay, and what call quality to expect; the capture shows the
+/// datagrams that went out and that nothing came back. Needs root (unshare), iptables,
+/// mitmproxy and tshark (.ci/run installs them).
+#[test]
+fn behind_a_udp_dropping_tls_inspecting_proxy_the_report_and_capture_say_why() {
+    let cert = TestCert::new("probe-office", &["10.99.0.1"]);
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let ran = common::run_tool(
+        "unshare",
+        &[
+            "--net",
+            "--fork",
+            &format!("{root}/tests/netns/probe-behind-proxy.sh"),
+            common::relay_binary().to_str().expect("path"),
+            env!("CARGO_BIN_EXE_turnpike-probe"),
+            cert.cert.to_str().expect("path"),
+            cert.key.to_str().expect("path"),
+            cert.dir.to_str().expect("path"),
+        ],
+        180,
+    );
+    assert!(ran.contains("probe ran"), "{ran}");
+    let read = |name: &str| std::fs::read_to_string(cert.dir.join(name)).unwrap_or_default();
+    let (report, err) = (read("report.html"), read("probe.err"));
+    for want in [
+        "Allow UDP from this network to 10.99.0.1 port 3478, and the replies back in",
+        "A proxy inspects TLS to 10.99.0.1: add 10.99.0.1 to its TLS-inspection bypass list",
+        "mitmproxy",
+        "Calls would use <b>eu-office</b> over <b>turn-tcp</b>",
+        "BLOCKED on the way",
+        "TLS INSPECTED on the way",
+        "(best)",
+    ] {
+        assert!(
+            report.contains(want),
+            "no {want:?} in the report:\n{report}\n{err}"
+        );
+    }
+    let file = cert.dir.join("probe.pcapng");
+    let written = packets_written(&err);
+    let tshark = |args: &[&str]| tshark(&file, args);
+    assert_eq!(tshark(&[]).lines().count(), written);
+    assert_eq!(
+        tshark(&["-Y", "_ws.malformed || _ws.expert.severity >= error"]).trim(),
+        ""
+    );
+    // UDP went out to the relay and nothing came back.
+    assert!(
+        tshark(&["-Y", "udp && ip.dst == 10.99.0.1"])
+            .lines()
+            .count()
+            > 0
+    );
+    assert_eq!(tshark(&["-Y", "udp && ip.src == 10.99.0.1"]).trim(), "");
+    let comments = tshark(&["-Y", "frame.comment", "-T", "fields", "-e", "frame.comment"]);
+    for want in [
+        "eu-office turn-udp: BLOCKED on the way",
+        "eu-office turn-tls-proxy: TLS INSPECTED on the way",
+        "eu-office turn-tcp: open",
+    ] {
+        assert!(comments.contains(want), "no {want:?} in:\n{comments}");
+    }
+}
+
+/// The count of packets the probe says it wrote to its capture.
+fn packets_written(output: &str) -> usize {
+    output
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("turnpike-probe: ")?
+                .split_once(" packets written to ")
+        })
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count of packets written:\n{output}"))
+}
+
+/// tshark's output on a capture file.
+fn tshark(file: &std::path::Path, args: &[&str]) -> String {
+    let o = Command::new("tshark")
+        .arg("-r")
+        .arg(file)
+        .args(args)
+        .output()
+        .expect("tshark (.ci/run installs it)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }

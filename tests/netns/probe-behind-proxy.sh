@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Runs inside a network namespace the test made (unshare --net --fork), "the laptop": a relay
+# in a second namespace of its own on 10.99.0.1 (UDP and TCP on 3478, TLS on 443) behind a
+# firewall that silently drops every UDP datagram to it, a veth pair between the two, and in
+# the laptop's namespace a real proxy that inspects TLS (mitmproxy on 127.0.0.1:8080,
+# re-signing with its own CA). One probe run writes the report and the capture IT gets.
+# Fixed addresses and ports are safe here: nothing else lives in these namespaces.
+# (unshare --fork does not pass SIGTERM on: the trap stops the relay itself.)
+# Usage: probe-behind-proxy.sh TURNPIKE PROBE CERT KEY OUTDIR
+set -euo pipefail
+relay_bin=$1 probe_bin=$2 cert=$3 key=$4 out=$5
+sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 || true
+ip link set lo up
+# The relay's namespace: it waits for its end of the link, sets up its firewall, and runs.
+unshare --net --fork --kill-child bash -c '
+  for _ in $(seq 200); do ip link show v0 >/dev/null 2>&1 && break; sleep 0.05; done
+  ip link set lo up
+  ip addr add 10.99.0.1/24 dev v0
+  ip link set v0 up
+  iptables -A INPUT -i v0 -p udp -j DROP
+  exec "$@"' relay "$relay_bin" --listen udp://10.99.0.1:3478 --listen tcp://10.99.0.1:3478 \
+  --listen tls://10.99.0.1:443 --cert "$cert" --key "$key" --relay-ip 10.99.0.1 \
+  --allow-peer 10.99.0.0/24 --user alice:wonderland --drain-grace 0 2>"$out/relay.log" &
+relay=$!
+mitmdump --listen-host 127.0.0.1 -p 8080 --set "confdir=$out/mitmproxy" --ssl-insecure -q \
+  >/dev/null 2>&1 &
+proxy=$!
+trap 'kill $(pgrep -P $relay) $proxy 2>/dev/null; wait $relay $proxy 2>/dev/null' EXIT INT TERM
+ip link add v0 type veth peer name v1
+ip link set v0 netns "$relay"
+ip addr add 10.99.0.2/24 dev v1
+ip link set v1 up
+for _ in $(seq 300); do
+  (echo >/dev/tcp/10.99.0.1/3478) 2>/dev/null && (echo >/dev/tcp/127.0.0.1/8080) 2>/dev/null && break
+  kill -0 $relay 2>/dev/null || { cat "$out/relay.log"; exit 1; }
+  sleep 0.1
+done
+cat >"$out/regions.toml" <<TOML
+[[region]]
+name = "eu-office"
+host = "10.99.0.1"
+udp_port = 3478
+tcp_port = 3478
+tls_port = 443
+tls_name = "10.99.0.1"
+ca_file = "$cert"
+username = "alice"
+password = "wonderland"
+TOML
+"$probe_bin" measure --regions "$out/regions.toml" --samples 3 --timeout-ms 700 \
+  --proxy http://127.0.0.1:8080 --bandwidth 1M --bandwidth-secs 1 \
+  --report "$out/report.html" --capture "$out/probe.pcapng" --firewall \
+  >"$out/table.txt" 2>"$out/probe.err" || true
+echo "probe ran"
