@@ -118,6 +118,26 @@ fn chromium_runs_the_network_test_page_and_gets_verdicts() {
             "{p}"
         );
         assert_eq!(p["verdict"], "ok", "{p}");
+        // The throughput against the requirement, in the probe's words, and the call quality
+        // by the probe's model from the page's own figures.
+        assert_eq!(p["meets"], true, "{p}");
+        let message = p["message"].as_str().expect("message");
+        assert!(
+            message.contains("Mbit/s: meets the requirement (video up to"),
+            "{message}"
+        );
+        let mos = p["voice"]["mos"].as_f64().expect("mos");
+        let probe = turnpike_probe::quality::voice(
+            p["rtt_ms"]["median"].as_f64().expect("rtt"),
+            p["jitter_ms"].as_f64().unwrap_or(0.0),
+            p["loss"].as_f64().expect("loss"),
+        );
+        assert!(
+            (mos - probe.mos).abs() <= 0.01 && p["voice"]["rating"] == probe.rating,
+            "{p}"
+        );
+        assert!(message.contains(&format!("MOS {mos}")), "{message}");
+        assert!(p["video"].is_string(), "{p}");
     }
     assert_eq!(report["websocket"]["ok"], true, "{report}");
     assert_eq!(report["long_poll"]["ok"], true, "{report}");
