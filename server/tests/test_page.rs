@@ -148,18 +148,30 @@ fn chromium_runs_the_network_test_page_and_gets_verdicts() {
     // The resolutions the (fake) camera offers, and the browser with its version.
     let media = &report["media"];
     assert!(
-        media["camera_max"].as_str().is_some_and(|m| m.contains('x'))
+        media["camera_max"]
+            .as_str()
+            .is_some_and(|m| m.contains('x'))
             && media["camera_resolutions"]
                 .as_array()
                 .is_some_and(|r| r.iter().any(|x| x == "360p")),
         "{media}"
     );
     assert!(
-        media["message"].as_str().is_some_and(|m| m.contains("the camera sends up to")),
+        media["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("the camera sends up to")),
         "{media}"
     );
     assert_eq!(report["browser"]["name"], "Chrome", "{report}");
-    assert!(report["browser"]["version"].as_str().is_some_and(|v| v.contains('.')), "{report}");
+    // The speaker test the visitor answered (headless Chromium plays into its null output).
+    assert_eq!(report["speaker"]["tested"], true, "{report}");
+    assert_eq!(report["speaker"]["heard"], true, "{report}");
+    assert!(
+        report["browser"]["version"]
+            .as_str()
+            .is_some_and(|v| v.contains('.')),
+        "{report}"
+    );
     let regions = report["regions"].as_array().expect("regions");
     assert_eq!(regions.len(), 2);
     assert!(
