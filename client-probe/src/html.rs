@@ -44,6 +44,7 @@ fn class(v: Verdict) -> &'static str {
         Verdict::Open => "ok",
         Verdict::NotTested => "none",
         Verdict::RelayRefused | Verdict::NotAnswering | Verdict::Unknown => "warn",
+        Verdict::RelayedLost => "warn",
         Verdict::Blocked | Verdict::Refused | Verdict::Inspected => "fail",
     }
 }
@@ -60,7 +61,8 @@ fn fix(r: &FirewallRow) -> Option<String> {
         Verdict::Blocked => format!("Allow {proto} connections from this network to {h} port {p}."),
         Verdict::Refused => format!(
             "{h} port {p} answered that nothing listens there: the relay is not running there or \
-             the port is wrong. This is not the firewall; tell the relay's operator."
+             the port is wrong (or a firewall rejects the connection rather than dropping it): \
+             tell the relay's operator first."
         ),
         Verdict::NotAnswering => format!(
             "Something at {h} port {p} accepts connections but does not answer as a TURN relay \
@@ -70,6 +72,10 @@ fn fix(r: &FirewallRow) -> Option<String> {
             "The relay at {h} refused the request ({}): check the user name, password or shared \
              secret. The network is open.",
             r.detail
+        ),
+        Verdict::RelayedLost => format!(
+            "The relay at {h} answered on port {p}, but data relayed through it did not come \
+             back: ask the relay's operator to check its relay ports and peer policy."
         ),
         Verdict::Inspected => format!(
             "A proxy inspects TLS to {h}: add {h} to its TLS-inspection bypass list, or TURN over \

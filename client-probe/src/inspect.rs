@@ -75,8 +75,9 @@ impl ServerCertVerifier for Verifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let s = seen(end_entity);
         *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = s.clone();
-        if let (Some(pin), Some(s)) = (&self.pin, &s) {
-            if *pin != s.spki {
+        if let Some(pin) = &self.pin {
+            // A certificate whose key cannot be read cannot match the pin either.
+            if s.as_ref().is_none_or(|s| *pin != s.spki) {
                 return Err(rustls::Error::General(PIN_MISMATCH.into()));
             }
         }

@@ -200,6 +200,14 @@ where
         .await
         .map_err(|_| Failure::Timeout("TLS handshake".into()))?
         .map_err(|e| {
+            use std::io::ErrorKind::{ConnectionAborted, ConnectionReset, UnexpectedEof};
+            // Cut during the handshake (a firewall that reads the server name, say).
+            if matches!(
+                e.kind(),
+                ConnectionReset | ConnectionAborted | UnexpectedEof
+            ) {
+                return Failure::Reset(format!("TLS handshake: {e}"));
+            }
             let seen = verifier.last_seen();
             match inspect::diagnose(
                 &e,
@@ -509,17 +517,22 @@ async fn bandwidth_test(
 ) -> Bandwidth {
     let (count, gap) = bandwidth::plan(bps, secs);
     let base = Instant::now();
+    // The sender stops at the end of the window even when the path (a TCP connection's
+    // backpressure, say) held it back: what did not leave in time is not sent, and the rate is
+    // what arrived in the window.
+    let window_end = base + Duration::from_secs(secs);
     let send = async {
         let mut sent = 0;
         for seq in 0..count {
             tokio::time::sleep_until((base + gap.mul_f64(seq as f64)).into()).await;
-            if a.send_to(to, &bandwidth::payload(seq as u32, base))
-                .await
-                .is_err()
-            {
+            if Instant::now() >= window_end {
                 break;
             }
-            sent += 1;
+            let packet = bandwidth::payload(seq as u32, base);
+            match tokio::time::timeout(timeout, a.send_to(to, &packet)).await {
+                Ok(Ok(())) => sent += 1,
+                _ => break,
+            }
         }
         sent
     };

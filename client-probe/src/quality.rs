@@ -6,8 +6,9 @@
 //! (Ie = 0, Bpl = 25.1, ITU-T G.113 Appendix I), random loss (BurstR = 1), 20 ms packets and
 //! a jitter buffer of twice the measured jitter, echo well cancelled (the default talker and
 //! listener echo terms, which only the delay term below changes noticeably), and the other end
-//! as far from the relay as the probe is: the mouth-to-ear delay is half the measured round
-//! trip, plus the jitter buffer and a packet's time.
+//! as far from the relay as the probe is: a call's one-way delay then equals the measured round
+//! trip (probe to relay and back, or through the relay and back), so the mouth-to-ear delay is
+//! that round trip, plus the jitter buffer and a packet's time.
 
 /// The default transmission rating of G.107 with every parameter at its default: the best a
 /// G.711 call gets.
@@ -31,7 +32,7 @@ pub struct Voice {
 
 /// The estimate from a round trip and jitter (ms) and a loss ratio (0 to 1).
 pub fn voice(rtt_ms: f64, jitter_ms: f64, loss: f64) -> Voice {
-    let ta = rtt_ms.max(0.0) / 2.0 + 2.0 * jitter_ms.max(0.0) + PACKET_MS;
+    let ta = rtt_ms.max(0.0) + 2.0 * jitter_ms.max(0.0) + PACKET_MS;
     let ppl = (loss.clamp(0.0, 1.0)) * 100.0;
     let ie_eff = IE + (95.0 - IE) * ppl / (ppl + BPL);
     let r = (R_DEFAULT - idd(ta) - ie_eff).clamp(0.0, 100.0);
@@ -87,7 +88,7 @@ mod tests {
     #[test]
     fn delay_and_loss_lower_the_score_as_g107_says() {
         // 300 ms mouth-to-ear: Idd 14.76 (G.107 formula by hand), R 78.44.
-        let v = voice(2.0 * (300.0 - PACKET_MS), 0.0, 0.0);
+        let v = voice(300.0 - PACKET_MS, 0.0, 0.0);
         assert!(near(v.r, 78.44), "{v:?}");
         assert_eq!(v.rating, "medium");
         // 5% random loss with concealment: Ie,eff = 95 x 5 / 30.1 = 15.78.
@@ -97,6 +98,6 @@ mod tests {
         // Everything lost: the worst score.
         assert_eq!(voice(10.0, 1.0, 1.0).rating, "poor");
         // Jitter counts twice, through the buffer.
-        assert!(voice(100.0, 60.0, 0.0).r < voice(160.0, 0.0, 0.0).r);
+        assert!(voice(100.0, 60.0, 0.0).r < voice(200.0, 0.0, 0.0).r);
     }
 }

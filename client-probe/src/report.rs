@@ -143,6 +143,9 @@ pub enum Verdict {
     RelayRefused,
     /// A TLS certificate that is not the relay's: a proxy on the way inspects TLS.
     Inspected,
+    /// The relay allocated, but data relayed through it did not come back: this network
+    /// reaches the relay; its relay ports or peer policy are the relay operator's to check.
+    RelayedLost,
     /// The name does not resolve.
     Unknown,
     /// Not tested from here (the path was not probed, or what it depends on failed first).
@@ -159,6 +162,7 @@ impl Verdict {
             Verdict::NotAnswering => "REACHED, but no TURN answer",
             Verdict::RelayRefused => "open, but the relay refused",
             Verdict::Inspected => "TLS INSPECTED on the way",
+            Verdict::RelayedLost => "open, but relayed data did not come back",
             Verdict::Unknown => "UNKNOWN",
             Verdict::NotTested => "not tested",
         }
@@ -187,6 +191,10 @@ fn verdict(r: Option<&PathResult>) -> (Verdict, String) {
         return (Verdict::Open, String::new());
     }
     let e = r.error.clone().unwrap_or_default();
+    if r.allocation_ms.is_some() {
+        // The relay answered and allocated: this network reaches it.
+        return (Verdict::RelayedLost, e);
+    }
     let kind = e.split(':').next().unwrap_or("");
     let v = match kind {
         "dns" => Verdict::Unknown,
@@ -219,7 +227,7 @@ fn relayed_verdict(r: Option<&PathResult>) -> (Verdict, String) {
     match r {
         Some(r) if r.reachable => (Verdict::Open, "relayed datagrams came back".into()),
         Some(r) if r.allocation_ms.is_some() => (
-            Verdict::Blocked,
+            Verdict::RelayedLost,
             "the relay allocated, but relayed datagrams did not come back".into(),
         ),
         Some(_) => (
@@ -366,4 +374,63 @@ pub fn firewall(rows: &[FirewallRow]) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed(error: &str, reached: bool, allocated: bool) -> PathResult {
+        let mut r = PathResult::new("r", "turn-udp").failed(error.into());
+        r.reached = reached;
+        r.allocation_ms = allocated.then_some(1.0);
+        r
+    }
+
+    #[test]
+    fn verdicts_tell_apart_what_was_seen() {
+        let v = |r: PathResult| verdict(Some(&r)).0;
+        assert_eq!(
+            v(failed("timeout: no answer", false, false)),
+            Verdict::Blocked
+        );
+        assert_eq!(
+            v(failed("timeout: no answer", true, false)),
+            Verdict::NotAnswering
+        );
+        // The relay allocated: the network reaches it, whatever happened to the relayed data.
+        assert_eq!(
+            v(failed("timeout: no answer", true, true)),
+            Verdict::RelayedLost
+        );
+        assert_eq!(
+            v(failed("refused: connect", false, false)),
+            Verdict::Refused
+        );
+        assert_eq!(
+            v(failed("reset: TLS handshake: reset", true, false)),
+            Verdict::Blocked
+        );
+        assert_eq!(
+            v(failed("401 Unauthorized", true, false)),
+            Verdict::RelayRefused
+        );
+        assert_eq!(
+            v(failed("tls-inspection: issued by X", true, false)),
+            Verdict::Inspected
+        );
+        assert_eq!(
+            v(failed("dns: no such host", false, false)),
+            Verdict::Unknown
+        );
+        assert_eq!(verdict(None).0, Verdict::NotTested);
+        assert_eq!(
+            relayed_verdict(Some(&failed("timeout: no answer", true, true))).0,
+            Verdict::RelayedLost
+        );
+        assert_eq!(
+            relayed_verdict(Some(&failed("timeout: no answer", false, false))).0,
+            Verdict::NotTested
+        );
+    }
 }
