@@ -28,6 +28,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Most bytes one recorded segment carries: an IP packet's limit, less the headers.
 const MAX_SEGMENT: usize = 65_000;
+/// Packets kept per path (a bandwidth test sends many): at most about 20 MB of each path's
+/// payloads in memory; the rest are counted and named in the path's comment.
+pub const MAX_PER_PATH: usize = 20_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Proto {
@@ -52,6 +55,8 @@ struct Trace {
     region: String,
     path: String,
     packets: Vec<Packet>,
+    /// Packets beyond [`MAX_PER_PATH`], not kept.
+    left_out: u64,
 }
 
 /// What a measurement run captured, path by path.
@@ -82,6 +87,7 @@ impl Capture {
             region: region.to_owned(),
             path: path.to_owned(),
             packets: Vec::new(),
+            left_out: 0,
         });
         PathCapture {
             capture: Arc::clone(self),
@@ -91,7 +97,11 @@ impl Capture {
 
     fn push(&self, index: usize, packet: Packet) {
         if let Some(t) = lock(&self.traces).get_mut(index) {
-            t.packets.push(packet);
+            if t.packets.len() < MAX_PER_PATH {
+                t.packets.push(packet);
+            } else {
+                t.left_out += 1;
+            }
         }
     }
 
@@ -128,8 +138,16 @@ impl Capture {
             for (i, p) in t.packets.iter().enumerate() {
                 let data = ip_packet(p)?;
                 let options = if i == 0 {
+                    let more = if t.left_out > 0 {
+                        format!(
+                            " ({} more packets of this path not kept: the capture keeps {MAX_PER_PATH})",
+                            t.left_out
+                        )
+                    } else {
+                        String::new()
+                    };
                     vec![EnhancedPacketOption::Comment(Cow::Owned(format!(
-                        "{name}: {}",
+                        "{name}: {}{more}",
                         verdict(&t.region, &t.path)
                     )))]
                 } else {
@@ -326,5 +344,30 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TapStream<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_path_keeps_at_most_its_share_and_says_how_many_it_left_out() {
+        let c = Capture::new();
+        let p = c.path("r", "turn-udp");
+        let a: SocketAddr = "127.0.0.1:4000".parse().expect("a");
+        let b: SocketAddr = "127.0.0.1:3478".parse().expect("a");
+        let tap = p.udp(a, b);
+        for _ in 0..MAX_PER_PATH + 5 {
+            tap.sent(b"x");
+        }
+        let mut out = Vec::new();
+        let n = c.write(&mut out, |_, _| "open".into()).expect("writes");
+        assert_eq!(n, MAX_PER_PATH);
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            text.contains("5 more packets of this path not kept"),
+            "no note"
+        );
     }
 }
