@@ -194,9 +194,10 @@ fn relay(extra: &[&str]) -> Relay {
 /// delay, probed in one run: the nearest is chosen, the medians rank the relays by distance,
 /// and each path's fastest sample exceeds the reference's by the delay the proxy applied. The
 /// reference carries what this machine adds itself (a debug relay, the proxies' threads,
-/// wake-ups of idle threads: about 1 ms here), and the fastest sample leaves out what other
-/// work on busy cores adds to some samples, so the comparison holds on a slow, loaded machine
-/// as well as on a quiet one.
+/// wake-ups of idle threads: about 1 ms here), and the fastest sample of the three rounds
+/// leaves out what other work on busy cores adds to some samples (under a concurrent build,
+/// every sample of one path in one round can be late), so the comparison holds on a slow,
+/// loaded machine as well as on a quiet one.
 #[test]
 fn picks_the_nearest_of_three_relays_with_accurate_rtts() {
     let delays = [
@@ -223,6 +224,12 @@ fn picks_the_nearest_of_three_relays_with_accurate_rtts() {
     }
     let regions = dir.dir.join("regions.toml");
     std::fs::write(&regions, file).expect("regions");
+    // Each path's fastest sample over the three rounds, and the proxies' least hold and widest
+    // spread over them: one quiet moment in the run is enough for the comparison, so a loaded
+    // machine that slows every sample of one path in one round does not decide it.
+    let mut fastest: HashMap<(usize, &str), f64> = HashMap::new();
+    let mut injected_least: HashMap<(usize, &str), f64> = HashMap::new();
+    let mut spread_most: HashMap<(usize, &str), f64> = HashMap::new();
     for round in 0..3 {
         let (ok, out) = probe(&[
             "measure",
@@ -250,19 +257,32 @@ fn picks_the_nearest_of_three_relays_with_accurate_rtts() {
             ranked.windows(2).all(|w| w[0] < w[1]),
             "round {round}: turn-udp medians out of order: {ranked:?}"
         );
-        for (i, (name, ms)) in delays.iter().enumerate().skip(1) {
+        for (i, (name, _)) in delays.iter().enumerate() {
             for (p, applied) in [("stun-udp", &udp), ("turn-udp", &udp), ("turn-tcp", &tcp)] {
-                let injected = applied[i].least - applied[0].least;
-                // How much the proxy's own holds varied this round (its sleeps wake late on
-                // a busy machine) widens the allowance by as much.
-                let spread =
-                    (applied[i].median - applied[i].least) + (applied[0].median - applied[0].least);
-                let extra = rtt(name, p, "min") - rtt("reference", p, "min");
-                assert!(
-                    (extra - injected).abs() <= 1.0 + 0.05 * injected + spread,
-                    "round {round}: {name}/{p}: {extra:.2} ms above the reference for {injected:.2} ms injected ({ms} ms asked, proxy spread {spread:.2} ms)"
-                );
+                let f = fastest.entry((i, p)).or_insert(f64::INFINITY);
+                *f = f.min(rtt(name, p, "min"));
+                if i > 0 {
+                    let injected = applied[i].least - applied[0].least;
+                    let e = injected_least.entry((i, p)).or_insert(f64::INFINITY);
+                    *e = e.min(injected);
+                    // How much the proxy's own holds varied (its sleeps wake late on a busy
+                    // machine) widens the allowance by as much.
+                    let spread = (applied[i].median - applied[i].least)
+                        + (applied[0].median - applied[0].least);
+                    let s = spread_most.entry((i, p)).or_insert(0.0);
+                    *s = s.max(spread);
+                }
             }
+        }
+    }
+    for (i, (name, ms)) in delays.iter().enumerate().skip(1) {
+        for p in ["stun-udp", "turn-udp", "turn-tcp"] {
+            let (injected, spread) = (injected_least[&(i, p)], spread_most[&(i, p)]);
+            let extra = fastest[&(i, p)] - fastest[&(0, p)];
+            assert!(
+                (extra - injected).abs() <= 1.0 + 0.05 * injected + spread,
+                "{name}/{p}: {extra:.2} ms above the reference for {injected:.2} ms injected ({ms} ms asked, proxy spread {spread:.2} ms)"
+            );
         }
     }
 }
