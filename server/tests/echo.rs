@@ -268,10 +268,15 @@ where
             .expect("message");
         assert_eq!(back, m);
     }
-    // A message over 64 KiB closes the socket.
-    ws.send(Message::binary(vec![1u8; (64 << 10) + 1]))
+    // A message over 64 KiB closes the socket. The relay may close it as soon as it reads the
+    // frame's length, before the whole frame is written: then the send itself fails.
+    if ws
+        .send(Message::binary(vec![1u8; (64 << 10) + 1]))
         .await
-        .expect("send");
+        .is_err()
+    {
+        return;
+    }
     let end = tokio::time::timeout(Duration::from_secs(5), ws.next())
         .await
         .expect("socket not closed");
