@@ -8,7 +8,9 @@
 use std::fmt::Write as _;
 
 use crate::regions::Region;
-use crate::report::{FirewallRow, Verdict};
+use turnpike_proto::advice::Phrase;
+
+use crate::report::{FirewallRow, Verdict, RELAYED};
 use crate::select::{Candidate, PathResult};
 
 /// How the run was made, for the report's first lines.
@@ -20,8 +22,6 @@ pub struct RunInfo {
     pub host: String,
     pub proxy: Option<String>,
     pub regions_file: String,
-    /// Each region's host and the addresses it resolved to.
-    pub resolved: Vec<(String, Vec<String>)>,
 }
 
 fn esc(s: &str) -> String {
@@ -49,40 +49,54 @@ fn class(v: Verdict) -> &'static str {
     }
 }
 
-/// What to do about one firewall row, in plain words; None when nothing is to be done.
-fn fix(r: &FirewallRow) -> Option<String> {
-    let (h, p, proto) = (&r.destination, &r.port, r.protocol);
-    Some(match r.verdict {
+/// What to do about one firewall row, in plain words (the shared [`Phrase`] table); None when
+/// nothing is to be done. A blocked TURN path says which other path carries calls meanwhile.
+fn fix(r: &FirewallRow, rows: &[FirewallRow]) -> Option<String> {
+    let (h, p) = (r.destination.as_str(), r.port.as_str());
+    let at = [("host", h), ("port", p)];
+    let text = match r.verdict {
         Verdict::Open | Verdict::NotTested => return None,
-        Verdict::Blocked if proto == "UDP" => format!(
-            "Allow UDP from this network to {h} port {p}, and the replies back in. Until then \
-             calls fall back to TURN over TCP or TLS, which adds delay."
-        ),
-        Verdict::Blocked => format!("Allow {proto} connections from this network to {h} port {p}."),
-        Verdict::Refused => format!(
-            "{h} port {p} answered that nothing listens there: the relay is not running there or \
-             the port is wrong (or a firewall rejects the connection rather than dropping it): \
-             tell the relay's operator first."
-        ),
-        Verdict::NotAnswering => format!(
-            "Something at {h} port {p} accepts connections but does not answer as a TURN relay \
-             (a proxy, or another service on that address): check the address and the proxy."
-        ),
-        Verdict::RelayRefused => format!(
-            "The relay at {h} refused the request ({}): check the user name, password or shared \
-             secret. The network is open.",
-            r.detail
-        ),
-        Verdict::RelayedLost => format!(
-            "The relay at {h} answered on port {p}, but data relayed through it did not come \
-             back: ask the relay's operator to check its relay ports and peer policy."
-        ),
-        Verdict::Inspected => format!(
-            "A proxy inspects TLS to {h}: add {h} to its TLS-inspection bypass list, or TURN over \
-             TLS cannot work."
-        ),
-        Verdict::Unknown => format!("{h} does not resolve: check the name and the DNS servers."),
-    })
+        Verdict::Blocked if r.purpose == RELAYED => {
+            Phrase::FixRelayPorts.say(&[("host", h), ("ports", p)])
+        }
+        Verdict::Blocked => {
+            let fix = match r.protocol {
+                "UDP" => Phrase::FixUdp,
+                "TCP/TLS" => Phrase::FixTls,
+                "HTTP CONNECT" => Phrase::FixProxy,
+                _ => Phrase::FixTcp,
+            };
+            let fallback = rows
+                .iter()
+                .filter(|o| o.destination == r.destination && o.verdict == Verdict::Open)
+                .find_map(|o| match o.protocol {
+                    "TCP/TLS" => Some(format!("TLS on port {}", o.port)),
+                    "TCP" if o.purpose.starts_with("TURN") => {
+                        Some(format!("TCP on port {}", o.port))
+                    }
+                    "UDP" if o.purpose.starts_with("STUN") => {
+                        Some(format!("UDP on port {}", o.port))
+                    }
+                    _ => None,
+                });
+            let then = match (
+                r.purpose.starts_with("STUN") || r.purpose.starts_with("TURN"),
+                fallback,
+            ) {
+                (false, _) => String::new(),
+                (true, Some(other)) => format!(" {}", Phrase::Fallback.say(&[("other", &other)])),
+                (true, None) => format!(" {}", Phrase::NoFallback.text()),
+            };
+            fix.say(&at) + &then
+        }
+        Verdict::Refused => Phrase::FixRefused.say(&at),
+        Verdict::NotAnswering => Phrase::FixNotAnswering.say(&at),
+        Verdict::RelayRefused => Phrase::FixRelayRefused.say(&[("host", h), ("detail", &r.detail)]),
+        Verdict::RelayedLost => Phrase::FixRelayedLost.say(&at),
+        Verdict::Inspected => Phrase::FixInspected.say(&at),
+        Verdict::Unknown => Phrase::FixUnknown.say(&at),
+    };
+    Some(text)
 }
 
 /// A horizontal bar chart: one labelled bar per (label, value), scaled to the largest.
@@ -165,19 +179,16 @@ pub fn report(
     );
 
     b += "<h2>What to do</h2><ul id=\"fixes\">";
-    let mut fixes: Vec<String> = rows.iter().filter_map(fix).collect();
+    let mut fixes: Vec<String> = rows.iter().filter_map(|r| fix(r, rows)).collect();
     for r in results {
         if let Some(bw) = r.bandwidth.filter(|bw| !bw.meets) {
-            fixes.push(format!(
-                "{} over {} carried {:.2} of the {:.2} Mbit/s required ({:.1}% lost): allow more \
-                 bandwidth to the relay, or expect video at {} at most.",
-                r.region,
-                r.path,
-                bw.received_mbps,
-                bw.required_mbps,
-                bw.loss * 100.0,
-                bw.video
-            ));
+            fixes.push(Phrase::FixBandwidth.say(&[
+                ("path", &format!("{} over {}", r.region, r.path)),
+                ("got", &format!("{:.2}", bw.received_mbps)),
+                ("need", &format!("{:.2}", bw.required_mbps)),
+                ("loss", &format!("{:.1}", bw.loss * 100.0)),
+                ("video", bw.video),
+            ]));
         }
     }
     fixes.dedup();
@@ -192,12 +203,7 @@ pub fn report(
     b += "<h2>Firewall</h2><table id=\"firewall\"><tr><th>Destination</th><th>Addresses</th>\
           <th>Port</th><th>Protocol</th><th>Direction</th><th>Purpose</th><th>Found from here</th></tr>";
     for r in rows {
-        let addresses = info
-            .resolved
-            .iter()
-            .find(|(h, _)| *h == r.destination)
-            .map(|(_, a)| a.join(", "))
-            .unwrap_or_default();
+        let addresses = r.addresses.join(", ");
         let _ = write!(
             b,
             "<tr data-verdict=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
@@ -229,7 +235,12 @@ pub fn report(
                     "{:.2} of {:.2} Mbit/s, {}",
                     bw.received_mbps,
                     bw.required_mbps,
-                    if bw.meets { "meets" } else { "does not meet" }
+                    if bw.meets {
+                        Phrase::Meets
+                    } else {
+                        Phrase::MeetsNot
+                    }
+                    .text()
                 )
             });
             let _ = write!(

@@ -360,10 +360,32 @@ impl Common {
     }
 }
 
-/// How the run was made, for the HTML report.
-fn run_info(
+/// Each region's host and the addresses it resolves to from here, once per host.
+fn resolve_hosts(
     rt: &tokio::runtime::Runtime,
     regions: &[regions::Region],
+) -> Vec<(String, Vec<String>)> {
+    let mut resolved: Vec<(String, Vec<String>)> = Vec::new();
+    for r in regions {
+        if resolved.iter().any(|(h, _)| *h == r.host) {
+            continue;
+        }
+        let addrs = rt
+            .block_on(tokio::net::lookup_host((r.host.as_str(), 0)))
+            .map(|a| {
+                let mut v: Vec<String> = a.map(|s| s.ip().to_string()).collect();
+                v.dedup();
+                v
+            })
+            // The row's verdict says why (UNKNOWN: dns ...).
+            .unwrap_or_default();
+        resolved.push((r.host.clone(), addrs));
+    }
+    resolved
+}
+
+/// How the run was made, for the HTML report.
+fn run_info(
     opts: &Options,
     common: &Common,
     started: time::OffsetDateTime,
@@ -376,24 +398,6 @@ fn run_info(
     } else {
         "this machine".into()
     };
-    let mut resolved = Vec::new();
-    for r in regions {
-        if resolved
-            .iter()
-            .any(|(h, _): &(String, Vec<String>)| *h == r.host)
-        {
-            continue;
-        }
-        let addrs = rt
-            .block_on(tokio::net::lookup_host((r.host.as_str(), 0)))
-            .map(|a| {
-                let mut v: Vec<String> = a.map(|s| s.ip().to_string()).collect();
-                v.dedup();
-                v
-            })
-            .unwrap_or_else(|e| vec![format!("does not resolve: {e}")]);
-        resolved.push((r.host.clone(), addrs));
-    }
     let format = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
     turnpike_probe::html::RunInfo {
         time: started.format(&format).unwrap_or_default(),
@@ -404,7 +408,6 @@ fn run_info(
             .as_ref()
             .map(|p| format!("{}:{}", p.host, p.port)),
         regions_file: common.regions.display().to_string(),
-        resolved,
     }
 }
 
@@ -489,14 +492,22 @@ fn main() -> ExitCode {
                 }
             }
             let selected = select::nearest(&results, &prefer);
-            if let Some(file) = &report_file {
-                let info = run_info(&rt, &regions, &opts, &common, started);
-                let rows = report::firewall_rows(&regions, &results);
+            // The firewall rows, with the addresses each destination resolved to from here.
+            let rows = if firewall || report_file.is_some() {
+                let resolved = resolve_hosts(&rt, &regions);
+                let mut rows = report::firewall_rows(&regions, &results);
+                report::add_addresses(&mut rows, &resolved);
+                Some(rows)
+            } else {
+                None
+            };
+            if let (Some(file), Some(rows)) = (&report_file, &rows) {
+                let info = run_info(&opts, &common, started);
                 let page = turnpike_probe::html::report(
                     &info,
                     &regions,
                     &results,
-                    &rows,
+                    rows,
                     selected.as_ref(),
                 );
                 if let Err(e) = std::fs::write(file, page) {
@@ -517,20 +528,15 @@ fn main() -> ExitCode {
                 if let (true, Some(r)) = (ice_servers, chosen) {
                     doc["ice_servers"] = report::ice_servers(r);
                 }
-                if firewall {
-                    doc["firewall"] =
-                        serde_json::to_value(report::firewall_rows(&regions, &results))
-                            .unwrap_or_default();
+                if let (true, Some(rows)) = (firewall, &rows) {
+                    doc["firewall"] = serde_json::to_value(rows).unwrap_or_default();
                 }
                 println!("{doc}");
             } else {
                 print!("{}", report::table(&results, selected.as_ref()));
-                if firewall {
+                if let (true, Some(rows)) = (firewall, &rows) {
                     println!();
-                    print!(
-                        "{}",
-                        report::firewall(&report::firewall_rows(&regions, &results))
-                    );
+                    print!("{}", report::firewall(rows));
                 }
                 if let (true, Some(r)) = (ice_servers, chosen) {
                     println!(

@@ -2,6 +2,7 @@
 //! configuration, and the firewall table for IT departments.
 
 use serde_json::json;
+use turnpike_proto::advice::Phrase;
 
 use crate::probe::credentials;
 use crate::regions::Region;
@@ -66,7 +67,7 @@ pub fn table(results: &[PathResult], selected: Option<&Candidate>) -> String {
                 b.required_mbps,
                 b.loss * 100.0,
                 b.rtt_ms.map_or("-".into(), |v| format!("{v:.1}")),
-                if b.meets { "meets the requirement" } else { "DOES NOT meet the requirement" },
+                if b.meets { Phrase::Meets } else { Phrase::MeetsNot }.text(),
                 b.video
             );
         }
@@ -155,24 +156,33 @@ pub enum Verdict {
 impl Verdict {
     /// The words the firewall table, the capture and the HTML report use.
     pub fn label(self) -> &'static str {
+        self.phrase().text()
+    }
+
+    fn phrase(self) -> Phrase {
         match self {
-            Verdict::Open => "open",
-            Verdict::Blocked => "BLOCKED on the way",
-            Verdict::Refused => "REFUSED by the host (nothing listening)",
-            Verdict::NotAnswering => "REACHED, but no TURN answer",
-            Verdict::RelayRefused => "open, but the relay refused",
-            Verdict::Inspected => "TLS INSPECTED on the way",
-            Verdict::RelayedLost => "open, but relayed data did not come back",
-            Verdict::Unknown => "UNKNOWN",
-            Verdict::NotTested => "not tested",
+            Verdict::Open => Phrase::Open,
+            Verdict::Blocked => Phrase::Blocked,
+            Verdict::Refused => Phrase::Refused,
+            Verdict::NotAnswering => Phrase::NotAnswering,
+            Verdict::RelayRefused => Phrase::RelayRefused,
+            Verdict::Inspected => Phrase::Inspected,
+            Verdict::RelayedLost => Phrase::RelayedLost,
+            Verdict::Unknown => Phrase::Unknown,
+            Verdict::NotTested => Phrase::NotTested,
         }
     }
 }
+
+/// The purpose of the relay ports' row.
+pub const RELAYED: &str = "relayed media (return traffic of the flows above)";
 
 /// One row of the firewall table.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FirewallRow {
     pub destination: String,
+    /// The addresses the destination resolved to from where the probe ran.
+    pub addresses: Vec<String>,
     pub port: String,
     pub protocol: &'static str,
     pub direction: &'static str,
@@ -255,6 +265,7 @@ pub fn firewall_rows(regions: &[Region], results: &[PathResult]) -> Vec<Firewall
                    (verdict, detail): (Verdict, String)| {
         rows.push(FirewallRow {
             destination: r.host.clone(),
+            addresses: Vec::new(),
             port,
             protocol,
             direction,
@@ -290,7 +301,7 @@ pub fn firewall_rows(regions: &[Region], results: &[PathResult]) -> Vec<Firewall
                 relay_ports,
                 "UDP",
                 "out and in",
-                "relayed media (return traffic of the flows above)",
+                RELAYED,
                 relayed_verdict(result(&r.name, "turn-udp")),
             );
         }
@@ -356,11 +367,20 @@ pub fn firewall_rows(regions: &[Region], results: &[PathResult]) -> Vec<Firewall
     rows
 }
 
+/// Fills in each row's addresses from `resolved` (host, addresses).
+pub fn add_addresses(rows: &mut [FirewallRow], resolved: &[(String, Vec<String>)]) {
+    for row in rows {
+        if let Some((_, a)) = resolved.iter().find(|(h, _)| *h == row.destination) {
+            row.addresses = a.clone();
+        }
+    }
+}
+
 /// The firewall table as text.
 pub fn firewall(rows: &[FirewallRow]) -> String {
     let mut out = format!(
-        "{:<28} {:<12} {:<12} {:<10} {:<56} {}\n",
-        "DESTINATION", "PORT", "PROTOCOL", "DIRECTION", "PURPOSE", "FOUND FROM HERE"
+        "{:<28} {:<18} {:<12} {:<12} {:<10} {:<56} {}\n",
+        "DESTINATION", "ADDRESSES", "PORT", "PROTOCOL", "DIRECTION", "PURPOSE", "FOUND FROM HERE"
     );
     for r in rows {
         let found = if r.detail.is_empty() {
@@ -368,8 +388,13 @@ pub fn firewall(rows: &[FirewallRow]) -> String {
         } else {
             format!("{}: {}", r.verdict.label(), r.detail)
         };
+        let addresses = if r.addresses.is_empty() {
+            "-".to_owned()
+        } else {
+            r.addresses.join(",")
+        };
         out += &format!(
-            "{:<28} {:<12} {:<12} {:<10} {:<56} {found}\n",
+            "{:<28} {addresses:<18} {:<12} {:<12} {:<10} {:<56} {found}\n",
             r.destination, r.port, r.protocol, r.direction, r.purpose
         );
     }

@@ -440,12 +440,18 @@ password = "wonderland"
     let row = |port: u16, purpose: &str| {
         table
             .lines()
-            .find(|l| l.split_whitespace().nth(1) == Some(&port.to_string()) && l.contains(purpose))
+            .find(|l| l.split_whitespace().nth(2) == Some(&port.to_string()) && l.contains(purpose))
             .unwrap_or_else(|| panic!("no row for {port} ({purpose}):\n{table}"))
             .to_owned()
     };
     assert!(
         row(closed_tcp, "TURN over TCP").contains("REFUSED by the host (nothing listening)"),
+        "{table}"
+    );
+    // The address the destination resolved to, beside its name.
+    assert_eq!(
+        row(closed_tcp, "TURN over TCP").split_whitespace().nth(1),
+        Some("127.0.0.1"),
         "{table}"
     );
     assert!(
@@ -502,6 +508,12 @@ password = "wonderland"
             .clone()
     };
     assert_eq!(verdict(closed_tcp), "refused");
+    assert!(
+        rows.iter()
+            .filter(|r| r["destination"] == "127.0.0.1")
+            .all(|r| r["addresses"] == serde_json::json!(["127.0.0.1"])),
+        "{rows:?}"
+    );
     assert_eq!(verdict(silent_port), "not_answering");
     assert_eq!(verdict(tcp_only.addr_of("tcp").port()), "open");
     drop(silent);

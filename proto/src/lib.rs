@@ -36,7 +36,11 @@
 //! [`core::Shared`] holds what every shard of one relay shares (configuration, quotas,
 //! nonces, relay ports); it is touched when allocations are made or freed and on reload,
 //! never per relayed packet.
+//!
+//! [`advice`] is the one table of words the probe and the relay's test page use to say what a
+//! network test found.
 
+pub mod advice;
 pub mod auth;
 pub mod core;
 #[cfg(any(test, feature = "fuzzing"))]

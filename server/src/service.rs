@@ -214,17 +214,7 @@ impl CredentialService {
         let expires_at = unix_now + ttl;
         let username = ephemeral_username(expires_at, Some(&user));
         let password = ephemeral_password(&secret.0, &username);
-        let uris = if tenant.ice_urls.is_empty() {
-            let host = tenant
-                .hostnames
-                .first()
-                .map(String::as_str)
-                .or(host)
-                .unwrap_or("localhost");
-            urls(host, &config.listeners)
-        } else {
-            tenant.ice_urls.clone()
-        };
+        let uris = tenant_uris(config, tenant, host);
         Ok(Issued {
             tenant: tenant.name.clone(),
             username,
@@ -233,6 +223,17 @@ impl CredentialService {
             expires_at,
             uris,
         })
+    }
+
+    /// The TURN URLs credentials of `tenant` come with, for a request to `host`.
+    pub fn uris(&self, tenant: &str, host: Option<&str>) -> Vec<String> {
+        let config = self.config.load();
+        config
+            .tenants
+            .iter()
+            .find(|t| t.name == tenant)
+            .map(|t| tenant_uris(&config, t, host))
+            .unwrap_or_default()
     }
 
     /// Credentials of `tenant` for a caller that needs no key (the browser test page), for
@@ -375,6 +376,21 @@ pub fn strip_port(host: &str) -> &str {
 
 /// The TURN URLs of the relay's listeners under `host`: UDP and TCP as `turn:`, TLS as
 /// `turns:` (RFC 7065).
+/// A tenant's configured ICE URLs, else this relay's listeners under the tenant's first host
+/// name (or the one asked for).
+fn tenant_uris(config: &ServiceConfig, tenant: &ServiceTenant, host: Option<&str>) -> Vec<String> {
+    if !tenant.ice_urls.is_empty() {
+        return tenant.ice_urls.clone();
+    }
+    let host = tenant
+        .hostnames
+        .first()
+        .map(String::as_str)
+        .or(host)
+        .unwrap_or("localhost");
+    urls(host, &config.listeners)
+}
+
 fn urls(host: &str, listeners: &[Listener]) -> Vec<String> {
     let host = if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]")

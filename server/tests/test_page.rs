@@ -1,6 +1,7 @@
 //! The browser network test page, run by headless Chromium (fake camera and microphone) in a
 //! network namespace the test creates: every path works against a full relay; with the UDP
-//! listener off, the report marks UDP blocked and says what to open; the page loads nothing
+//! listener off, the report marks UDP blocked and says what to open; behind a proxy that
+//! re-signs TLS and passes only web traffic, it marks TLS inspected; the page loads nothing
 //! from anywhere but the relay; the downloaded report is the page's; the screenshot shows a
 //! green badge for each working path and a red one for the blocked path. Needs root
 //! (unshare), Debian's chromium and `npm ci` in tests/browser (.ci/run does both).
@@ -9,6 +10,7 @@ mod common;
 
 use common::{run_tool, TestCert};
 use serde_json::Value;
+use turnpike_proto::advice::Phrase;
 
 fn load(dir: &std::path::Path, name: &str) -> Value {
     let text = std::fs::read_to_string(dir.join(format!("{name}.json")))
@@ -91,7 +93,7 @@ fn chromium_runs_the_network_test_page_and_gets_verdicts() {
         ],
         300,
     );
-    assert!(out.contains("noudp: done"), "{out}");
+    assert!(out.contains("inspect: done"), "{out}");
 
     let full = load(&cert.dir, "full");
     check_common(&full, "full");
@@ -195,12 +197,17 @@ fn chromium_runs_the_network_test_page_and_gets_verdicts() {
         (Some("udp"), Some(false))
     );
     assert_eq!(udp["verdict"], "fail");
-    assert_eq!(udp["message"], "UDP to port 3478 is blocked.");
+    // The probe's words (one table, turnpike_proto::advice), filled in by the page.
+    assert_eq!(
+        udp["message"],
+        format!("TURN over UDP to port 3478: {}.", Phrase::Blocked.text())
+    );
     let advice = udp["advice"].as_str().expect("advice");
+    let fix = Phrase::FixUdp.say(&[("host", "10.99.0.1"), ("port", "3478")]);
     assert!(
-        advice.starts_with(
-            "Allow UDP 3478 and the relay ports 49152-65535 (UDP, both directions) to 10.99.0.1, or calls will use TCP on port 3478"
-        ),
+        advice.starts_with(&format!(
+            "{fix} Until then calls use TCP on port 3478 (measured here: "
+        )),
         "{advice}"
     );
     // The other paths work, but below the (deliberately unreachable) 1000 Mbit/s threshold.
@@ -234,6 +241,44 @@ fn chromium_runs_the_network_test_page_and_gets_verdicts() {
         .filter(|b| b["verdict"] == "warn")
         .count();
     assert_eq!(amber, 2, "amber badges for the slow paths");
+
+    // Behind a proxy that re-signs TLS and passes only web traffic: the page loaded through
+    // it, TURN over TLS did not pass, and HTTPS to the same port did: the page says so.
+    let inspect = load(&cert.dir, "inspect");
+    check_common(&inspect, "inspect");
+    let report = &inspect["report"];
+    assert_eq!(report["verdict"], "fail", "{report}");
+    let ps = paths(&inspect);
+    assert_eq!(ps.len(), 1, "{report}");
+    let tls = ps[0];
+    assert_eq!(
+        (
+            tls["ok"].as_bool(),
+            tls["https_ok"].as_bool(),
+            tls["verdict"].as_str()
+        ),
+        (Some(false), Some(true), Some("fail")),
+        "{tls}"
+    );
+    assert_eq!(
+        tls["message"],
+        format!(
+            "TURN over TLS to port 443: {} (HTTPS to the same port works).",
+            Phrase::Inspected.text()
+        )
+    );
+    assert_eq!(
+        tls["advice"],
+        format!(
+            "{} {}",
+            Phrase::FixInspectedWeb.say(&[("host", "10.99.0.1"), ("port", "443")]),
+            Phrase::NoFallback.text()
+        )
+    );
+    assert_eq!(
+        report["websocket"]["ok"], true,
+        "web traffic passes: {report}"
+    );
 }
 
 /// The page's credentials are good for the test only: they reach this relay's own allocations

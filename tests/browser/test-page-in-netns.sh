@@ -3,7 +3,8 @@
 # pair gives Chromium an address. Starts the relay with the network test page twice and lets
 # Chromium run the page against it: first with UDP, TCP and TLS on 443 (and a second TLS port
 # named as another region), then without the UDP listener while the page still offers UDP,
-# as a firewall dropping UDP would look, and with a throughput threshold no path meets. Fixed ports are safe here: nothing else lives in
+# as a firewall dropping UDP would look, and with a throughput threshold no path meets; last
+# behind a reverse proxy that inspects TLS (mitmproxy). Fixed ports are safe here: nothing else lives in
 # this namespace.
 # Usage: test-page-in-netns.sh TURNPIKE_BINARY CERT KEY OUTDIR
 set -euo pipefail
@@ -67,3 +68,35 @@ TOML
 start "$out/noudp.toml" "$out/noudp.log"
 node "$here/network-test-page.mjs" "https://10.99.0.1/test" "$out/noudp"
 stop
+
+# Behind a proxy that opens TLS and passes only web traffic: mitmproxy as a reverse proxy on
+# 10.99.0.1:443 in front of the relay's TLS port on 10.99.0.2, re-signing with its own CA
+# (which the browser accepts, as a company laptop trusts its proxy's). The page loads through
+# it; TURN over TLS does not pass.
+cat >"$out/inspect.toml" <<TOML
+listen = ["tls://10.99.0.2:443"]
+relay_ips = ["10.99.0.2"]
+realm = "netns.test"
+[tls]
+cert = "$cert"
+key = "$key"
+[echo]
+websocket = true
+[test_page]
+enabled = true
+min_mbps = 1
+ice_urls = ["turns:10.99.0.1:443?transport=tcp"]
+TOML
+mitmdump --mode reverse:https://10.99.0.2:443 --listen-host 10.99.0.1 -p 443 \
+  --set "confdir=$out/mitmproxy" --set keep_host_header=true --ssl-insecure -q >"$out/mitmproxy.log" 2>&1 &
+proxy=$!
+trap 'stop; kill $proxy 2>/dev/null; wait $proxy 2>/dev/null' EXIT INT TERM
+start "$out/inspect.toml" "$out/inspect.log"
+for _ in $(seq 100); do
+  (exec 3<>/dev/tcp/10.99.0.1/443) 2>/dev/null && break
+  kill -0 $proxy 2>/dev/null || { cat "$out/mitmproxy.log"; exit 1; }
+  sleep 0.1
+done
+node "$here/network-test-page.mjs" "https://10.99.0.1/test" "$out/inspect"
+stop
+kill $proxy; wait $proxy 2>/dev/null || true

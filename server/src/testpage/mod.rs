@@ -21,10 +21,26 @@ use axum::Router;
 use crate::config::TestPageSettings;
 use crate::http::Secure;
 use crate::service::{strip_port, CredentialService};
+use turnpike_proto::advice::Phrase;
 use turnpike_proto::limiter::{Limiter, Rates};
 use turnpike_proto::tenant::TEST_PAGE_TENANT;
 
-const PAGE: &str = include_str!("page.html");
+/// The page as written, with `/*ADVICE*/{}` where the shared words go.
+const PAGE_SOURCE: &str = include_str!("page.html");
+
+/// The page as served: the probe's words for verdicts and fixes ([`Phrase`]) filled in, so
+/// the two say the same thing the same way.
+static PAGE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let table: serde_json::Map<String, serde_json::Value> = Phrase::ALL
+        .iter()
+        .map(|p| (p.key().to_owned(), p.text().into()))
+        .collect();
+    // Inside <script>: no "</" may appear in the data.
+    let json = serde_json::Value::Object(table)
+        .to_string()
+        .replace('<', "\\u003c");
+    PAGE_SOURCE.replacen("/*ADVICE*/{}", &json, 1)
+});
 
 /// Sessions a source may start: a burst of four, then two a second (the tenant's quotas
 /// bound what they can hold).
@@ -50,6 +66,16 @@ pub struct TestPath {
     pub transport: &'static str,
     pub port: u16,
     pub url: String,
+}
+
+/// `https://HOST:PORT` of a `turns:HOST:PORT...` URL.
+fn tls_origin(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("turns:")?;
+    let hostport = rest.split('?').next()?;
+    hostport
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+        .then(|| format!("https://{hostport}"))
 }
 
 /// `turn:HOST:PORT?transport=udp` and the like; None for what the page cannot test.
@@ -130,13 +156,21 @@ impl TestPage {
             connect.push(format!("ws://{host}"));
         }
         connect.extend(self.settings.regions.iter().map(|r| r.url.clone()));
+        // HTTPS to the TLS paths' own ports: the page's sign of TLS inspection.
+        let asked = host_ok.then(|| strip_port(&host));
+        connect.extend(
+            self.credentials
+                .uris(TEST_PAGE_TENANT, asked)
+                .iter()
+                .filter_map(|u| tls_origin(u)),
+        );
         let csp = format!(
             "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
              img-src data: blob:; connect-src {}; base-uri 'none'; form-action 'none'; \
              frame-ancestors 'none'",
             connect.join(" ")
         );
-        let mut r = (StatusCode::OK, PAGE).into_response();
+        let mut r = (StatusCode::OK, PAGE.as_str()).into_response();
         let h = r.headers_mut();
         h.insert(
             header::CONTENT_TYPE,
@@ -280,6 +314,25 @@ mod tests {
             "fonts.",
         ] {
             assert!(!PAGE.contains(needle), "{needle}");
+        }
+    }
+
+    #[test]
+    fn the_page_carries_every_shared_phrase() {
+        assert!(PAGE_SOURCE.contains("/*ADVICE*/{}"));
+        for p in Phrase::ALL {
+            assert!(PAGE.contains(&format!("\"{}\":", p.key())), "{}", p.key());
+        }
+        // Every phrase the page asks for by name exists.
+        let mut rest = PAGE_SOURCE;
+        while let Some(i) = rest.find("say(\"") {
+            let key = &rest[i + 5..];
+            let key = &key[..key.find('"').expect("closing quote")];
+            assert!(
+                Phrase::ALL.iter().any(|p| p.key() == key),
+                "the page asks for {key}"
+            );
+            rest = &rest[i + 5..];
         }
     }
 }
