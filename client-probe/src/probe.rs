@@ -13,7 +13,7 @@ use crate::bandwidth::{self, Bandwidth};
 use crate::capture::{PathCapture, TapStream};
 use crate::inspect;
 use crate::regions::Region;
-use crate::select::PathResult;
+use crate::select::{PathResult, PeerCheck};
 use crate::turn::{Conn, Failure, Stream, TurnClient};
 
 /// How to probe.
@@ -474,7 +474,13 @@ async fn turn_path(region: &Region, opts: &Options, path: &str) -> PathResult {
                     ),
                     None => None,
                 };
-                Ok((samples, bandwidth))
+                let peer = match path {
+                    "turn-udp" => {
+                        Some(peer_check(&mut b, relayed_b, mapped, opts, tap.as_ref()).await)
+                    }
+                    _ => None,
+                };
+                Ok((samples, bandwidth, peer))
             }
             Err(e) => Err(e),
         };
@@ -483,8 +489,9 @@ async fn turn_path(region: &Region, opts: &Options, path: &str) -> PathResult {
         Ok::<_, Failure>((tls_ms, alloc_ms, mapped, outcome?))
     };
     match run.await {
-        Ok((tls_ms, alloc_ms, mapped, (samples, bandwidth))) => {
+        Ok((tls_ms, alloc_ms, mapped, (samples, bandwidth, peer))) => {
             result.bandwidth = bandwidth;
+            result.peer = peer;
             result.tls_handshake_ms = tls_ms;
             result.allocation_ms = Some(alloc_ms);
             result.mapped = mapped.map(|m| m.to_string());
@@ -503,6 +510,97 @@ async fn turn_path(region: &Region, opts: &Options, path: &str) -> PathResult {
             r
         }
     }
+}
+
+/// Datagrams each direction of [`peer_check`] sends before it gives up.
+const PEER_TRIES: u32 = 2;
+
+/// A peer that does not use TURN, where the probe runs: a plain UDP socket sends to `b`'s
+/// relayed address (after `b` permits `mapped`, the address the relay saw the probe at), and
+/// `b` answers it from there. This crosses the relay ports the way a peer's media does.
+async fn peer_check(
+    b: &mut TurnClient,
+    relayed_b: SocketAddr,
+    mapped: Option<SocketAddr>,
+    opts: &Options,
+    tap: Option<&PathCapture>,
+) -> PeerCheck {
+    let mut check = PeerCheck {
+        relayed: relayed_b.to_string(),
+        ..Default::default()
+    };
+    let run = async {
+        let mapped = mapped
+            .ok_or_else(|| Failure::Other("the relay did not say where it saw the probe".into()))?;
+        let sock = udp_to(relayed_b).await?;
+        let tap = match (tap, sock.local_addr()) {
+            (Some(p), Ok(local)) => Some(p.udp(local, relayed_b)),
+            _ => None,
+        };
+        b.permit(mapped, opts.timeout).await?;
+        // From here to the relayed address: the relay hands it to `b` with its source.
+        let mut source = None;
+        for i in 0..PEER_TRIES {
+            let hello = format!("turnpike-probe peer {i}").into_bytes();
+            sock.send(&hello)
+                .await
+                .map_err(|e| Failure::io("send", e))?;
+            if let Some(t) = &tap {
+                t.sent(&hello);
+            }
+            let deadline = Instant::now() + opts.timeout;
+            while let Ok((from, data)) = b.recv_data_from(deadline).await {
+                if data == hello {
+                    source = from;
+                    break;
+                }
+            }
+            if source.is_some() {
+                break;
+            }
+        }
+        let Some(source) = source else {
+            return Err(Failure::Timeout(format!(
+                "datagrams from here to the relayed address {relayed_b} did not arrive"
+            )));
+        };
+        check.inbound = true;
+        // And back: the relay sends from the relayed address to where the peer was seen.
+        let mut buf = vec![0u8; 2048];
+        for i in 0..PEER_TRIES {
+            let answer = format!("turnpike-probe answer {i}").into_bytes();
+            b.send_to(source, &answer).await?;
+            let got = tokio::time::timeout(opts.timeout, async {
+                loop {
+                    match sock.recv(&mut buf).await {
+                        Ok(n) if buf[..n] == answer[..] => return true,
+                        Ok(n) => {
+                            if let Some(t) = &tap {
+                                t.received(relayed_b, &buf[..n]);
+                            }
+                        }
+                        Err(_) => return false,
+                    }
+                }
+            })
+            .await
+            .unwrap_or(false);
+            if got {
+                if let Some(t) = &tap {
+                    t.received(relayed_b, &answer);
+                }
+                check.outbound = true;
+                return Ok(());
+            }
+        }
+        Err(Failure::Timeout(format!(
+            "the answers from the relayed address {relayed_b} did not get back in"
+        )))
+    };
+    if let Err(e) = run.await {
+        check.error = Some(e.to_string());
+    }
+    check
 }
 
 /// Sends paced datagrams from `a` to `to` (the relayed address of `b`) at `bps` for `secs`,

@@ -175,7 +175,7 @@ impl Verdict {
 }
 
 /// The purpose of the relay ports' row.
-pub const RELAYED: &str = "relayed media (return traffic of the flows above)";
+pub const RELAYED: &str = "relayed media, to and from peers that do not use TURN";
 
 /// One row of the firewall table.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -230,21 +230,38 @@ pub fn path_verdict(r: Option<&PathResult>) -> String {
     }
 }
 
-/// The relayed-media row follows the UDP TURN path: its relayed datagrams crossed the relay
-/// ports (open), the relay allocated but they did not come back (blocked), or no allocation
-/// was made, so the relay ports were never tried.
+/// The relay ports row follows the UDP TURN path's peer check: a plain UDP socket here
+/// exchanged datagrams with a relayed address both ways (open), they were dropped one way
+/// (blocked), the relay refused this network as a peer, or no allocation was made, so the
+/// relay ports were never tried.
 fn relayed_verdict(r: Option<&PathResult>) -> (Verdict, String) {
-    match r {
-        Some(r) if r.reachable => (Verdict::Open, "relayed datagrams came back".into()),
-        Some(r) if r.allocation_ms.is_some() => (
-            Verdict::RelayedLost,
-            "the relay allocated, but relayed datagrams did not come back".into(),
+    let Some(r) = r else {
+        return (Verdict::NotTested, "not probed".into());
+    };
+    match &r.peer {
+        Some(p) if p.inbound && p.outbound => (
+            Verdict::Open,
+            format!("datagrams crossed {} both ways", p.relayed),
         ),
-        Some(_) => (
+        Some(p) => {
+            let e = p.error.clone().unwrap_or_default();
+            if e.starts_with(|c: char| c.is_ascii_digit()) {
+                (
+                    Verdict::RelayRefused,
+                    format!("{e} (the relay's peer policy refuses this network's address)"),
+                )
+            } else {
+                (Verdict::Blocked, e)
+            }
+        }
+        None if r.allocation_ms.is_some() => (
+            Verdict::NotTested,
+            "the relay allocated, but the peer check did not run".into(),
+        ),
+        None => (
             Verdict::NotTested,
             "no UDP allocation was made; see the turn-udp path".into(),
         ),
-        None => (Verdict::NotTested, "not probed".into()),
     }
 }
 
@@ -449,10 +466,26 @@ mod tests {
             Verdict::Unknown
         );
         assert_eq!(verdict(None).0, Verdict::NotTested);
-        assert_eq!(
-            relayed_verdict(Some(&failed("timeout: no answer", true, true))).0,
-            Verdict::RelayedLost
-        );
+        let mut r = failed("timeout: no answer", true, true);
+        assert_eq!(relayed_verdict(Some(&r)).0, Verdict::NotTested);
+        r.peer = Some(crate::select::PeerCheck {
+            relayed: "192.0.2.1:50000".into(),
+            inbound: true,
+            outbound: false,
+            error: Some("timeout: the answers did not get back in".into()),
+        });
+        assert_eq!(relayed_verdict(Some(&r)).0, Verdict::Blocked);
+        r.peer = Some(crate::select::PeerCheck {
+            error: Some("403 Forbidden".into()),
+            ..Default::default()
+        });
+        assert_eq!(relayed_verdict(Some(&r)).0, Verdict::RelayRefused);
+        r.peer = Some(crate::select::PeerCheck {
+            inbound: true,
+            outbound: true,
+            ..Default::default()
+        });
+        assert_eq!(relayed_verdict(Some(&r)).0, Verdict::Open);
         assert_eq!(
             relayed_verdict(Some(&failed("timeout: no answer", false, false))).0,
             Verdict::NotTested

@@ -36,10 +36,27 @@ pub struct PathResult {
     pub bandwidth: Option<crate::bandwidth::Bandwidth>,
     /// The voice-call score these figures predict (see [`crate::quality`]).
     pub voice: Option<crate::quality::Voice>,
+    /// `turn-udp`: a peer that does not use TURN, on this network, and the relayed address.
+    pub peer: Option<PeerCheck>,
     /// Whether the probe got through to the host: a TCP connection was accepted, or the relay
     /// answered at all (an error response counts). A timeout of a path that was reached is a
     /// service not answering, not a firewall dropping packets.
     pub reached: bool,
+}
+
+/// Whether a plain UDP socket where the probe runs, as a peer that does not use TURN would,
+/// exchanged datagrams with an allocation's relayed address: what the relay ports row of the
+/// firewall table reports. (The two allocations' own round trip stays inside the relay.)
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PeerCheck {
+    /// The relayed address tried.
+    pub relayed: String,
+    /// A datagram from here reached the allocation through the relayed address.
+    pub inbound: bool,
+    /// The allocation's answer, sent from the relayed address, came back here.
+    pub outbound: bool,
+    /// What went wrong, when something did.
+    pub error: Option<String>,
 }
 
 impl PathResult {

@@ -386,6 +386,14 @@ impl TurnClient {
 
     /// The next Data indication's payload, before `deadline`.
     pub async fn recv_data(&mut self, deadline: Instant) -> Result<Vec<u8>, Failure> {
+        self.recv_data_from(deadline).await.map(|(_, d)| d)
+    }
+
+    /// The next Data indication's peer and payload, before `deadline`.
+    pub async fn recv_data_from(
+        &mut self,
+        deadline: Instant,
+    ) -> Result<(Option<SocketAddr>, Vec<u8>), Failure> {
         loop {
             let frame = self.recv(deadline).await?;
             let Ok(msg) = Message::parse(&frame) else {
@@ -393,7 +401,10 @@ impl TurnClient {
             };
             if msg.class() == Class::Indication && msg.method() == method::DATA {
                 if let Some(d) = msg.get(attr::DATA) {
-                    return Ok(d.to_vec());
+                    let peer = msg
+                        .get(attr::XOR_PEER_ADDRESS)
+                        .and_then(|v| msg.xor_address(v));
+                    return Ok((peer, d.to_vec()));
                 }
             }
         }

@@ -878,7 +878,12 @@ fn shared_relay_ports_pass_the_turn_paths_and_the_firewall_table_lists_them() {
         .lines()
         .find(|l| l.contains("relayed media"))
         .unwrap_or_else(|| panic!("no relayed media row:\n{table}"));
-    assert!(media.contains(&shared) && media.contains("open"), "{table}");
+    assert!(
+        media.contains(&shared)
+            && media.contains("open: datagrams crossed")
+            && media.contains("both ways"),
+        "{table}"
+    );
     assert!(!table.contains("49152-65535"), "{table}");
 }
 
@@ -1245,17 +1250,10 @@ fn the_html_report_renders_on_its_own_and_says_what_to_do() {
     }
 }
 
-/// The case IT gets, end to end: a laptop behind a firewall that drops UDP to the relay and a
-/// proxy that inspects TLS (network namespaces and a real mitmproxy), one probe run. The report
-/// and the capture, read by someone who never saw Turnpike, say which port to open, that the
-/// proxy breaks TLS to the relay, and what call quality to expect; the capture shows the
-/// datagrams that went out and that nothing came back. Needs root (unshare), iptables,
-/// mitmproxy and tshark (.ci/run installs them).
-#[test]
-fn behind_a_udp_dropping_tls_inspecting_proxy_the_report_and_capture_say_why() {
-    let cert = TestCert::new("probe-office", &["10.99.0.1"]);
+/// Runs tests/netns/probe-behind-proxy.sh in a namespace of its own, in `mode`; its output.
+fn office(cert: &TestCert, mode: &str) -> String {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    let ran = common::run_tool(
+    common::run_tool(
         "unshare",
         &[
             "--net",
@@ -1266,9 +1264,63 @@ fn behind_a_udp_dropping_tls_inspecting_proxy_the_report_and_capture_say_why() {
             cert.cert.to_str().expect("path"),
             cert.key.to_str().expect("path"),
             cert.dir.to_str().expect("path"),
+            mode,
         ],
         180,
+    )
+}
+
+/// A network that lets UDP 3478 through but drops the relay ports (a relay's firewall, built
+/// with iptables in a namespace the test makes): the TURN paths work, since the two
+/// allocations' round trip stays inside the relay, and the relay ports row says BLOCKED, from
+/// a plain UDP socket that tried them as a peer does. Needs root (unshare) and iptables.
+#[test]
+fn relay_ports_dropped_on_the_way_are_blocked_in_the_firewall_rows() {
+    let cert = TestCert::new("probe-relay-ports", &["10.99.0.1"]);
+    let ran = office(&cert, "relay-ports");
+    assert!(ran.contains("probe ran"), "{ran}");
+    let text = std::fs::read_to_string(cert.dir.join("table.json")).unwrap_or_default();
+    let err = std::fs::read_to_string(cert.dir.join("probe.err")).unwrap_or_default();
+    let doc: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}\n{err}"));
+    assert_eq!(
+        path(&doc, "eu-office", "turn-udp")["reachable"],
+        true,
+        "{doc}"
     );
+    let rows = doc["firewall"].as_array().expect("rows");
+    let row = |port: &str| {
+        rows.iter()
+            .find(|r| r["port"] == port)
+            .unwrap_or_else(|| panic!("no row {port}: {rows:?}"))
+    };
+    assert_eq!(row("3478")["verdict"], "open", "{rows:?}");
+    let relayed = row("49152-65535");
+    assert_eq!(relayed["verdict"], "blocked", "{relayed}");
+    assert!(
+        relayed["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("datagrams from here to the relayed address 10.99.0.1:")),
+        "{relayed}"
+    );
+    let peer = &path(&doc, "eu-office", "turn-udp")["peer"];
+    assert_eq!(
+        (peer["inbound"].as_bool(), peer["outbound"].as_bool()),
+        (Some(false), Some(false)),
+        "{peer}"
+    );
+}
+
+/// The case IT gets, end to end: a laptop behind a firewall that drops UDP to the relay and a
+/// proxy that inspects TLS (network namespaces and a real mitmproxy), one probe run. The report
+/// and the capture, read by someone who never saw Turnpike, say which port to open, that the
+/// proxy breaks TLS to the relay, and what call quality to expect; the capture shows the
+/// datagrams that went out and that nothing came back. Needs root (unshare), iptables,
+/// mitmproxy and tshark (.ci/run installs them).
+#[test]
+fn behind_a_udp_dropping_tls_inspecting_proxy_the_report_and_capture_say_why() {
+    let cert = TestCert::new("probe-office", &["10.99.0.1"]);
+    let ran = office(&cert, "proxy");
     assert!(ran.contains("probe ran"), "{ran}");
     let read = |name: &str| std::fs::read_to_string(cert.dir.join(name)).unwrap_or_default();
     let (report, err) = (read("report.html"), read("probe.err"));

@@ -4,11 +4,14 @@
 # firewall that silently drops every UDP datagram to it, a veth pair between the two, and in
 # the laptop's namespace a real proxy that inspects TLS (mitmproxy on 127.0.0.1:8080,
 # re-signing with its own CA). One probe run writes the report and the capture IT gets.
+# With MODE relay-ports instead, the firewall drops only UDP to the relay ports (49152-65535),
+# there is no proxy, and the probe prints its firewall rows as JSON (table.json).
 # Fixed addresses and ports are safe here: nothing else lives in these namespaces.
 # (unshare --fork does not pass SIGTERM on: the trap stops the relay itself.)
-# Usage: probe-behind-proxy.sh TURNPIKE PROBE CERT KEY OUTDIR
+# Usage: probe-behind-proxy.sh TURNPIKE PROBE CERT KEY OUTDIR [MODE]
 set -euo pipefail
-relay_bin=$1 probe_bin=$2 cert=$3 key=$4 out=$5
+relay_bin=$1 probe_bin=$2 cert=$3 key=$4 out=$5 mode=${6:-proxy}
+if [ "$mode" = relay-ports ]; then export DROP="--dport 49152:65535"; else export DROP=; fi
 sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 || true
 ip link set lo up
 # The relay's namespace: it waits for its end of the link, sets up its firewall, and runs.
@@ -17,21 +20,31 @@ unshare --net --fork --kill-child bash -c '
   ip link set lo up
   ip addr add 10.99.0.1/24 dev v0
   ip link set v0 up
-  iptables -A INPUT -i v0 -p udp -j DROP
+  iptables -A INPUT -i v0 -p udp $DROP -j DROP
   exec "$@"' relay "$relay_bin" --listen udp://10.99.0.1:3478 --listen tcp://10.99.0.1:3478 \
   --listen tls://10.99.0.1:443 --cert "$cert" --key "$key" --relay-ip 10.99.0.1 \
   --allow-peer 10.99.0.0/24 --user alice:wonderland --drain-grace 0 2>"$out/relay.log" &
 relay=$!
-mitmdump --listen-host 127.0.0.1 -p 8080 --set "confdir=$out/mitmproxy" --ssl-insecure -q \
-  >/dev/null 2>&1 &
-proxy=$!
+proxy=
+if [ "$mode" = proxy ]; then
+  mitmdump --listen-host 127.0.0.1 -p 8080 --set "confdir=$out/mitmproxy" --ssl-insecure -q \
+    >/dev/null 2>&1 &
+  proxy=$!
+fi
 trap 'kill $(pgrep -P $relay) $proxy 2>/dev/null; wait $relay $proxy 2>/dev/null' EXIT INT TERM
+# The relay's end of the link goes to its namespace once it has one: until unshare has made
+# it, the process is still in this one (and the link would stay here).
+for _ in $(seq 200); do
+  [ "$(readlink /proc/$relay/ns/net)" != "$(readlink /proc/self/ns/net)" ] && break
+  sleep 0.05
+done
 ip link add v0 type veth peer name v1
 ip link set v0 netns "$relay"
 ip addr add 10.99.0.2/24 dev v1
 ip link set v1 up
 for _ in $(seq 300); do
-  (echo >/dev/tcp/10.99.0.1/3478) 2>/dev/null && (echo >/dev/tcp/127.0.0.1/8080) 2>/dev/null && break
+  (echo >/dev/tcp/10.99.0.1/3478) 2>/dev/null &&
+    { [ -z "$proxy" ] || (echo >/dev/tcp/127.0.0.1/8080) 2>/dev/null; } && break
   kill -0 $relay 2>/dev/null || { cat "$out/relay.log"; exit 1; }
   sleep 0.1
 done
@@ -47,8 +60,13 @@ ca_file = "$cert"
 username = "alice"
 password = "wonderland"
 TOML
-"$probe_bin" measure --regions "$out/regions.toml" --samples 3 --timeout-ms 700 \
-  --proxy http://127.0.0.1:8080 --bandwidth 1M --bandwidth-secs 1 \
-  --report "$out/report.html" --capture "$out/probe.pcapng" --firewall \
-  >"$out/table.txt" 2>"$out/probe.err" || true
+if [ "$mode" = proxy ]; then
+  "$probe_bin" measure --regions "$out/regions.toml" --samples 3 --timeout-ms 700 \
+    --proxy http://127.0.0.1:8080 --bandwidth 1M --bandwidth-secs 1 \
+    --report "$out/report.html" --capture "$out/probe.pcapng" --firewall \
+    >"$out/table.txt" 2>"$out/probe.err" || true
+else
+  "$probe_bin" measure --regions "$out/regions.toml" --samples 3 --timeout-ms 700 \
+    --firewall --json >"$out/table.json" 2>"$out/probe.err" || true
+fi
 echo "probe ran"
