@@ -2,6 +2,10 @@ use clap::Parser;
 use turnpike::config::{check, Cli, Settings};
 
 fn main() -> std::process::ExitCode {
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().map(String::as_str) == Some("admin") {
+        return turnpike::admin_cli::main(args.skip(1));
+    }
     let cli = Cli::parse();
     let settings = match Settings::load(&cli) {
         Ok(s) => s,

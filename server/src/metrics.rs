@@ -28,6 +28,10 @@ pub const RELAYED_PACKETS_TOTAL: &str = "turnpike_relayed_packets_total";
 pub const RELAYED_BYTES_TOTAL: &str = "turnpike_relayed_bytes_total";
 pub const DROPPED_PACKETS_TOTAL: &str = "turnpike_dropped_packets_total";
 pub const DRAINING: &str = "turnpike_draining";
+pub const STORE_UP: &str = "turnpike_store_up";
+pub const STORE_LOADED: &str = "turnpike_store_loaded_timestamp_seconds";
+pub const STORE_TENANTS: &str = "turnpike_store_tenants";
+pub const REDIRECTING: &str = "turnpike_redirecting";
 pub const ALLOCATIONS_LIMIT: &str = "turnpike_allocations_limit";
 pub const RELAY_PORTS: &str = "turnpike_relay_ports";
 pub const SHARED_PORT_CONFLICTS_TOTAL: &str = "turnpike_shared_port_conflicts_total";
@@ -81,6 +85,12 @@ pub struct Metrics {
     draining: IntGauge,
     allocations_limit: IntGauge,
     relay_ports: IntGauge,
+    /// The tenant store's state, when one is configured.
+    store: std::sync::OnceLock<Arc<crate::store::Status>>,
+    store_up: IntGauge,
+    store_loaded: IntGauge,
+    store_tenants: IntGauge,
+    redirecting: IntGauge,
     echo_packets: [IntCounter; 4],
     echo_dropped: [IntCounter; 4],
     connections_refused: [IntCounter; 2],
@@ -231,6 +241,24 @@ impl Metrics {
             "Ports in the relay port range: the most UDP allocations per relay address; 0 with shared relay ports, where ports do not bound the allocations.",
         ));
         reg(Box::new(relay_ports.clone()));
+        let gauge = |name: &str, help: &str| {
+            let g = must(IntGauge::new(name, help));
+            must(registry.register(Box::new(g.clone())));
+            g
+        };
+        let store_up = gauge(
+            STORE_UP,
+            "1 while the tenant store answers; 0 while it does not (the relay serves its last copy) and without a store.",
+        );
+        let store_loaded = gauge(
+            STORE_LOADED,
+            "When the tenant store's last copy was loaded (Unix seconds).",
+        );
+        let store_tenants = gauge(STORE_TENANTS, "Tenants in the store's last copy.");
+        let redirecting = gauge(
+            REDIRECTING,
+            "1 while Allocate requests are redirected to a sibling (300 Try Alternate).",
+        );
         let build = must(IntGaugeVec::new(
             Opts::new(BUILD_INFO, "Build information; always 1."),
             &["version"],
@@ -267,6 +295,11 @@ impl Metrics {
             draining,
             allocations_limit,
             relay_ports,
+            store: std::sync::OnceLock::new(),
+            store_up,
+            store_loaded,
+            store_tenants,
+            redirecting,
             echo_packets: EchoTransport::ALL
                 .map(|t| echo_packets_vec.with_label_values(&[t.label()])),
             echo_dropped: EchoTransport::ALL
@@ -341,6 +374,11 @@ impl Metrics {
             .set(ports.map_or(0, |p| i64::from(p.1) - i64::from(p.0) + 1));
     }
 
+    /// Reports the tenant store's state from now on.
+    pub fn set_store(&self, status: Arc<crate::store::Status>) {
+        let _ = self.store.set(status);
+    }
+
     pub fn render(&self, shared: &Shared) -> String {
         self.allocations_active
             .set(i64::from(shared.quotas.active()));
@@ -356,6 +394,13 @@ impl Metrics {
             }
         }
         self.draining.set(i64::from(shared.is_draining()));
+        self.redirecting.set(i64::from(shared.redirect().is_some()));
+        if let Some(s) = self.store.get() {
+            use std::sync::atomic::Ordering::Relaxed;
+            self.store_up.set(i64::from(s.up.load(Relaxed)));
+            self.store_loaded.set(s.loaded_at.load(Relaxed) as i64);
+            self.store_tenants.set(s.tenants.load(Relaxed) as i64);
+        }
         let mut out = Vec::new();
         if TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)
@@ -376,17 +421,30 @@ impl Default for Metrics {
 /// The built-in HTTP endpoints: `/healthz`, `/readyz`, and `/metrics` when `with_metrics`.
 pub fn router(metrics: Arc<Metrics>, shared: Arc<Shared>, with_metrics: bool) -> Router {
     let ready = Arc::clone(&shared);
+    let store = Arc::clone(&metrics);
     let mut app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",
             get(move || {
                 let draining = ready.is_draining();
+                // A store that went away does not make the relay unready: it serves its last
+                // copy, and says so here.
+                let store = store
+                    .store
+                    .get()
+                    .and_then(|s| s.describe())
+                    .map(|d| format!("{d}\n"))
+                    .unwrap_or_default();
                 async move {
                     if draining {
-                        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("draining\n{store}"),
+                        )
+                            .into_response()
                     } else {
-                        (StatusCode::OK, "ready\n").into_response()
+                        (StatusCode::OK, format!("ready\n{store}")).into_response()
                     }
                 }
             }),

@@ -21,8 +21,8 @@ use crate::stun::{self, attr, method, Builder, Class, Message, TransactionId};
 use super::data::peer_allowed;
 use super::responses::{reason, sign};
 use super::{
-    live_mut, AllocId, Allocation, BindFailure, BindOutcome, Channel, ClientId, Core, Event,
-    RelayAddrs, RelayBind, Slot, CHANNEL_LIFETIME, PERMISSION_LIFETIME,
+    live_mut, AllocId, Allocation, BindFailure, BindOutcome, Channel, ClientId, Core, EndReason,
+    Event, RelayAddrs, RelayBind, Session, Slot, Usage, CHANNEL_LIFETIME, PERMISSION_LIFETIME,
 };
 
 /// Transport protocol numbers in REQUESTED-TRANSPORT.
@@ -84,10 +84,21 @@ impl Core {
         auth: &Authenticated,
         existing: Option<AllocId>,
         now: Instant,
+        unix: u64,
     ) -> Result<RelayBind, u16> {
         let config = self.shared.config();
         if existing.is_some() {
             return Err(437);
+        }
+        // Draining, or beyond its load: a sibling takes it (the reply names it).
+        if let Some(alt) = self.shared.redirect() {
+            let tls = self.tls.contains(&client);
+            if alt
+                .for_client(client.is_stream(), tls, client.addr.is_ipv6())
+                .is_some()
+            {
+                return Err(300);
+            }
         }
         if self.shared.is_draining() {
             return Err(508);
@@ -303,6 +314,10 @@ impl Core {
             })),
             shared,
             claimed: Vec::new(),
+            usage: Usage::default(),
+            peers: 0,
+            started: now,
+            started_unix: unix,
         };
         let alloc = self.insert(allocation);
         self.timers
@@ -600,7 +615,7 @@ impl Core {
             }
         }
         if msg.get_u32(attr::LIFETIME) == Some(0) {
-            self.free(id);
+            self.free_for(id, EndReason::Released);
             return Ok(0);
         }
         let tenant = self.slot(id).map_or(0, |a| a.tenant);
@@ -765,9 +780,29 @@ impl Core {
     /// Ends an allocation: its quota and ports go back, its RFC 6062 connections close, and
     /// the caller is told to close its sockets ([`Event::Freed`]).
     pub(super) fn free(&mut self, id: AllocId) {
+        self.free_for(id, EndReason::Expired);
+    }
+
+    /// Ends an allocation and queues its session record.
+    pub(super) fn free_for(&mut self, id: AllocId, reason: EndReason) {
         let Some(a) = self.take_slot(id) else {
             return;
         };
+        let session = a.binding.is_none().then(|| {
+            let end = self.last_now.unwrap_or(a.started);
+            Box::new(Session {
+                tenant: a.tenant,
+                user_id: a.user_id.clone(),
+                client: a.client,
+                tcp: a.tcp,
+                tls: self.tls.contains(&a.client),
+                started_unix: a.started_unix,
+                duration: end.saturating_duration_since(a.started),
+                usage: a.usage,
+                peers: a.peers,
+                reason,
+            })
+        });
         if a.binding.is_none() {
             self.by_client.remove(&a.client);
         }
@@ -780,6 +815,9 @@ impl Core {
         }
         self.forget_tcp_connections(id);
         self.events.push_back(Event::Freed(id));
+        if let Some(s) = session {
+            self.events.push_back(Event::Ended(s));
+        }
     }
 }
 
@@ -830,5 +868,6 @@ fn install_permission(
         return false;
     }
     a.permissions.push((ip, expires));
+    a.peers = a.peers.saturating_add(1);
     true
 }

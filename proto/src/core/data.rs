@@ -54,6 +54,8 @@ impl Core {
         }
         counters.relayed_packets[0] += 1;
         counters.relayed_bytes[0] += len as u64;
+        a.usage.packets[0] += 1;
+        a.usage.bytes[0] += len as u64;
         ClientAction::Relay {
             alloc: id,
             peer,
@@ -117,6 +119,8 @@ impl Core {
             return ClientAction::None;
         }
         let tenant = a.tenant;
+        a.usage.packets[0] += 1;
+        a.usage.bytes[0] += data.len() as u64;
         // Sending claims the peer address on a shared port (up to a bound per allocation).
         if let Some(port) = port {
             self.claim_for(id, port, peer);
@@ -188,6 +192,8 @@ impl Core {
         }
         counters.relayed_packets[1] += 1;
         counters.relayed_bytes[1] += len as u64;
+        a.usage.packets[1] += 1;
+        a.usage.bytes[1] += len as u64;
         if let Some(number) = channel {
             buf[0..2].copy_from_slice(&number.to_be_bytes());
             buf[2..4].copy_from_slice(&(len as u16).to_be_bytes());

@@ -41,7 +41,7 @@ use crate::limiter::{self, Limiter, Rates};
 use crate::ports::PortLease;
 use crate::quota::{AtomicBucket, TokenBucket, UserState};
 
-pub use shared::{CoreConfig, RelayAddress, Shared, MAX_RESERVATIONS, RESERVATION_TTL};
+pub use shared::{Alternate, CoreConfig, RelayAddress, Shared, MAX_RESERVATIONS, RESERVATION_TTL};
 pub use sharing::SharedPortId;
 pub use stats::{CoreStats, TenantStats, METHODS, RESULTS};
 pub use tcp::TcpQuota;
@@ -86,6 +86,20 @@ impl AllocId {
     /// The slot, for tables the caller keeps beside the core's (one entry per slot).
     pub fn index(self) -> usize {
         self.index as usize
+    }
+
+    /// A stable text form (`SLOT.GENERATION`), for an operator to name it.
+    pub fn to_text(self) -> String {
+        format!("{}.{}", self.index, self.generation)
+    }
+
+    /// The inverse of [`AllocId::to_text`].
+    pub fn from_text(s: &str) -> Option<AllocId> {
+        let (i, g) = s.split_once('.')?;
+        Some(AllocId {
+            index: i.parse().ok()?,
+            generation: g.parse().ok()?,
+        })
     }
 }
 
@@ -182,6 +196,83 @@ pub enum Event {
     Freed(AllocId),
     /// An RFC 6062 peer connection was never bound, or its allocation ended: close it.
     ConnectionClosed(u32),
+    /// What an ended allocation carried, for its session record (after its `Freed`).
+    Ended(Box<Session>),
+}
+
+/// Why an allocation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// Its lifetime ran out without a Refresh.
+    Expired,
+    /// The client released it (Refresh with LIFETIME 0).
+    Released,
+    /// Its stream connection closed.
+    ClientClosed,
+    /// Its user was revoked or its tenant removed.
+    Revoked,
+    /// An operator ended it.
+    Ended,
+    /// The relay stopped.
+    Shutdown,
+}
+
+impl EndReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Expired => "expired",
+            EndReason::Released => "released",
+            EndReason::ClientClosed => "client-closed",
+            EndReason::Revoked => "revoked",
+            EndReason::Ended => "ended",
+            EndReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// What one allocation carried: up is from the client to its peers, down from the peers to
+/// the client (payload bytes, as relayed).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub packets: [u64; 2],
+    pub bytes: [u64; 2],
+}
+
+/// An ended allocation, for the session record the caller writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub tenant: u32,
+    pub user_id: String,
+    pub client: ClientId,
+    /// TCP relaying (RFC 6062) rather than UDP.
+    pub tcp: bool,
+    /// A stream client that came over TLS.
+    pub tls: bool,
+    /// The wall clock (Unix seconds) of its Allocate.
+    pub started_unix: u64,
+    /// How long it lived.
+    pub duration: Duration,
+    pub usage: Usage,
+    /// Distinct peer addresses (IPs) it was given permissions for.
+    pub peers: u32,
+    pub reason: EndReason,
+}
+
+/// A live allocation, as an operator lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllocationInfo {
+    pub id: AllocId,
+    pub tenant: u32,
+    pub username: String,
+    pub user_id: String,
+    pub client: ClientId,
+    pub relayed: RelayAddrs,
+    pub tcp: bool,
+    pub tls: bool,
+    pub age: Duration,
+    pub usage: Usage,
+    /// The peer IPs it holds permissions for now.
+    pub permissions: Vec<IpAddr>,
 }
 
 /// Relayed addresses, as advertised to the client.
@@ -226,6 +317,13 @@ struct Allocation {
     shared: [Option<SharedPortId>; 2],
     /// Peer addresses it claimed on its shared ports.
     claimed: Vec<SocketAddr>,
+    /// What it relayed, each way.
+    usage: Usage,
+    /// Distinct peer IPs it was ever permitted (bounded by `max_permissions` per lifetime
+    /// of each, counted once when first installed).
+    peers: u32,
+    started: Instant,
+    started_unix: u64,
 }
 
 impl Allocation {
@@ -279,6 +377,10 @@ pub struct Core {
     generation: u64,
     /// Shared relay ports, when the IO layer added some.
     sharing: sharing::Sharing,
+    /// Stream clients that came over TLS (a redirect names the sibling's TLS port).
+    tls: rustc_hash::FxHashSet<ClientId>,
+    /// The clock of the last request or timeout, for the age of what ends outside either.
+    last_now: Option<Instant>,
 }
 
 impl Core {
@@ -300,6 +402,8 @@ impl Core {
             searches: Limiter::new(SEARCH_RATE, limiter::MAX_SOURCES),
             generation,
             sharing: sharing::Sharing::default(),
+            tls: Default::default(),
+            last_now: None,
         }
     }
 
@@ -363,12 +467,59 @@ impl Core {
         self.hosts.insert(client, host.into());
     }
 
+    /// Records that a stream client came over TLS.
+    pub fn set_client_tls(&mut self, client: ClientId) {
+        self.tls.insert(client);
+    }
+
     /// A stream client's connection closed: its allocation ends with it (RFC 8656 §2.1).
     pub fn close_client(&mut self, client: ClientId) {
         self.hosts.remove(&client);
         if let Some(id) = self.by_client.get(&client).copied() {
-            self.free(id);
+            self.free_for(id, EndReason::ClientClosed);
         }
+        self.tls.remove(&client);
+    }
+
+    /// The live allocations, for an operator's list; `now` gives their age.
+    pub fn allocations(&self, now: Instant) -> Vec<AllocationInfo> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let a = s.allocation.as_ref().filter(|a| a.binding.is_none())?;
+                Some(AllocationInfo {
+                    id: AllocId {
+                        index: i as u32,
+                        generation: s.generation,
+                    },
+                    tenant: a.tenant,
+                    username: a.username.clone(),
+                    user_id: a.user_id.clone(),
+                    client: a.client,
+                    relayed: a.relayed,
+                    tcp: a.tcp,
+                    tls: self.tls.contains(&a.client),
+                    age: now.saturating_duration_since(a.started),
+                    usage: a.usage,
+                    permissions: a
+                        .permissions
+                        .iter()
+                        .filter(|(_, exp)| *exp > now)
+                        .map(|(ip, _)| *ip)
+                        .collect(),
+                })
+            })
+            .collect()
+    }
+
+    /// Ends a live allocation at an operator's request; false if it is gone.
+    pub fn end(&mut self, id: AllocId) -> bool {
+        if self.slot(id).is_none() {
+            return false;
+        }
+        self.free_for(id, EndReason::Ended);
+        true
     }
 
     pub fn has_allocation(&self, client: ClientId) -> bool {
@@ -388,7 +539,7 @@ impl Core {
             })
             .collect();
         for id in ids {
-            self.free(id);
+            self.free_for(id, EndReason::Shutdown);
         }
     }
 }

@@ -28,6 +28,7 @@ impl Core {
         unix: u64,
         out: &mut Vec<u8>,
     ) -> ClientAction {
+        self.last_now = Some(now);
         if stun::is_channel_data(packet) {
             return self.client_channel_data(packet, client, now);
         }
@@ -143,7 +144,7 @@ impl Core {
             }
         }
         let result = match m {
-            method::ALLOCATE => match self.allocate(msg, client, &auth, existing, now) {
+            method::ALLOCATE => match self.allocate(msg, client, &auth, existing, now, unix) {
                 Ok(bind) => return ClientAction::Allocate(bind),
                 Err(code) => Err(code),
             },

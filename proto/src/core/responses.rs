@@ -100,6 +100,23 @@ impl Core {
                 let (unknown, n) = unknown_required(msg);
                 b.error(420, reason(420)).unknown_attributes(&unknown[..n]);
             }
+            Err(300) => {
+                b.error(300, reason(300));
+                let alt = self.shared.redirect();
+                let to = alt.as_deref().and_then(|a| {
+                    a.for_client(
+                        client.is_stream(),
+                        self.tls.contains(&client),
+                        client.addr.is_ipv6(),
+                    )
+                });
+                if let Some((addr, domain)) = to {
+                    b.address(attr::ALTERNATE_SERVER, addr);
+                    if let Some(d) = domain {
+                        b.attr(attr::ALTERNATE_DOMAIN, d.as_bytes());
+                    }
+                }
+            }
             Err(code) => {
                 b.error(code, reason(code));
             }

@@ -107,6 +107,39 @@ pub struct Shared {
     /// Error replies to unauthenticated UDP requests, per source, across the shards (the
     /// kernel spreads one source's ports over them). Touched only for such replies.
     replies: Mutex<Limiter>,
+    /// Where Allocate requests go while this relay redirects them (draining, or beyond its
+    /// configured load): the caller sets and clears it. Read only by Allocate.
+    redirect: arc_swap::ArcSwapOption<Alternate>,
+}
+
+/// A sibling relay that Allocate requests are sent to with 300 Try Alternate (RFC 8489 §10):
+/// its address per transport for ALTERNATE-SERVER, and for TLS its host name for
+/// ALTERNATE-DOMAIN, which the client checks the sibling's certificate against.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Alternate {
+    pub udp: Vec<SocketAddr>,
+    pub tcp: Vec<SocketAddr>,
+    pub tls: Vec<SocketAddr>,
+    pub domain: Option<String>,
+}
+
+impl Alternate {
+    /// The address a client of this transport and address family is sent to: a sibling
+    /// address of the same family (clients refuse another), for TLS with the domain.
+    pub fn for_client(
+        &self,
+        stream: bool,
+        tls: bool,
+        v6: bool,
+    ) -> Option<(SocketAddr, Option<&str>)> {
+        let list = match (stream, tls) {
+            (false, _) => &self.udp,
+            (true, false) => &self.tcp,
+            (true, true) => &self.tls,
+        };
+        let addr = list.iter().find(|a| a.is_ipv6() == v6)?;
+        Some((*addr, if tls { self.domain.as_deref() } else { None }))
+    }
 }
 
 impl Shared {
@@ -140,7 +173,18 @@ impl Shared {
             reserved: AtomicUsize::new(0),
             epoch,
             replies,
+            redirect: arc_swap::ArcSwapOption::empty(),
         }
+    }
+
+    /// Sends Allocate requests to `to` with 300 Try Alternate from now on (None: stop).
+    pub fn set_redirect(&self, to: Option<Alternate>) {
+        self.redirect.store(to.map(Arc::new));
+    }
+
+    /// The sibling Allocate requests are sent to now, if any.
+    pub fn redirect(&self) -> Option<Arc<Alternate>> {
+        self.redirect.load_full()
     }
 
     pub(super) fn replies(&self) -> MutexGuard<'_, Limiter> {

@@ -97,6 +97,7 @@ impl Core {
     /// reservations, and applies a reload's revocations. Call it when
     /// [`Core::poll_timeout`] says, and after a reload; calling it earlier is harmless.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.last_now = Some(now);
         self.apply_reload();
         self.shared.expire_reservations(now);
         self.responses.expire(now);
@@ -150,7 +151,7 @@ impl Core {
             .collect();
         drop(config);
         for id in ended {
-            self.free(id);
+            self.free_for(id, super::EndReason::Revoked);
         }
     }
 }

@@ -241,6 +241,34 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
         print_credential(&settings, &bound_listeners, &plan);
     }
     let credentials = Arc::new(CredentialService::new(&settings, &bound_listeners));
+    // The tenant store (SQLite is opened and migrated now, so a bad path fails the start;
+    // PostgreSQL is connected in the background, and retried while it is down).
+    let store = match &settings.fleet.store_url {
+        Some(url) => {
+            let s = crate::store::Store::open(&url.0).map_err(|e| crate::Error::Config {
+                file: settings.source.clone(),
+                key: "store.url".into(),
+                reason: e.to_string(),
+            })?;
+            tracing::info!(store = %s.shown, kind = s.kind(), "tenant store");
+            Some(s)
+        }
+        None => None,
+    };
+    let fleet = crate::fleet::Fleet::new(&settings.fleet, store);
+    fleet.board.set_shards(shards);
+    fleet
+        .merge
+        .store(Arc::new(crate::config::fleet::StoreMerge::of(&settings)));
+    if fleet.store.is_some() {
+        metrics.set_store(Arc::clone(&fleet.status));
+    }
+    let admin = crate::admin::Admin::new(Arc::clone(&fleet), &settings.fleet);
+    if !settings.fleet.admin_keys.is_empty() {
+        tracing::info!(
+            "admin API on /v1/admin/ (the metrics listener, and HTTPS on TLS listeners)"
+        );
+    }
     let test_page = settings.test_page.clone().map(|t| {
         Arc::new(TestPage::new(
             t,
@@ -282,6 +310,7 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
         )
         .merge(echo_routes.clone())
         .merge(Arc::clone(&credentials).routes())
+        .merge(Arc::clone(&admin).routes(false))
         .merge(test_page.unwrap_or_default()),
     });
     let mut per_shard: Vec<(Vec<_>, Vec<_>)> =
@@ -311,6 +340,7 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
             streams: Arc::clone(&streams),
             metrics: Arc::clone(&metrics),
             shared_ports: shared_ports.next().unwrap_or_default(),
+            fleet: Arc::clone(&fleet),
         };
         let stop = stop_rx.clone();
         threads.push(
@@ -335,11 +365,15 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
         streams: Arc::clone(&streams),
         credentials: Arc::clone(&credentials),
         metrics: Arc::clone(&metrics),
+        fleet: Arc::clone(&fleet),
+        admin: Arc::clone(&admin),
+        snapshot: None,
     };
     rt.block_on(async {
         if let Some(l) = metrics_listener {
-            let app =
-                metrics::router(Arc::clone(&metrics), Arc::clone(&shared), true).merge(echo_routes);
+            let app = metrics::router(Arc::clone(&metrics), Arc::clone(&shared), true)
+                .merge(echo_routes)
+                .merge(Arc::clone(&admin).routes(true));
             let refusals = Arc::clone(&metrics);
             tokio::spawn(crate::http::serve(
                 l,
@@ -356,9 +390,23 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
         let mut hangup =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let mut poll_files = tokio::time::interval(Duration::from_millis(250));
+        let (store_tx, mut store_rx) = tokio::sync::mpsc::channel(4);
+        if let Some(store) = &fleet.store {
+            tokio::spawn(crate::store::watch(
+                Arc::clone(store),
+                Arc::clone(&fleet.status),
+                store_tx,
+                Duration::from_secs(30),
+            ));
+        }
+        tokio::spawn(fleet_loop(Arc::clone(&fleet), Arc::clone(&shared)));
         loop {
             tokio::select! {
                 _ = stop.recv() => break,
+                Some(snapshot) = store_rx.recv() => {
+                    reloader.snapshot = Some(snapshot);
+                    reloader.reload("store changed");
+                }
                 Some(_) = async { hangup.as_mut()?.recv().await } => reloader.reload("SIGHUP"),
                 _ = poll_files.tick() => {
                     if reloader.changed() {
@@ -368,6 +416,8 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
             }
         }
         shared.start_draining();
+        // New allocations go to a sibling from now on, where one is known.
+        fleet.update_redirect(&shared).await;
         let active = shared.quotas.active();
         tracing::info!(
             active,
@@ -388,7 +438,27 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
     for t in threads {
         let _ = t.join();
     }
+    // The last sessions' usage (the allocations the stop ended).
+    rt.block_on(fleet.flush_usage());
     Ok(())
+}
+
+/// Fleet chores off the packet path: the redirect (twice a second), this relay's published
+/// load (every two seconds), and the hourly usage written to the store (every second).
+async fn fleet_loop(fleet: Arc<crate::fleet::Fleet>, shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut n: u64 = 0;
+    loop {
+        tick.tick().await;
+        n += 1;
+        fleet.update_redirect(&shared).await;
+        if n % 2 == 0 {
+            fleet.flush_usage().await;
+        }
+        if n % 4 == 1 {
+            fleet.publish(&shared).await;
+        }
+    }
 }
 
 /// Keeps the relay's own listening ports out of the relay port registry, for every relay

@@ -44,6 +44,10 @@ pub(super) struct Reloader<'a> {
     pub(super) credentials: Arc<CredentialService>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) files: Vec<(PathBuf, Option<SystemTime>)>,
+    pub(super) fleet: Arc<crate::fleet::Fleet>,
+    pub(super) admin: Arc<crate::admin::Admin>,
+    /// The tenant store's last copy, merged into every reload.
+    pub(super) snapshot: Option<crate::store::Snapshot>,
 }
 
 impl Reloader<'_> {
@@ -89,6 +93,21 @@ impl Reloader<'_> {
         };
         for w in &next.warnings {
             tracing::warn!("{w}");
+        }
+        // The store's tenants beside the file's; what clashes is left out and said.
+        let merge = crate::config::fleet::StoreMerge::of(&next);
+        if let Some(snapshot) = &self.snapshot {
+            let (tenants, refused) = merge.resolve(snapshot);
+            for r in &refused {
+                tracing::error!("store: {r}: left out");
+            }
+            next.tenants = tenants;
+        }
+        self.fleet.merge.store(Arc::new(merge));
+        self.fleet.reload(&next.fleet);
+        self.admin.reload(&next.fleet);
+        if next.fleet.store_url != self.current.fleet.store_url {
+            tracing::warn!("store.url changes only on restart");
         }
         if next.listen != self.current.listen
             || next.relay_ips != self.current.relay_ips

@@ -100,4 +100,12 @@ pub struct Cli {
     /// Check the configuration, print it (secrets hidden) and exit.
     #[arg(long = "check-config")]
     pub check_config: bool,
+    /// The tenant store, `sqlite:PATH` or `postgres://...` (overrides `store.url`).
+    #[arg(
+        long = "store",
+        value_name = "URL",
+        env = "TURNPIKE_STORE_URL",
+        hide_env_values = true
+    )]
+    pub store: Option<String>,
 }

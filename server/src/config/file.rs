@@ -60,6 +60,14 @@ pub struct FileConfig {
     pub tenant: Vec<TenantConfig>,
     #[serde(default)]
     pub test_page: TestPageConfig,
+    #[serde(default)]
+    pub store: super::fleet::StoreConfig,
+    #[serde(default)]
+    pub admin: super::fleet::AdminConfig,
+    #[serde(default)]
+    pub sessions: super::fleet::SessionsConfig,
+    #[serde(default)]
+    pub redirect: super::fleet::RedirectConfig,
 }
 
 /// `[test_page]`: the browser network test at `/test`.

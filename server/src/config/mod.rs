@@ -20,6 +20,7 @@ use crate::Error;
 pub mod check;
 pub mod cli;
 pub mod file;
+pub mod fleet;
 mod parse;
 mod resolve;
 mod tenant;
@@ -171,6 +172,8 @@ pub struct Settings {
     pub listen_origin: (String, &'static str),
     /// The same for `metrics_listen`.
     pub metrics_origin: (String, &'static str),
+    /// `[store]`, `[admin]`, `[sessions]`, `[redirect]`.
+    pub fleet: fleet::FleetSettings,
 }
 
 impl Settings {

@@ -326,7 +326,16 @@ impl Settings {
             ));
         }
         let echo = resolve_echo(&f.echo, cli, &file_err, &flag_err)?;
+        let fleet = super::fleet::resolve(
+            &f.store,
+            &f.admin,
+            &f.sessions,
+            &f.redirect,
+            cli.store.as_deref(),
+            &file_err,
+        )?;
         Ok(Settings {
+            fleet,
             realm,
             listen,
             tls_cert,

@@ -55,6 +55,9 @@ pub(super) struct Shard {
     tx: RefCell<TxQueue>,
     tx_ready: tokio::sync::Notify,
     pub(super) metrics: Arc<Metrics>,
+    /// The admin API's board and the session records.
+    fleet: Arc<crate::fleet::Fleet>,
+    index: u32,
 }
 
 /// Everything a shard thread needs.
@@ -67,6 +70,7 @@ pub struct ShardSetup {
     pub metrics: Arc<Metrics>,
     /// Shared relay sockets, none unless `shared_relay_ports` is set.
     pub shared_ports: Vec<SharedSocket>,
+    pub fleet: Arc<crate::fleet::Fleet>,
 }
 
 /// Runs one shard on the calling thread until `stop` resolves.
@@ -106,6 +110,8 @@ pub fn run_shard(setup: ShardSetup, stop: tokio::sync::watch::Receiver<bool>) ->
             tx: RefCell::new(TxQueue::new()),
             tx_ready: tokio::sync::Notify::new(),
             metrics: setup.metrics,
+            fleet: setup.fleet,
+            index: setup.index,
         });
         for i in 0..shard.listeners.len() {
             tokio::task::spawn_local(listener_loop(Rc::clone(&shard), i));
@@ -421,9 +427,22 @@ impl Shard {
     /// Exports the counters; lets the core see a reload (its timeout checks the generation).
     fn tick(&self) {
         let mut core = self.core.borrow_mut();
-        core.handle_timeout(Instant::now());
-        let stats = core.take_stats();
+        let now = Instant::now();
+        core.handle_timeout(now);
+        // An operator's requests: allocations to end, and a list to answer.
+        for id in self.fleet.board.ends_for(self.index) {
+            core.end(id);
+        }
         let tenants = core.shared().tenant_names();
+        if let Some(request) = self.fleet.board.wanted(self.index) {
+            let list = core
+                .allocations(now)
+                .iter()
+                .map(|a| crate::fleet::LiveAllocation::of(self.index, a, &tenants))
+                .collect();
+            self.fleet.board.answer(self.index, request, list);
+        }
+        let stats = core.take_stats();
         drop(core);
         self.metrics.record(&stats, &tenants);
         self.process_events();
@@ -436,6 +455,12 @@ impl Shard {
                 None => return,
                 Some(Event::ConnectionClosed(c)) => {
                     self.streams.pending_peers().remove(&c);
+                }
+                Some(Event::Ended(s)) => {
+                    let tenants = self.core.borrow().shared().tenant_names();
+                    self.fleet
+                        .sessions
+                        .record(&crate::fleet::SessionRecord::of(&s, &tenants));
                 }
                 Some(Event::Freed(id)) => {
                     let mut relays = self.relays.borrow_mut();

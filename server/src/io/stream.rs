@@ -174,6 +174,7 @@ async fn connection(
             0x00 | 0x01 => {
                 let start = Start {
                     client_addr,
+                    tls: false,
                     host: None,
                     head: Vec::new(),
                     deadline,
@@ -222,6 +223,7 @@ async fn connection(
         Some(ALPN_TURN) | Some(ALPN_STUN) => {
             let start = Start {
                 client_addr,
+                tls: true,
                 host,
                 head: Vec::new(),
                 deadline,
@@ -243,6 +245,7 @@ async fn connection(
                 Some(0x00 | 0x01) => {
                     let start = Start {
                         client_addr,
+                        tls: true,
                         host,
                         head,
                         deadline,
@@ -274,6 +277,7 @@ async fn connection(
 /// place among the admitted connections.
 struct Start {
     client_addr: SocketAddr,
+    tls: bool,
     host: Option<String>,
     head: Vec<u8>,
     deadline: tokio::time::Instant,
@@ -448,6 +452,9 @@ where
     };
     if let Some(h) = &start.host {
         shard.core.borrow_mut().set_client_host(client, h);
+    }
+    if start.tls {
+        shard.core.borrow_mut().set_client_tls(client);
     }
     let outbox = Rc::new(Outbox::new());
     shard.conns.borrow_mut().insert(id, Rc::clone(&outbox));

@@ -1,0 +1,111 @@
+//! The SQLite back end: one file, opened once, used from the blocking pool (SQLite calls
+//! block; they are few and off the packet path).
+
+use std::sync::{Arc, Mutex};
+
+use rusqlite::types::{ToSqlOutput, Value, ValueRef};
+
+use super::{pending, Result, StoreError, Val};
+
+pub(super) struct Sqlite {
+    conn: Arc<Mutex<rusqlite::Connection>>,
+}
+
+fn db(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Db(e.to_string())
+}
+
+impl rusqlite::ToSql for Val {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(match self {
+            Val::Text(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
+            Val::Int(i) => ToSqlOutput::Owned(Value::Integer(*i)),
+            Val::Null => ToSqlOutput::Owned(Value::Null),
+        })
+    }
+}
+
+impl Sqlite {
+    /// Opens (creating) the file and brings its schema up to date.
+    pub(super) fn open(path: &str) -> Result<Sqlite> {
+        if let Some(dir) = std::path::Path::new(path).parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir).map_err(|e| db(format!("{}: {e}", dir.display())))?;
+            }
+        }
+        let conn = rusqlite::Connection::open(path).map_err(|e| db(format!("{path}: {e}")))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 5000;
+             CREATE TABLE IF NOT EXISTS turnpike_schema (version BIGINT NOT NULL);",
+        )
+        .map_err(|e| db(format!("{path}: {e}")))?;
+        let version: Option<i64> = conn
+            .query_row("SELECT version FROM turnpike_schema", [], |r| r.get(0))
+            .ok();
+        if version.is_none() {
+            conn.execute("INSERT INTO turnpike_schema (version) VALUES (0)", [])
+                .map_err(db)?;
+        }
+        for (v, sql) in pending(version.unwrap_or(0))? {
+            let tx = conn.unchecked_transaction().map_err(db)?;
+            tx.execute_batch(&sql)
+                .map_err(|e| db(format!("{path}: migration {v}: {e}")))?;
+            tx.commit().map_err(db)?;
+            tracing::info!(store = path, version = v, "store schema migrated");
+        }
+        Ok(Sqlite {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&rusqlite::Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            let c = conn.lock().map_err(|_| db("poisoned"))?;
+            f(&c).map_err(db)
+        })
+        .await
+        .map_err(db)?
+    }
+
+    pub(super) async fn exec(&self, sql: &str, params: Vec<Val>) -> Result<u64> {
+        let sql = sql.to_owned();
+        self.with(move |c| {
+            c.execute(&sql, rusqlite::params_from_iter(params.iter()))
+                .map(|n| n as u64)
+        })
+        .await
+    }
+
+    pub(super) async fn query(&self, sql: &str, params: Vec<Val>) -> Result<Vec<Vec<Val>>> {
+        let sql = sql.to_owned();
+        self.with(move |c| {
+            let mut stmt = c.prepare(&sql)?;
+            let n = stmt.column_count();
+            let rows = stmt.query_map(rusqlite::params_from_iter(params.iter()), |r| {
+                (0..n)
+                    .map(|i| {
+                        Ok(match r.get_ref(i)? {
+                            ValueRef::Integer(v) => Val::Int(v),
+                            ValueRef::Text(t) => Val::Text(String::from_utf8_lossy(t).into_owned()),
+                            ValueRef::Null => Val::Null,
+                            ValueRef::Real(f) => Val::Int(f as i64),
+                            ValueRef::Blob(b) => Val::Text(String::from_utf8_lossy(b).into_owned()),
+                        })
+                    })
+                    .collect::<rusqlite::Result<Vec<Val>>>()
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// Changes when another connection commits (another process writing the file).
+    pub(super) async fn data_version(&self) -> Result<i64> {
+        self.with(|c| c.query_row("PRAGMA data_version", [], |r| r.get(0)))
+            .await
+    }
+}
