@@ -575,3 +575,29 @@ fn a_full_or_draining_relay_sends_clients_to_its_sibling() {
         "the draining relay allocated nothing for uclient"
     );
 }
+
+/// With no configured sibling, a full relay sends clients to the relay that publishes its
+/// addresses and load in the store they share (here one SQLite file, two relays).
+#[test]
+fn a_full_relay_picks_the_sibling_that_publishes_its_load_in_the_store() {
+    let dir = temp_dir("published");
+    let store = format!("sqlite:{}", dir.join("fleet.db").display());
+    let _b = relay(
+        &dir,
+        "b",
+        &store,
+        "[redirect]\nadvertise = { udp = [\"127.0.0.2:3478\"] }\n",
+        &[],
+    );
+    let a = relay(&dir, "a", &store, "[redirect]\nmax_allocations = 1\n", &[]);
+    let secret = "the-top-level-secret-0123456789";
+    let (_held, _) = allocate_when_accepted(a.udp, secret, "first", 10);
+    let (u, p) = credentials(secret, "second");
+    let want: SocketAddr = "127.0.0.2:3478".parse().expect("addr");
+    wait_until(15, "a never named the published sibling", || {
+        let mut c = RawClient::new(a.udp, &u, &p);
+        let r = c.allocate();
+        r.code() == Some(300) && alternate_of(&r) == Some(want)
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
