@@ -198,10 +198,14 @@ pub fn container_env(
                 .clone()
         } else if opt(e, &["valueFrom", "secretKeyRef"]).is_some() {
             let r = at(e, &["valueFrom", "secretKeyRef"]);
-            secrets
-                .get(&(s(r, &["name"]), s(r, &["key"])))
-                .unwrap_or_else(|| panic!("no value for secretKeyRef {r:?}"))
-                .clone()
+            match secrets.get(&(s(r, &["name"]), s(r, &["key"]))) {
+                Some(v) => v.clone(),
+                // An optional key that is absent: Kubernetes leaves the variable unset.
+                None if opt(r, &["optional"]).is_some_and(|o| o.as_bool() == Some(true)) => {
+                    continue
+                }
+                None => panic!("no value for secretKeyRef {r:?}"),
+            }
         } else {
             panic!("unsupported env source: {e:?}")
         };
