@@ -105,6 +105,14 @@ fn allocations_expire_and_refresh_zero_frees_consistently() {
     });
     assert_eq!(code(&first), None);
     assert_eq!(h.core.poll_event(), Some(Event::Freed(alloc)));
+    // Then its session record: released by the client, after its refreshes.
+    match h.core.poll_event() {
+        Some(Event::Ended(s)) => {
+            assert_eq!(s.reason, crate::core::EndReason::Released);
+            assert!(s.duration.as_secs() > 3599, "{s:?}");
+        }
+        other => panic!("no session record: {other:?}"),
+    }
     assert_eq!(h.send(&bye, c.id).expect("retransmission"), first);
     let again = c.request(method::REFRESH, |_| {});
     assert_eq!(code(&h.send(&again, c.id).expect("reply")), Some(437));
@@ -114,6 +122,10 @@ fn allocations_expire_and_refresh_zero_frees_consistently() {
     h.advance(601);
     assert_eq!(h.core.allocation_count(), 0);
     assert!(matches!(h.core.poll_event(), Some(Event::Freed(_))));
+    assert!(matches!(
+        h.core.poll_event(),
+        Some(Event::Ended(s)) if s.reason == crate::core::EndReason::Expired
+    ));
 }
 
 #[test]
