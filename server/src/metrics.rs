@@ -35,6 +35,8 @@ pub const REDIRECTING: &str = "turnpike_redirecting";
 pub const ALLOCATIONS_LIMIT: &str = "turnpike_allocations_limit";
 pub const RELAY_PORTS: &str = "turnpike_relay_ports";
 pub const SHARED_PORT_CONFLICTS_TOTAL: &str = "turnpike_shared_port_conflicts_total";
+pub const SHARED_PORT_ENDPOINT_LIMIT_TOTAL: &str = "turnpike_shared_port_endpoint_limit_total";
+pub const SHARED_PORT_FALLBACKS_TOTAL: &str = "turnpike_shared_port_fallbacks_total";
 pub const BUILD_INFO: &str = "turnpike_build_info";
 pub const ECHO_PACKETS_TOTAL: &str = "turnpike_echo_packets_total";
 pub const ECHO_DROPPED_TOTAL: &str = "turnpike_echo_dropped_total";
@@ -82,6 +84,8 @@ pub struct Metrics {
     dropped_oversized: IntCounter,
     dropped_unmatched: IntCounter,
     shared_port_conflicts: IntCounter,
+    shared_port_endpoint_limit: IntCounter,
+    shared_port_fallbacks: IntCounter,
     draining: IntGauge,
     allocations_limit: IntGauge,
     relay_ports: IntGauge,
@@ -204,7 +208,7 @@ impl Metrics {
             ),
             dropped: counter_vec(
                 DROPPED_PACKETS_TOTAL,
-                "Datagrams not relayed or not answered, by reason: no_route, malformed, quota, oversized (too large for the client), unmatched (shared relay ports: no single allocation for the peer), reply_rate (unauthenticated requests over the per-source reply limit).",
+                "Datagrams not relayed or not answered, by reason: no_route, malformed, quota, oversized (too large for the client), unmatched (shared relay ports: no allocation on the port holds the peer endpoint), reply_rate (unauthenticated requests over the per-source reply limit).",
                 &["reason", "tenant"],
             ),
         };
@@ -223,9 +227,19 @@ impl Metrics {
             .with_label_values(&["unmatched", NO_TENANT]);
         let shared_port_conflicts = must(IntCounter::new(
             SHARED_PORT_CONFLICTS_TOTAL,
-            "Shared relay ports: ChannelBinds refused (403) and Send indications dropped because another allocation on the same port holds that peer address.",
+            "Shared relay ports: CreatePermissions and ChannelBinds refused (403), Send indications and ChannelData dropped, because another allocation of the tenant on the same port holds that peer endpoint.",
         ));
         reg(Box::new(shared_port_conflicts.clone()));
+        let shared_port_endpoint_limit = must(IntCounter::new(
+            SHARED_PORT_ENDPOINT_LIMIT_TOTAL,
+            "Shared relay ports: requests refused (508), Send indications and ChannelData dropped, because the allocation holds allocation.max_peer_endpoints peer endpoints already.",
+        ));
+        reg(Box::new(shared_port_endpoint_limit.clone()));
+        let shared_port_fallbacks = must(IntCounter::new(
+            SHARED_PORT_FALLBACKS_TOTAL,
+            "Shared relay ports: UDP allocations given a dedicated port because every shared port of their thread served other tenants.",
+        ));
+        reg(Box::new(shared_port_fallbacks.clone()));
         let draining = must(IntGauge::new(
             DRAINING,
             "1 while the relay drains after SIGTERM.",
@@ -292,6 +306,8 @@ impl Metrics {
             dropped_oversized,
             dropped_unmatched,
             shared_port_conflicts,
+            shared_port_endpoint_limit,
+            shared_port_fallbacks,
             draining,
             allocations_limit,
             relay_ports,
@@ -362,6 +378,9 @@ impl Metrics {
         self.dropped_oversized.inc_by(s.oversized);
         self.dropped_unmatched.inc_by(s.shared_port_unmatched);
         self.shared_port_conflicts.inc_by(s.shared_port_conflicts);
+        self.shared_port_endpoint_limit
+            .inc_by(s.shared_port_endpoint_limit);
+        self.shared_port_fallbacks.inc_by(s.shared_port_fallbacks);
     }
 
     /// The Prometheus text exposition.

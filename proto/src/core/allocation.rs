@@ -167,20 +167,36 @@ impl Core {
         if reserve_next && !self.shared.may_reserve() {
             return Err(508);
         }
-        // Shared relay ports where the allocation's semantics allow them (see `sharing`).
+        // Shared relay ports where the allocation's semantics allow them and its tenant has
+        // a port it may use (see `sharing`); otherwise dedicated ports.
         let relay_only_tenant = config
             .tenants
             .get(auth.tenant)
             .is_some_and(|t| t.policy.is_relay_only());
         let even_only = even.is_some();
-        let share = self.sharing.enabled()
+        let shareable = self.sharing.enabled()
             && !tcp
             && !reserve_next
             && use_token.is_none()
             && !msg.has(attr::DONT_FRAGMENT)
-            && !relay_only_tenant
-            && (!want_v4 || self.sharing.has_family(false, even_only))
-            && (!want_v6 || self.sharing.has_family(true, even_only));
+            && !relay_only_tenant;
+        let pick = |v6: bool, wanted: bool| {
+            if wanted {
+                self.sharing
+                    .pick(v6, even_only, client.addr.ip(), auth.tenant)
+                    .map(Some)
+            } else {
+                Some(None)
+            }
+        };
+        let picked = match (shareable, pick(false, want_v4), pick(true, want_v6)) {
+            (true, Some(v4), Some(v6)) => Some([v4, v6]),
+            _ => None,
+        };
+        if shareable && picked.is_none() {
+            self.stats.shared_port_fallbacks += 1;
+        }
+        let share = picked.is_some();
         // The ports: a reservation's, or a draw (none for shared ports).
         let draw = match use_token {
             _ if share => Draw::default(),
@@ -251,22 +267,18 @@ impl Core {
             draw.v6.as_ref().map(|d| d.bind),
         );
         let mut shared = [None; 2];
-        if share {
-            // Nothing can fail from here on, so the ports' counts stay right.
-            for (v6, wanted) in [(false, want_v4), (true, want_v6)] {
-                if !wanted {
-                    continue;
-                }
-                let (id, bind, advertised) = self
-                    .sharing
-                    .assign(v6, even_only, client.addr.ip())
-                    .expect("families checked above");
-                shared[usize::from(v6)] = Some(id);
-                if v6 {
-                    (relayed.v6, bind_to.1) = (Some(advertised), Some(bind));
-                } else {
-                    (relayed.v4, bind_to.0) = (Some(advertised), Some(bind));
-                }
+        // Nothing can fail from here on, so the ports' counts stay right.
+        for (v6, index) in [false, true].into_iter().zip(picked.unwrap_or_default()) {
+            let Some(index) = index else {
+                continue;
+            };
+            let (id, bind, advertised) =
+                self.sharing.take(v6, index, client.addr.ip(), auth.tenant);
+            shared[usize::from(v6)] = Some(id);
+            if v6 {
+                (relayed.v6, bind_to.1) = (Some(advertised), Some(bind));
+            } else {
+                (relayed.v4, bind_to.0) = (Some(advertised), Some(bind));
             }
         }
         let dont_fragment = msg.has(attr::DONT_FRAGMENT);
@@ -313,7 +325,7 @@ impl Core {
                 tries: 1,
             })),
             shared,
-            claimed: Vec::new(),
+            endpoints: Vec::new(),
             usage: Usage::default(),
             peers: 0,
             started: now,
@@ -566,15 +578,7 @@ impl Core {
         let a = slot.allocation.take()?;
         slot.generation = slot.generation.wrapping_add(1);
         self.free_slots.push(alloc.index);
-        for port in a.shared.into_iter().flatten() {
-            self.sharing.release(
-                alloc,
-                port,
-                a.client.addr.ip(),
-                &a.claimed,
-                a.permissions.iter().map(|(ip, _)| *ip),
-            );
-        }
+        self.release_shared(alloc, &a);
         Some(a)
     }
 
@@ -657,6 +661,8 @@ impl Core {
         Ok(peer)
     }
 
+    /// CreatePermission (RFC 8656 §10): permissions for the IPs of every XOR-PEER-ADDRESS, all
+    /// or none; on shared ports the allocation holds each exact endpoint named too.
     pub(super) fn create_permission(
         &mut self,
         msg: &Message<'_>,
@@ -666,47 +672,43 @@ impl Core {
         let Some(id) = existing else {
             return Err(437);
         };
-        let mut peers = [None::<IpAddr>; 16];
+        let mut peers = [SocketAddr::from(([0, 0, 0, 0], 0)); 16];
         let mut n = 0;
         let values: Vec<&[u8]> = msg.get_all(attr::XOR_PEER_ADDRESS).collect();
         if values.is_empty() || values.len() > peers.len() {
             return Err(400);
         }
         for v in values {
-            match self.check_peer(msg, v, id) {
-                Ok(p) => {
-                    peers[n] = Some(p.ip());
-                    n += 1;
-                }
-                Err(code) => return Err(code),
-            }
+            peers[n] = self.check_peer(msg, v, id)?;
+            n += 1;
         }
+        let peers = &peers[..n];
         let max = self.shared.config().max_permissions;
         self.prune_permissions(id, now);
-        let Some(a) = self.slot_mut(id) else {
-            return Err(437);
-        };
-        let expires = now + PERMISSION_LIFETIME;
-        let new = peers[..n]
+        let a = self.slot(id).ok_or(437u16)?;
+        let mut ips: Vec<IpAddr> = peers.iter().map(|p| p.ip()).collect();
+        ips.sort_unstable();
+        ips.dedup();
+        let new = ips
             .iter()
-            .flatten()
             .filter(|ip| !a.permissions.iter().any(|(p, _)| p == *ip))
             .count();
         if a.permissions.len() + new > max {
             return Err(508);
         }
-        for ip in peers[..n].iter().flatten() {
-            install_permission(a, *ip, expires, now, max);
+        self.may_hold(id, peers, now)
+            .map_err(|r| self.count_refusal(r))?;
+        let a = self.slot_mut(id).ok_or(437u16)?;
+        for ip in ips {
+            install_permission(a, ip, now + PERMISSION_LIFETIME);
         }
-        let shared = a.shared;
-        for ip in peers[..n].iter().flatten() {
-            if let Some(port) = shared[usize::from(ip.is_ipv6())] {
-                self.sharing.index(id, port, *ip);
-            }
-        }
+        self.hold(id, peers);
         Ok(())
     }
 
+    /// ChannelBind (RFC 8656 §11): binds or refreshes a channel and its peer's permission,
+    /// both or neither; on shared ports the allocation holds the peer endpoint too. Every
+    /// check on the allocation's own state comes before the one on other holders.
     pub(super) fn channel_bind(
         &mut self,
         msg: &Message<'_>,
@@ -732,17 +734,7 @@ impl Core {
         let peer = self.check_peer(msg, peer, id)?;
         let max = self.shared.config().max_permissions;
         self.prune_permissions(id, now);
-        // A peer address another allocation on the same shared port holds (`sharing`).
-        let port = self.slot(id).and_then(|a| a.shared_port(peer));
-        if let Some(port) = port {
-            if self.claim_holder(port, peer, id, now).is_some() {
-                self.stats.shared_port_conflicts += 1;
-                return Err(403);
-            }
-        }
-        let Some(a) = live_mut(&mut self.slots, id) else {
-            return Err(437);
-        };
+        let a = self.slot(id).ok_or(437u16)?;
         // RFC 8656 §11.2: a channel stays tied to its peer, and a peer to its channel.
         if a.channels
             .iter()
@@ -750,14 +742,17 @@ impl Core {
         {
             return Err(400);
         }
-        // Atomic: both the channel and its permission are installed, or neither (508).
         let new_channel = !a.channels.iter().any(|c| c.number == number);
-        if new_channel && a.channels.len() >= max {
+        let new_permission = !a.permissions.iter().any(|(ip, _)| *ip == peer.ip());
+        if (new_channel && a.channels.len() >= max)
+            || (new_permission && a.permissions.len() >= max)
+        {
             return Err(508);
         }
-        if !install_permission(a, peer.ip(), now + PERMISSION_LIFETIME, now, max) {
-            return Err(508);
-        }
+        self.may_hold(id, &[peer], now)
+            .map_err(|r| self.count_refusal(r))?;
+        let a = self.slot_mut(id).ok_or(437u16)?;
+        install_permission(a, peer.ip(), now + PERMISSION_LIFETIME);
         let expires = now + CHANNEL_LIFETIME;
         match a.channels.iter_mut().find(|c| c.number == number) {
             Some(c) => c.expires = expires,
@@ -767,14 +762,17 @@ impl Core {
                 expires,
             }),
         }
-        if let Some(port) = port {
-            self.sharing.index(id, port, peer.ip());
-            // A channel's claim is not bounded by MAX_CLAIMS: channels are bounded already.
-            if self.sharing.claim(port, peer, id) && !a.claimed.contains(&peer) {
-                a.claimed.push(peer);
-            }
-        }
+        self.hold(id, &[peer]);
         Ok(())
+    }
+
+    /// Counts a shared-port refusal; its error code.
+    fn count_refusal(&mut self, r: super::sharing::Refusal) -> u16 {
+        match r {
+            super::sharing::Refusal::Held => self.stats.shared_port_conflicts += 1,
+            super::sharing::Refusal::Full => self.stats.shared_port_endpoint_limit += 1,
+        }
+        r.code()
     }
 
     /// Ends an allocation: its quota and ports go back, its RFC 6062 connections close, and
@@ -822,8 +820,8 @@ impl Core {
 }
 
 impl Core {
-    /// Drops the allocation's expired permissions (and, on shared ports, their place in the
-    /// port's IP index and the claims of peers on their IPs).
+    /// Drops the allocation's expired permissions and, on shared ports, the endpoints it held
+    /// on their IPs: work in proportion to its own permissions and endpoints.
     pub(super) fn prune_permissions(&mut self, id: AllocId, now: Instant) {
         let Some(a) = live_mut(&mut self.slots, id) else {
             return;
@@ -833,12 +831,11 @@ impl Core {
             return;
         }
         let sharing = &mut self.sharing;
-        let (shared, claimed) = (a.shared, &mut a.claimed);
+        let (shared, endpoints) = (a.shared, &mut a.endpoints);
         a.permissions.retain(|(ip, exp)| {
             let keep = *exp > now;
             if let (false, Some(port)) = (keep, shared[usize::from(ip.is_ipv6())]) {
-                sharing.unindex(id, port, *ip);
-                sharing.drop_claims(id, port, *ip, claimed);
+                sharing.drop_ip(id, port, *ip, endpoints);
             }
             keep
         });
@@ -852,22 +849,13 @@ fn additional_family<'m>(msg: &Message<'m>) -> Option<&'m [u8]> {
         .or_else(|| msg.get(attr::ADDITIONAL_ADDRESS_FAMILY_DRAFT))
 }
 
-fn install_permission(
-    a: &mut Allocation,
-    ip: IpAddr,
-    expires: Instant,
-    now: Instant,
-    max: usize,
-) -> bool {
+/// Installs or refreshes the permission for `ip` until `expires`; the caller pruned the
+/// expired ones and checked that a new one fits.
+fn install_permission(a: &mut Allocation, ip: IpAddr, expires: Instant) {
     if let Some(p) = a.permissions.iter_mut().find(|(p, _)| *p == ip) {
         p.1 = expires;
-        return true;
-    }
-    a.permissions.retain(|(_, exp)| *exp > now);
-    if a.permissions.len() >= max {
-        return false;
+        return;
     }
     a.permissions.push((ip, expires));
     a.peers = a.peers.saturating_add(1);
-    true
 }

@@ -31,11 +31,7 @@ impl Core {
             self.stats.dropped_packets += 1;
             return ClientAction::None;
         };
-        let Some(Some(a)) = self
-            .slots
-            .get_mut(id.index as usize)
-            .map(|s| s.allocation.as_mut())
-        else {
+        let Some(a) = live_mut(&mut self.slots, id) else {
             return ClientAction::None;
         };
         let Some(ch) = a
@@ -47,6 +43,15 @@ impl Core {
             return ClientAction::None;
         };
         let peer = ch.peer;
+        // On a shared port, only to an endpoint the allocation holds now (`sharing`).
+        if let Some(port) = a.shared_port(peer) {
+            if !self.hold_to_send(id, port, peer, now) {
+                return ClientAction::None;
+            }
+        }
+        let Some(a) = live_mut(&mut self.slots, id) else {
+            return ClientAction::None;
+        };
         let counters = self.stats.tenant(a.tenant);
         if !within_bandwidth(a, &self.shared, now, len) {
             counters.quota_dropped += 1;
@@ -90,14 +95,6 @@ impl Core {
             return ClientAction::None;
         }
         let peer = SocketAddr::new(normalize(peer.ip()), peer.port());
-        // On a shared port the peer address must not be another allocation's (`sharing`).
-        let port = self.slot(id).and_then(|a| a.shared_port(peer));
-        if let Some(port) = port {
-            if self.claim_holder(port, peer, id, now).is_some() {
-                self.stats.shared_port_conflicts += 1;
-                return ClientAction::None;
-            }
-        }
         let shared = std::sync::Arc::clone(&self.shared);
         let Some(a) = live_mut(&mut self.slots, id) else {
             return ClientAction::None;
@@ -113,6 +110,16 @@ impl Core {
             self.stats.dropped_packets += 1;
             return ClientAction::None;
         }
+        // On a shared port, only to an endpoint the allocation holds, or may hold from now
+        // on (`sharing`).
+        if let Some(port) = a.shared_port(peer) {
+            if !self.hold_to_send(id, port, peer, now) {
+                return ClientAction::None;
+            }
+        }
+        let Some(a) = live_mut(&mut self.slots, id) else {
+            return ClientAction::None;
+        };
         if !within_bandwidth(a, &shared, now, data.len()) {
             let tenant = a.tenant;
             self.stats.tenant(tenant).quota_dropped += 1;
@@ -121,10 +128,6 @@ impl Core {
         let tenant = a.tenant;
         a.usage.packets[0] += 1;
         a.usage.bytes[0] += data.len() as u64;
-        // Sending claims the peer address on a shared port (up to a bound per allocation).
-        if let Some(port) = port {
-            self.claim_for(id, port, peer);
-        }
         let counters = self.stats.tenant(tenant);
         let start = data.as_ptr() as usize - msg.raw().as_ptr() as usize;
         counters.relayed_packets[0] += 1;

@@ -315,8 +315,9 @@ struct Allocation {
     /// The shared relay ports it relays through, by family (IPv4, IPv6); none with
     /// dedicated ports.
     shared: [Option<SharedPortId>; 2],
-    /// Peer addresses it claimed on its shared ports.
-    claimed: Vec<SocketAddr>,
+    /// Peer endpoints it holds on its shared ports (see `sharing`); an entry lives while
+    /// the permission for its IP does.
+    endpoints: Vec<SocketAddr>,
     /// What it relayed, each way.
     usage: Usage,
     /// Distinct peer IPs it was ever permitted (bounded by `max_permissions` per lifetime
@@ -436,6 +437,8 @@ impl Core {
         self.stats.oversized = 0;
         self.stats.shared_port_conflicts = 0;
         self.stats.shared_port_unmatched = 0;
+        self.stats.shared_port_endpoint_limit = 0;
+        self.stats.shared_port_fallbacks = 0;
         out
     }
 

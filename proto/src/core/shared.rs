@@ -44,6 +44,8 @@ pub struct CoreConfig {
     pub nonce_lifetime: u64,
     /// Most permissions (and, separately, channels) one allocation may hold.
     pub max_permissions: usize,
+    /// Shared relay ports: most peer endpoints (IP and port) one allocation may hold.
+    pub max_peer_endpoints: usize,
     /// Most peer connections (connecting, waiting for ConnectionBind, or bound) one RFC 6062
     /// TCP allocation may hold.
     pub max_tcp_connections: usize,

@@ -31,12 +31,18 @@ pub struct CoreStats {
     pub replies_limited: u64,
     /// Peer datagrams too large to be sent to the client in a Data indication.
     pub oversized: u64,
-    /// Shared relay ports: ChannelBinds refused (403) and Send indications dropped because
-    /// another allocation on the same port holds the peer address.
+    /// Shared relay ports: CreatePermissions and ChannelBinds refused (403), and Send
+    /// indications and ChannelData dropped, because another allocation on the same port
+    /// holds the peer endpoint.
     pub shared_port_conflicts: u64,
-    /// Shared relay ports: peer datagrams no allocation on the port claimed, and that no
-    /// single allocation there had a permission for.
+    /// Shared relay ports: peer datagrams from an endpoint no allocation on the port holds.
     pub shared_port_unmatched: u64,
+    /// Shared relay ports: requests refused (508) and Send indications and ChannelData
+    /// dropped because the allocation holds its most peer endpoints already.
+    pub shared_port_endpoint_limit: u64,
+    /// Shared relay ports: allocations given a dedicated port because no shared port could
+    /// serve their tenant.
+    pub shared_port_fallbacks: u64,
 }
 
 impl CoreStats {

@@ -1,7 +1,8 @@
 //! Expiry, driven by [`Core::poll_timeout`] and [`Core::handle_timeout`]: a heap of deadlines
 //! (allocations, RFC 6062 connections waiting for ConnectionBind) and the retransmission
 //! cache's oldest answer, instead of a scan of every allocation. A deadline that moved (a
-//! Refresh) is found on its turn and set again; permissions and channels are pruned then too.
+//! Refresh) is found on its turn and set again; permissions and channels are pruned then too,
+//! and an allocation is looked at again when its next permission ends.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -120,8 +121,18 @@ impl Core {
         // Channels stay reserved for 5 minutes after they expire (RFC 8656 §12), so a late
         // packet cannot reach a new peer bound to the old number.
         a.channels.retain(|c| c.expires + PERMISSION_LIFETIME > now);
-        let next = a.expires.min(now + PERMISSION_LIFETIME);
         self.prune_permissions(id, now);
+        // Looked at again when its next permission ends (so that on shared ports its
+        // endpoints go with it, on time), and at least every permission lifetime. A
+        // permission installed later ends after this, since it lasts a whole lifetime.
+        let Some(a) = self.slot_mut(id) else {
+            return;
+        };
+        let next = a
+            .permissions
+            .iter()
+            .map(|(_, exp)| *exp)
+            .fold(a.expires.min(now + PERMISSION_LIFETIME), Instant::min);
         self.timers.allocation(id, next);
     }
 

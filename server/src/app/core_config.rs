@@ -59,6 +59,7 @@ pub(super) fn core_config(
         max_lifetime: settings.max_lifetime,
         nonce_lifetime: settings.nonce_lifetime_secs,
         max_permissions: settings.max_permissions,
+        max_peer_endpoints: settings.max_peer_endpoints,
         max_tcp_connections: settings.max_tcp_connections,
         relay_v4: plan.addresses()[0],
         relay_v6: plan.addresses()[1],

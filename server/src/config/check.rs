@@ -102,6 +102,7 @@ pub fn effective_toml(s: &Settings) -> String {
             ("default_lifetime_secs", int(u64::from(s.default_lifetime))),
             ("max_lifetime_secs", int(u64::from(s.max_lifetime))),
             ("max_permissions", int(s.max_permissions as u64)),
+            ("max_peer_endpoints", int(s.max_peer_endpoints as u64)),
             ("max_tcp_connections", int(s.max_tcp_connections as u64)),
         ]),
     );

@@ -65,10 +65,12 @@ pub struct Cli {
     /// Log format: `text` or `json`.
     #[arg(long = "log-format", value_name = "FORMAT")]
     pub log_format: Option<String>,
-    /// Most allocations per user (coturn: user-quota).
+    /// Most allocations per user (coturn: user-quota); 0: unlimited. By default unlimited,
+    /// or 1000 with shared relay ports.
     #[arg(long = "user-quota", value_name = "N")]
     pub user_quota: Option<u32>,
-    /// Most allocations on this relay (coturn: total-quota).
+    /// Most allocations on this relay (coturn: total-quota); 0: unlimited. By default
+    /// unlimited, or 100000 with shared relay ports.
     #[arg(long = "total-quota", value_name = "N")]
     pub total_quota: Option<u32>,
     /// Bytes per second per allocation (coturn: max-bps).

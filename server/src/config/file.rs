@@ -291,6 +291,8 @@ pub struct AllocationConfig {
     pub max_permissions: usize,
     #[serde(default = "default_max_tcp_connections")]
     pub max_tcp_connections: usize,
+    #[serde(default = "default_max_peer_endpoints")]
+    pub max_peer_endpoints: usize,
 }
 
 impl Default for AllocationConfig {
@@ -300,6 +302,7 @@ impl Default for AllocationConfig {
             max_lifetime_secs: default_max_lifetime(),
             max_permissions: default_max_permissions(),
             max_tcp_connections: default_max_tcp_connections(),
+            max_peer_endpoints: default_max_peer_endpoints(),
         }
     }
 }
@@ -316,10 +319,14 @@ pub struct PeerConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QuotaConfig {
+    /// Unset: unlimited with dedicated relay ports, [`SHARED_TOTAL_ALLOCATIONS`] with shared
+    /// ones; 0: unlimited.
     #[serde(default)]
-    pub total_allocations: u32,
+    pub total_allocations: Option<u32>,
+    /// Unset: unlimited with dedicated relay ports, [`SHARED_USER_ALLOCATIONS`] with shared
+    /// ones; 0: unlimited.
     #[serde(default)]
-    pub user_allocations: u32,
+    pub user_allocations: Option<u32>,
     #[serde(default)]
     pub allocation_bytes_per_sec: u64,
     #[serde(default)]
@@ -362,6 +369,15 @@ fn default_max_permissions() -> usize {
 fn default_max_tcp_connections() -> usize {
     32
 }
+/// coturn's `--multiplex-peer-max-peers` default.
+fn default_max_peer_endpoints() -> usize {
+    256
+}
+
+/// With shared relay ports, where the port range no longer bounds them: the most allocations
+/// on one relay, and of one user, unless `[quota]` says otherwise.
+pub const SHARED_TOTAL_ALLOCATIONS: u32 = 100_000;
+pub const SHARED_USER_ALLOCATIONS: u32 = 1_000;
 
 impl FileConfig {
     /// Parses TOML; errors name the key path.

@@ -150,6 +150,8 @@ pub struct Settings {
     pub default_lifetime: u32,
     pub max_lifetime: u32,
     pub max_permissions: usize,
+    /// Shared relay ports: most peer endpoints one allocation may hold.
+    pub max_peer_endpoints: usize,
     pub max_tcp_connections: usize,
     pub allow_peer: Vec<IpNet>,
     pub deny_peer: Vec<IpNet>,

@@ -158,15 +158,21 @@ impl Settings {
             .extend(parse_all(&cli.deny_peer, parse_net).map_err(|e| flag_err("--deny-peer", e))?);
         let nonzero32 = |v: u32| (v != 0).then_some(v);
         let nonzero64 = |v: u64| (v != 0).then_some(v);
+        // Set (0: unlimited), or by default unlimited with dedicated ports, which the port
+        // range bounds, and capped with shared ones.
+        let cap = |set: Option<u32>, shared_default: u32| match set {
+            Some(n) => nonzero32(n),
+            None => (shared_relay_ports > 0).then_some(shared_default),
+        };
         let quotas = turnpike_proto::quota::Quotas {
-            total_allocations: cli
-                .total_quota
-                .or(nonzero32(f.quota.total_allocations))
-                .and_then(nonzero32),
-            user_allocations: cli
-                .user_quota
-                .or(nonzero32(f.quota.user_allocations))
-                .and_then(nonzero32),
+            total_allocations: cap(
+                cli.total_quota.or(f.quota.total_allocations),
+                super::file::SHARED_TOTAL_ALLOCATIONS,
+            ),
+            user_allocations: cap(
+                cli.user_quota.or(f.quota.user_allocations),
+                super::file::SHARED_USER_ALLOCATIONS,
+            ),
             allocation_bandwidth: cli
                 .max_bps
                 .or(nonzero64(f.quota.allocation_bytes_per_sec))
@@ -325,6 +331,12 @@ impl Settings {
                 "must be above 0".into(),
             ));
         }
+        if f.allocation.max_peer_endpoints == 0 {
+            return Err(file_err(
+                "allocation.max_peer_endpoints",
+                "must be above 0".into(),
+            ));
+        }
         let echo = resolve_echo(&f.echo, cli, &file_err, &flag_err)?;
         let fleet = super::fleet::resolve(
             &f.store,
@@ -367,6 +379,7 @@ impl Settings {
             max_lifetime,
             max_permissions: f.allocation.max_permissions,
             max_tcp_connections: f.allocation.max_tcp_connections,
+            max_peer_endpoints: f.allocation.max_peer_endpoints,
             allow_peer,
             deny_peer,
             quotas,

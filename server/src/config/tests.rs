@@ -277,3 +277,37 @@ fn flags_override_and_extend_the_file() {
     .to_string();
     assert!(e.contains("--listen"), "{e}");
 }
+
+#[test]
+fn shared_relay_ports_cap_allocations_unless_the_quota_says_otherwise() {
+    let base = "listen = [\"udp://127.0.0.1:0\"]\n";
+    let quotas = |text: &str| {
+        let q = load(text).expect("loads").quotas;
+        (q.total_allocations, q.user_allocations)
+    };
+    assert_eq!(quotas(base), (None, None), "a port per allocation");
+    let shared = format!("{base}shared_relay_ports = 2\n");
+    assert_eq!(quotas(&shared), (Some(100_000), Some(1_000)));
+    assert_eq!(
+        quotas(&format!(
+            "{shared}[quota]\ntotal_allocations = 0\nuser_allocations = 20\n"
+        )),
+        (None, Some(20)),
+        "0 lifts the cap"
+    );
+    let cli = Cli::parse_from(["turnpike", "--total-quota", "0", "--user-quota", "5"]);
+    let s = Settings::resolve(
+        FileConfig::from_toml("t", &shared).expect("parse"),
+        &cli,
+        "t".into(),
+    )
+    .expect("resolve");
+    assert_eq!(
+        (s.quotas.total_allocations, s.quotas.user_allocations),
+        (None, Some(5))
+    );
+    let e = load(&format!("{base}[allocation]\nmax_peer_endpoints = 0\n"))
+        .expect_err("0 endpoints")
+        .to_string();
+    assert!(e.contains("allocation.max_peer_endpoints"), "{e}");
+}

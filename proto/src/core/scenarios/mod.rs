@@ -39,6 +39,7 @@ struct Harness {
 struct Client {
     id: ClientId,
     username: String,
+    realm: String,
     key: Vec<u8>,
     nonce: Vec<u8>,
     tid: u8,
@@ -55,12 +56,7 @@ fn config(
     } else {
         vec![]
     };
-    let mut policy = PeerPolicy::new(allow, vec![]);
-    policy.set_own_addresses(
-        vec!["127.0.0.1:3478".parse().expect("a")],
-        vec![],
-        (49152, 65535),
-    );
+    let policy = test_policy(allow);
     let mut cfg = CoreConfig {
         tenants: {
             let mut t = Tenants::single(
@@ -81,6 +77,7 @@ fn config(
         max_lifetime: 3600,
         nonce_lifetime: 600,
         max_permissions: 4,
+        max_peer_endpoints: 256,
         max_tcp_connections: 8,
         relay_v4: Some(RelayAddress {
             bind: "127.0.0.1".parse().expect("ip"),
@@ -99,6 +96,17 @@ fn config(
         [9; 32],
         epoch,
     ))
+}
+
+/// The peer policy of the test relay, allowing `allow` beside the defaults.
+fn test_policy(allow: Vec<ipnet::IpNet>) -> PeerPolicy {
+    let mut policy = PeerPolicy::new(allow, vec![]);
+    policy.set_own_addresses(
+        vec!["127.0.0.1:3478".parse().expect("a")],
+        vec![],
+        (49152, 65535),
+    );
+    policy
 }
 
 impl Harness {
@@ -162,9 +170,19 @@ fn client(port: u16, username: &str, password: &str) -> Client {
             addr: SocketAddr::new("127.0.0.1".parse().expect("ip"), port),
         },
         username: username.to_owned(),
+        realm: REALM.to_owned(),
         key: long_term_key(username, REALM, password).to_vec(),
         nonce: Vec::new(),
         tid: 0,
+    }
+}
+
+/// A client of another tenant's realm.
+fn client_in(port: u16, username: &str, password: &str, realm: &str) -> Client {
+    Client {
+        realm: realm.to_owned(),
+        key: long_term_key(username, realm, password).to_vec(),
+        ..client(port, username, password)
     }
 }
 
@@ -184,7 +202,7 @@ impl Client {
         let mut b = Builder::new(&mut buf, Class::Request, m, tid);
         extra(&mut b);
         b.attr(attr::USERNAME, self.username.as_bytes())
-            .attr(attr::REALM, REALM.as_bytes())
+            .attr(attr::REALM, self.realm.as_bytes())
             .attr(attr::NONCE, &self.nonce)
             .integrity_sha1(&self.key)
             .fingerprint();
