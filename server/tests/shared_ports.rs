@@ -148,6 +148,8 @@ fn coturn_uclient_relays_through_the_shared_ports_and_loses_nothing() {
     let out = run_tool(
         "turnutils_uclient",
         &[
+            // -v: it prints each relayed address it is given.
+            "-v",
             "-c",
             "-e",
             "127.0.0.1",
@@ -173,8 +175,8 @@ fn coturn_uclient_relays_through_the_shared_ports_and_loses_nothing() {
     assert!(!out.contains("error"), "{out}");
     assert!(relay.metric("turnpike_allocations_total") >= 2.0);
     assert_eq!(relay.metric("turnpike_shared_port_conflicts_total"), 0.0);
-    // Nothing but the four shared ports was taken from the range: no port of its own for any
-    // allocation.
+    // The shared ports were logged, and uclient's allocations were all on them: none got a
+    // port of its own (uclient prints each relayed address it was given).
     let log = relay.log_text();
     let listed: Vec<String> = (first..first + 4)
         .map(|p| format!("127.0.0.1:{p}"))
@@ -183,11 +185,14 @@ fn coturn_uclient_relays_through_the_shared_ports_and_loses_nothing() {
         log.contains(&listed.join(" ")),
         "shared ports not logged:\n{log}"
     );
-    for p in first + 4..first + 16 {
-        assert!(
-            UdpSocket::bind(("127.0.0.1", p)).is_ok(),
-            "port {p} of the range is bound: an allocation got a port of its own"
-        );
+    let relayed: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.split("Received relay addr: ").nth(1))
+        .map(str::trim)
+        .collect();
+    assert_eq!(relayed.len(), 2, "{out}");
+    for r in relayed {
+        assert!(listed.iter().any(|l| l == r), "{r} is not a shared port");
     }
 }
 
@@ -282,4 +287,161 @@ fn shared_ports_that_do_not_fit_the_range_fail_at_start_naming_the_setting() {
         err.contains("shared_relay_ports") && err.contains("do not fit"),
         "{err}"
     );
+}
+
+/// Reads one Data indication from the relay: (peer, data).
+fn data_indication(c: &RawClient) -> Option<(SocketAddr, Vec<u8>)> {
+    let mut buf = [0u8; 1500];
+    let (n, _) = c.sock.recv_from(&mut buf).ok()?;
+    let msg = turnpike_proto::stun::Message::parse(&buf[..n]).ok()?;
+    if (msg.class(), msg.method()) != (Class::Indication, method::DATA) {
+        return None;
+    }
+    let peer = msg.xor_address(msg.get(attr::XOR_PEER_ADDRESS)?)?;
+    Some((peer, msg.get(attr::DATA)?.to_vec()))
+}
+
+fn permit(c: &mut RawClient, peers: &[SocketAddr]) -> Option<u16> {
+    c.request(method::CREATE_PERMISSION, |b| {
+        for p in peers {
+            b.xor_address(attr::XOR_PEER_ADDRESS, *p);
+        }
+    })
+    .code()
+}
+
+fn send_indication(c: &mut RawClient, peer: SocketAddr, data: &[u8]) {
+    let mut ind = Vec::new();
+    let tid = c.tid();
+    Builder::new(&mut ind, Class::Indication, method::SEND, tid)
+        .xor_address(attr::XOR_PEER_ADDRESS, peer)
+        .attr(attr::DATA, data);
+    c.sock.send_to(&ind, c.server).expect("send");
+}
+
+/// Whether `c` receives nothing more: asked once the relay counted what it did with the
+/// datagram that might have reached it, so nothing can still be on its way.
+fn quiet(c: &RawClient) -> bool {
+    c.sock.set_nonblocking(true).expect("nonblocking");
+    let mut buf = [0u8; 1500];
+    let got = c.sock.recv_from(&mut buf).is_ok();
+    c.sock.set_nonblocking(false).expect("blocking");
+    !got
+}
+
+/// One thread, one shared port, two tenants: Alice and Bob of `a`, Carol of `b`. The rules of
+/// the shared mode as clients see them: delivery by exact endpoint and never by an IP-wide
+/// permission, a held endpoint refused within the tenant, the other tenant unaffected (its
+/// allocation is never given `a`'s port), the cap on endpoints per allocation.
+#[test]
+fn three_clients_of_two_tenants_on_one_port_keep_to_their_own_endpoints() {
+    let range = free_port_range(16);
+    let config = common::ConfigFile::new(
+        "shared-tenants",
+        &format!(
+            r#"
+listen = ["udp://127.0.0.1:0"]
+relay_ips = ["127.0.0.1"]
+relay_ports = "{}-{}"
+shared_relay_ports = 1
+[allocation]
+max_peer_endpoints = 3
+[peer]
+allow = ["127.0.0.0/8"]
+[[tenant]]
+name = "a"
+realm = "a.test"
+origins = ["https://a.test"]
+users = [{{ name = "alice", password = "a-pass" }}, {{ name = "bob", password = "b-pass" }}]
+[[tenant]]
+name = "b"
+realm = "b.test"
+origins = ["https://b.test"]
+users = [{{ name = "carol", password = "c-pass" }}]
+"#,
+            range.start(),
+            range.end()
+        ),
+    );
+    let relay = Relay::start(&["--config", config.arg(), "--threads", "1"]);
+    // ORIGIN names each client's tenant, whose realm its 401 then names.
+    let client = |user: &str, password: &str, origin: &str| {
+        let mut c = RawClient::new(relay.udp, user, password);
+        c.origin = Some(origin.to_owned());
+        c
+    };
+    let mut alice = client("alice", "a-pass", "https://a.test");
+    let mut bob = client("bob", "b-pass", "https://a.test");
+    let mut carol = client("carol", "c-pass", "https://b.test");
+    // The thread's one shared port (the lowest of the range another process does not hold).
+    let shared = relayed(&mut alice);
+    assert_eq!(relayed(&mut bob), shared);
+    assert!(
+        relay.log_text().contains(&format!("ports={shared}")),
+        "{shared} is not the shared port"
+    );
+    // The port serves tenant a now: Carol gets a port of her own, and that is counted.
+    let carols = relayed(&mut carol);
+    assert_ne!(carols, shared);
+    assert!(range.contains(&carols.port()), "{carols}");
+    assert_eq!(
+        relay.wait_metric("turnpike_shared_port_fallbacks_total", 1.0),
+        1.0
+    );
+
+    let peer = || UdpSocket::bind("127.0.0.1:0").expect("peer");
+    let (p1, p2, p3, sfu) = (peer(), peer(), peer(), peer());
+    let at = |s: &UdpSocket| s.local_addr().expect("addr");
+    // Exact-endpoint delivery: each gets the datagrams of the endpoint it named.
+    assert_eq!(permit(&mut alice, &[at(&p1)]), None);
+    assert_eq!(permit(&mut bob, &[at(&p2)]), None);
+    p1.send_to(b"to alice", shared).expect("send");
+    p2.send_to(b"to bob", shared).expect("send");
+    assert_eq!(
+        data_indication(&alice),
+        Some((at(&p1), b"to alice".to_vec()))
+    );
+    assert_eq!(data_indication(&bob), Some((at(&p2), b"to bob".to_vec())));
+    // No capture by IP permission: both permit 127.0.0.1, neither named p3.
+    p3.send_to(b"nobody's", shared).expect("send");
+    let unmatched = "turnpike_dropped_packets_total{reason=\"unmatched\"";
+    assert_eq!(relay.wait_metric(unmatched, 1.0), 1.0);
+    assert!(quiet(&alice) && quiet(&bob), "p3's datagram was delivered");
+
+    // A held endpoint is refused within the tenant: Alice sends to the SFU first.
+    send_indication(&mut alice, at(&sfu), b"hello sfu");
+    sfu.set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let mut buf = [0u8; 64];
+    let (n, from) = sfu.recv_from(&mut buf).expect("alice's datagram");
+    assert_eq!((&buf[..n], from), (&b"hello sfu"[..], shared));
+    assert_eq!(permit(&mut bob, &[at(&sfu)]), Some(403));
+    assert_eq!(channel_bind(&mut bob, 0x4001, at(&sfu)), Some(403));
+    assert_eq!(
+        relay.wait_metric("turnpike_shared_port_conflicts_total", 2.0),
+        2.0
+    );
+    sfu.send_to(b"for alice", shared).expect("send");
+    assert_eq!(
+        data_indication(&alice),
+        Some((at(&sfu), b"for alice".to_vec()))
+    );
+
+    // The other tenant is unaffected: the SFU is Carol's through her own port, both ways.
+    assert_eq!(channel_bind(&mut carol, 0x4001, at(&sfu)), None);
+    let mut frame = vec![0x40, 0x01, 0, 5];
+    frame.extend_from_slice(b"carol");
+    carol.sock.send_to(&frame, relay.udp).expect("send");
+    let (n, from) = sfu.recv_from(&mut buf).expect("carol's datagram");
+    assert_eq!((&buf[..n], from), (&b"carol"[..], carols));
+    sfu.send_to(b"for carol", carols).expect("send");
+    assert_eq!(channel_data(&carol), Some((0x4001, b"for carol".to_vec())));
+
+    // The cap: Alice holds p1 and the SFU; two more make four, beyond max_peer_endpoints.
+    assert_eq!(permit(&mut alice, &[at(&p2), at(&p3)]), Some(508));
+    assert_eq!(
+        relay.wait_metric("turnpike_shared_port_endpoint_limit_total", 1.0),
+        1.0
+    );
+    assert_eq!(permit(&mut alice, &[at(&p3)]), None, "a third fits");
 }
