@@ -83,6 +83,7 @@ pub struct Metrics {
     dropped_reply_rate: IntCounter,
     dropped_oversized: IntCounter,
     dropped_unmatched: IntCounter,
+    dropped_send_buffer: IntCounter,
     shared_port_conflicts: IntCounter,
     shared_port_endpoint_limit: IntCounter,
     shared_port_fallbacks: IntCounter,
@@ -208,7 +209,7 @@ impl Metrics {
             ),
             dropped: counter_vec(
                 DROPPED_PACKETS_TOTAL,
-                "Datagrams not relayed or not answered, by reason: no_route, malformed, quota, oversized (too large for the client), unmatched (shared relay ports: no allocation on the port holds the peer endpoint), reply_rate (unauthenticated requests over the per-source reply limit).",
+                "Datagrams not relayed or not answered, by reason: no_route, malformed, quota, oversized (too large for the client), unmatched (shared relay ports: no allocation on the port holds the peer endpoint), send_buffer (a UDP socket's send buffer was full), reply_rate (unauthenticated requests over the per-source reply limit).",
                 &["reason", "tenant"],
             ),
         };
@@ -225,6 +226,9 @@ impl Metrics {
         let dropped_unmatched = families
             .dropped
             .with_label_values(&["unmatched", NO_TENANT]);
+        let dropped_send_buffer = families
+            .dropped
+            .with_label_values(&["send_buffer", NO_TENANT]);
         let shared_port_conflicts = must(IntCounter::new(
             SHARED_PORT_CONFLICTS_TOTAL,
             "Shared relay ports: CreatePermissions and ChannelBinds refused (403), Send indications and ChannelData dropped, because another allocation of the tenant on the same port holds that peer endpoint.",
@@ -305,6 +309,7 @@ impl Metrics {
             dropped_reply_rate,
             dropped_oversized,
             dropped_unmatched,
+            dropped_send_buffer,
             shared_port_conflicts,
             shared_port_endpoint_limit,
             shared_port_fallbacks,
@@ -331,6 +336,11 @@ impl Metrics {
             let c = self.families.counters(&names[tenants.len()]);
             tenants.push(c);
         }
+    }
+
+    /// Datagrams a full UDP send buffer dropped.
+    pub fn send_buffer_full(&self, n: u64) {
+        self.dropped_send_buffer.inc_by(n);
     }
 
     /// A stream connection refused by [`crate::io::admission`].

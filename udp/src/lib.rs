@@ -15,10 +15,12 @@
 //! - [`TxQueue`] collects what a shard sends during one event-loop turn and leaves with one
 //!   `sendmmsg` per socket; datagrams of one size to one destination go as a single GSO send
 //!   (`UDP_SEGMENT`), which the kernel splits after routing them once. A failed send affects
-//!   its own message only.
+//!   its own message only, and the flows of one socket (an allocation's datagrams, or one
+//!   destination's) take turns by bytes, so a full socket buffer drops the biggest flow's
+//!   tail, not its neighbours'.
 //! - [`SendBatch`] is the load generator's simpler `sendmmsg` batch, one socket at a time.
 //! - [`UdpSock`] is a socket, registered with tokio's reactor for readability or not, which
-//!   remembers where GSO does not work; [`socket`] binds relay and listener sockets with their
+//!   remembers for a while the destinations whose route refused GSO; [`socket`] binds relay and listener sockets with their
 //!   options.
 //! - [`Poller`] watches many unregistered sockets through one epoll set, so one task reads
 //!   every ready relay socket of a shard in one turn of the event loop.
@@ -38,7 +40,7 @@ pub use addr::RawAddr;
 pub use poll::{PollRegistry, Poller};
 pub use recv::RecvBatch;
 pub use send::{SendBatch, TxQueue};
-pub use socket::{kernel_has_gso, register, UdpSock, NO_GSO_DESTINATIONS};
+pub use socket::{kernel_has_gso, register, UdpSock, NO_GSO_DESTINATIONS, NO_GSO_FOR};
 
 /// Datagrams per `recvmmsg` and messages per `sendmmsg`.
 pub const BATCH: usize = 64;

@@ -17,14 +17,14 @@ const GSO_BYTES: usize = 65_000;
 /// What a failed send means for the message that failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SendFault {
-    /// The socket buffer is full: the rest of this flush is dropped, as a router would.
+    /// The socket buffer is full: the rest of this flush on the socket is dropped, as a
+    /// router would (the flows took turns, so what is left is the biggest flows' tail).
     Full,
-    /// The route's device cannot segment (EIO): this socket sends to that destination without
-    /// GSO from now on, and the message goes again as single datagrams.
-    NoOffload,
-    /// The segments do not suit this path (EINVAL: a segment above the path MTU, say): the
-    /// message goes again as single datagrams, which the kernel may fragment.
-    Unsegmentable,
+    /// The route refused the GSO send (EIO: its device cannot segment or checksum; a segment
+    /// above the path MTU: EMSGSIZE, or EINVAL on older kernels): the destination gets single datagrams for a while
+    /// ([`NO_GSO_FOR`](crate::NO_GSO_FOR)), and the message goes again as single datagrams
+    /// (which the kernel may fragment).
+    NoGso,
     /// The destination refused (unreachable, not permitted, too large...): the message is
     /// dropped and the socket's other messages go on.
     Destination,
@@ -32,9 +32,8 @@ enum SendFault {
 
 fn fault(e: &io::Error, gso: bool) -> SendFault {
     match e.raw_os_error() {
-        Some(libc::EAGAIN) => SendFault::Full,
-        Some(libc::EIO) if gso => SendFault::NoOffload,
-        Some(libc::EINVAL) if gso => SendFault::Unsegmentable,
+        Some(libc::EAGAIN) | Some(libc::ENOBUFS) => SendFault::Full,
+        Some(libc::EIO | libc::EINVAL | libc::EMSGSIZE) if gso => SendFault::NoGso,
         _ => SendFault::Destination,
     }
 }
@@ -42,9 +41,11 @@ fn fault(e: &io::Error, gso: bool) -> SendFault {
 struct Entry {
     sock: Rc<UdpSock>,
     to: SocketAddr,
+    /// Whose datagram it is: flows of one socket take turns.
+    flow: u64,
     start: usize,
     len: usize,
-    /// Queue order, so sorting by socket and destination keeps each flow's order.
+    /// Queue order, so sorting keeps each flow's order.
     seq: u32,
 }
 
@@ -52,8 +53,11 @@ struct Entry {
 pub struct TxQueue {
     bytes: Vec<u8>,
     entries: Vec<Entry>,
-    /// GSO sends made, for tests and profiles.
+    /// GSO sends made, and refused by the kernel, for tests and profiles.
     gso_sends: u64,
+    gso_refused: u64,
+    /// Datagrams dropped because a socket buffer was full, since the last [`TxQueue::take_dropped`].
+    dropped: u64,
     /// Scratch space for the system calls, kept so a flush allocates nothing once warm.
     msgs: Vec<Msg>,
     iov: Vec<libc::iovec>,
@@ -69,11 +73,19 @@ impl Default for TxQueue {
 }
 
 /// One message of a `sendmmsg` call: `count` datagrams from `first` (in the sorted entries)
-/// to one destination, as one GSO send when `count > 1`.
+/// to one destination, as one GSO send when `count > 1`; `credit` is the bytes its flow has
+/// queued on the socket up to and with it, which orders the messages of the socket's flows.
 #[derive(Clone, Copy)]
 struct Msg {
     first: usize,
     count: usize,
+    credit: usize,
+    flow: u64,
+}
+
+/// The datagrams of `msgs`.
+fn count(msgs: &[Msg]) -> u64 {
+    msgs.iter().map(|m| m.count as u64).sum()
 }
 
 #[repr(C, align(8))]
@@ -85,6 +97,8 @@ impl TxQueue {
             bytes: Vec::with_capacity(64 * 1024),
             entries: Vec::with_capacity(TX_MAX),
             gso_sends: 0,
+            gso_refused: 0,
+            dropped: 0,
             msgs: Vec::with_capacity(BATCH),
             iov: Vec::with_capacity(BATCH * GSO_SEGMENTS),
             addrs: Vec::with_capacity(BATCH),
@@ -106,14 +120,26 @@ impl TxQueue {
         self.gso_sends
     }
 
-    /// Queues a copy of `data` for `to` on `sock`.
-    pub fn push(&mut self, sock: &Rc<UdpSock>, to: SocketAddr, data: &[u8]) {
+    /// GSO sends the kernel refused (each then went as single datagrams).
+    pub fn gso_refused(&self) -> u64 {
+        self.gso_refused
+    }
+
+    /// Datagrams a full socket buffer dropped since the last call.
+    pub fn take_dropped(&mut self) -> u64 {
+        std::mem::take(&mut self.dropped)
+    }
+
+    /// Queues a copy of `data` for `to` on `sock`, as part of `flow` (an allocation, or a
+    /// destination: see [`TxQueue::flush`]).
+    pub fn push(&mut self, sock: &Rc<UdpSock>, to: SocketAddr, flow: u64, data: &[u8]) {
         let start = self.bytes.len();
         self.bytes.extend_from_slice(data);
         let seq = self.entries.len() as u32;
         self.entries.push(Entry {
             sock: Rc::clone(sock),
             to,
+            flow,
             start,
             len: data.len(),
             seq,
@@ -121,26 +147,48 @@ impl TxQueue {
     }
 
     /// Sends everything queued: one `sendmmsg` per socket (more past [`BATCH`] messages).
-    /// Datagrams a full socket buffer refuses are dropped, as a router would.
+    /// Each flow's datagrams leave in order, and a socket's flows take turns by the bytes
+    /// each queued (every flow's first message, then the smallest flows' next...): when the
+    /// socket buffer fills, the rest of the socket's datagrams are dropped, as a router
+    /// would, and those are the tails of the flows that queued the most.
     pub fn flush(&mut self) {
         if self.entries.is_empty() {
             return;
         }
         self.entries
-            .sort_unstable_by_key(|e| (Rc::as_ptr(&e.sock) as usize, e.to, e.seq));
+            .sort_unstable_by_key(|e| (Rc::as_ptr(&e.sock) as usize, e.flow, e.to, e.seq));
         let mut msgs = std::mem::take(&mut self.msgs);
         let mut i = 0;
         while i < self.entries.len() {
             let sock = Rc::as_ptr(&self.entries[i].sock);
             let mut j = i;
             msgs.clear();
+            let (mut flow, mut credit) = (None, 0);
             while j < self.entries.len() && Rc::as_ptr(&self.entries[j].sock) == sock {
+                let e = &self.entries[j];
+                if flow != Some(e.flow) {
+                    (flow, credit) = (Some(e.flow), 0);
+                }
+                let flow_id = e.flow;
                 let count = self.run_len(j);
-                msgs.push(Msg { first: j, count });
+                credit += self.entries[j..j + count]
+                    .iter()
+                    .map(|e| e.len)
+                    .sum::<usize>();
+                msgs.push(Msg {
+                    first: j,
+                    count,
+                    credit,
+                    flow: flow_id,
+                });
                 j += count;
             }
+            // By the bytes each flow will have queued once the message is out (so a small
+            // flow's datagram goes before a big flow's first GSO send); stable within a
+            // flow, whose credits only grow.
+            msgs.sort_unstable_by_key(|m| (m.credit, m.flow, m.first));
             let sock = Rc::clone(&self.entries[i].sock);
-            self.send_all(&sock, &msgs);
+            let _ = self.send_all(&sock, &msgs);
             i = j;
         }
         self.msgs = msgs;
@@ -169,7 +217,8 @@ impl TxQueue {
         n
     }
 
-    fn send_all(&mut self, sock: &UdpSock, msgs: &[Msg]) {
+    /// Sends `msgs` in order; false when the socket buffer filled and the rest was dropped.
+    fn send_all(&mut self, sock: &UdpSock, msgs: &[Msg]) -> bool {
         let fd = sock.get_ref().as_raw_fd();
         let mut done = 0;
         while done < msgs.len() {
@@ -185,22 +234,32 @@ impl TxQueue {
                 Err(e) => {
                     let m = chunk[0];
                     match fault(&e, m.count > 1) {
-                        SendFault::Full => return,
+                        SendFault::Full => {
+                            self.dropped += count(&msgs[done..]);
+                            return false;
+                        }
                         SendFault::Destination => {}
-                        SendFault::NoOffload | SendFault::Unsegmentable => {
-                            if fault(&e, true) == SendFault::NoOffload {
-                                sock.without_gso_to(self.entries[m.first].to);
-                            }
+                        SendFault::NoGso => {
+                            self.gso_refused += 1;
+                            sock.without_gso_to(self.entries[m.first].to);
                             let singles: Vec<Msg> = (m.first..m.first + m.count)
-                                .map(|first| Msg { first, count: 1 })
+                                .map(|first| Msg {
+                                    first,
+                                    count: 1,
+                                    ..m
+                                })
                                 .collect();
-                            self.send_all(sock, &singles);
+                            if !self.send_all(sock, &singles) {
+                                self.dropped += count(&msgs[done + 1..]);
+                                return false;
+                            }
                         }
                     }
                     done += 1;
                 }
             }
         }
+        true
     }
 
     fn sendmmsg(&mut self, fd: RawFd, chunk: &[Msg]) -> io::Result<usize> {

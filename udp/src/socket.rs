@@ -1,18 +1,22 @@
 //! Relay and listener sockets: binding with their options, registering with the reactor, and
 //! where GSO works.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::mem::size_of;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use rustc_hash::FxHashMap;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 
-/// A non-blocking UDP socket, and where it sends without GSO: to a destination whose route's
-/// device cannot segment (EIO), and not at all once [`NO_GSO_DESTINATIONS`] destinations did
-/// so (the socket's own device, then).
+/// A non-blocking UDP socket, and the destinations it sends to without GSO for a while: those
+/// whose route refused a GSO send (EIO: the device cannot segment or checksum; EMSGSIZE or
+/// EINVAL: a segment above the path MTU), each for [`NO_GSO_FOR`], at most [`NO_GSO_DESTINATIONS`] of
+/// them. Only those: a shared relay socket's other destinations keep GSO.
 ///
 /// A socket read by a task of its own is registered with tokio's reactor ([`register`]); the
 /// relay sockets of a shard's allocations are not ([`UdpSock::unregistered`]): one
@@ -22,7 +26,8 @@ pub struct UdpSock {
     reactor: Option<AsyncFd<Fd>>,
     sock: std::net::UdpSocket,
     gso: Cell<bool>,
-    no_gso: std::cell::RefCell<Vec<SocketAddr>>,
+    /// Destinations sent to without GSO, with when their route last refused it.
+    no_gso: RefCell<FxHashMap<SocketAddr, Instant>>,
 }
 
 /// A descriptor owned elsewhere (by the [`UdpSock`] beside it), as tokio's reactor sees it.
@@ -34,8 +39,12 @@ impl AsRawFd for Fd {
     }
 }
 
-/// Destinations one socket remembers sending to without GSO before it stops using GSO.
-pub const NO_GSO_DESTINATIONS: usize = 64;
+/// How long a destination whose route refused a GSO send gets single datagrams: routes and
+/// path MTUs change (the kernel forgets a learned path MTU after 10 minutes too).
+pub const NO_GSO_FOR: Duration = Duration::from_secs(600);
+/// Destinations one socket remembers sending to without GSO; beyond, the one remembered
+/// longest is forgotten (its next GSO send fails once more, and it is remembered again).
+pub const NO_GSO_DESTINATIONS: usize = 4096;
 
 impl AsRawFd for UdpSock {
     fn as_raw_fd(&self) -> RawFd {
@@ -51,7 +60,7 @@ impl UdpSock {
             reactor: None,
             sock,
             gso: Cell::new(kernel_has_gso()),
-            no_gso: std::cell::RefCell::new(Vec::new()),
+            no_gso: RefCell::new(FxHashMap::default()),
         }
     }
 
@@ -67,30 +76,55 @@ impl UdpSock {
         }
     }
 
-    /// Whether sends on this socket may use GSO.
+    /// Whether this kernel takes GSO sends.
     pub fn gso(&self) -> bool {
         self.gso.get()
     }
 
-    /// Whether sends to `to` may use GSO.
+    /// Whether sends to `to` may use GSO now.
+    #[inline]
     pub(crate) fn gso_to(&self, to: SocketAddr) -> bool {
         if !self.gso.get() {
             return false;
         }
         let no = self.no_gso.borrow();
-        no.is_empty() || !no.contains(&to)
+        if no.is_empty() {
+            return true;
+        }
+        no.get(&to)
+            .is_none_or(|since| since.elapsed() >= NO_GSO_FOR)
     }
 
-    /// The route to `to` cannot segment: send there without GSO from now on.
+    /// The route to `to` refused a GSO send: single datagrams there for [`NO_GSO_FOR`].
     pub(crate) fn without_gso_to(&self, to: SocketAddr) {
         let mut no = self.no_gso.borrow_mut();
-        if !no.contains(&to) {
-            no.push(to);
+        let now = Instant::now();
+        if no.len() >= NO_GSO_DESTINATIONS && !no.contains_key(&to) {
+            no.retain(|_, since| now.duration_since(*since) < NO_GSO_FOR);
+            if no.len() >= NO_GSO_DESTINATIONS {
+                if let Some(oldest) = no.iter().min_by_key(|(_, since)| **since).map(|(a, _)| *a) {
+                    no.remove(&oldest);
+                }
+            }
         }
-        if no.len() >= NO_GSO_DESTINATIONS {
-            self.gso.set(false);
-            no.clear();
+        no.insert(to, now);
+    }
+
+    /// Makes every remembered refusal `by` older (for tests of the expiry).
+    #[cfg(test)]
+    pub(crate) fn age_without_gso(&self, by: Duration) {
+        for since in self.no_gso.borrow_mut().values_mut() {
+            *since = since.checked_sub(by).unwrap_or(*since);
         }
+    }
+
+    /// Destinations sent to without GSO now (for tests).
+    pub fn without_gso(&self) -> usize {
+        self.no_gso
+            .borrow()
+            .values()
+            .filter(|since| since.elapsed() < NO_GSO_FOR)
+            .count()
     }
 }
 

@@ -40,11 +40,11 @@ async fn gso_runs_and_single_datagrams_arrive_whole_and_in_order() {
     // Interleaved: a run of equal sizes to x from a (one GSO send), a shorter one, and
     // datagrams to y from a and b.
     for i in 0..10u8 {
-        q.push(&a, xa, &[i; 100]);
-        q.push(&b, ya, &[100 + i; 7]);
+        q.push(&a, xa, 1, &[i; 100]);
+        q.push(&b, ya, 2, &[100 + i; 7]);
     }
-    q.push(&a, xa, &[42; 30]);
-    q.push(&a, ya, &[43; 100]);
+    q.push(&a, xa, 1, &[42; 30]);
+    q.push(&a, ya, 3, &[43; 100]);
     q.flush();
     assert!(q.is_empty());
     let at_x = receive(&x, 11);
@@ -72,18 +72,61 @@ async fn gso_runs_and_single_datagrams_arrive_whole_and_in_order() {
     assert!(a.gso() && q.gso_sends() > 0, "loopback takes GSO sends");
 }
 
-#[tokio::test(flavor = "current_thread")]
-async fn a_route_that_cannot_segment_loses_gso_for_itself_alone() {
-    let a = sock();
-    let bad: SocketAddr = "127.0.0.2:9".parse().expect("addr");
-    let good: SocketAddr = "127.0.0.3:9".parse().expect("addr");
-    a.without_gso_to(bad);
-    assert!(!a.gso_to(bad) && a.gso_to(good) && a.gso());
-    // Many such destinations: the socket's own device cannot segment, then.
-    for i in 0..NO_GSO_DESTINATIONS as u16 {
-        a.without_gso_to(SocketAddr::from(([127, 0, 1, 1], 1000 + i)));
+/// A UDP-Lite socket: the kernel refuses its GSO sends with EIO, as it does where a route's
+/// device cannot segment, and takes its single datagrams.
+fn udplite(ip: &str) -> std::net::UdpSocket {
+    let s = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::from(libc::IPPROTO_UDPLITE)),
+    )
+    .expect("UDP-Lite socket");
+    s.bind(&SocketAddr::new(ip.parse().expect("ip"), 0).into())
+        .expect("bind");
+    s.into()
+}
+
+#[test]
+fn a_destination_that_refuses_gso_gets_single_datagrams_and_only_it() {
+    let a = Rc::new(UdpSock::unregistered(udplite("127.0.0.1")));
+    a.get_ref().set_nonblocking(true).expect("nonblocking");
+    let (x, y) = (udplite("127.0.0.1"), udplite("127.0.0.1"));
+    let (xa, ya) = (x.local_addr().expect("addr"), y.local_addr().expect("addr"));
+    let mut q = TxQueue::new();
+    for round in 0..2u8 {
+        for i in 0..10u8 {
+            q.push(&a, xa, 1, &[round * 10 + i; 100]);
+        }
+        q.flush();
     }
-    assert!(!a.gso() && !a.gso_to(good));
+    // The first GSO send was refused with a real EIO: everything went again as single
+    // datagrams, in order, and the destination is remembered, so the second round did not
+    // try GSO again.
+    let got: Vec<Vec<u8>> = receive(&x, 20).into_iter().map(|(d, _)| d).collect();
+    assert_eq!(got, (0..20u8).map(|i| vec![i; 100]).collect::<Vec<_>>());
+    assert_eq!((q.gso_refused(), a.without_gso()), (1, 1));
+    // Another destination is tried on its own; the socket keeps GSO for whatever takes it,
+    // however many destinations refuse.
+    for i in 0..10u8 {
+        q.push(&a, ya, 1, &[i; 100]);
+    }
+    q.flush();
+    assert_eq!(receive(&y, 10).len(), 10);
+    assert_eq!((q.gso_refused(), a.without_gso()), (2, 2));
+    for k in 0..(NO_GSO_DESTINATIONS as u16 + 10) {
+        a.without_gso_to(SocketAddr::from(([127, 0, 9, 9], 1000 + k)));
+    }
+    assert!(a.gso(), "GSO is off for the whole socket");
+    assert_eq!(a.without_gso(), NO_GSO_DESTINATIONS, "bounded");
+    // The memory expires: a destination is tried again after NO_GSO_FOR.
+    a.age_without_gso(NO_GSO_FOR);
+    assert_eq!(a.without_gso(), 0);
+    for i in 0..10u8 {
+        q.push(&a, xa, 1, &[i; 100]);
+    }
+    q.flush();
+    assert_eq!(receive(&x, 10).len(), 10);
+    assert_eq!(q.gso_refused(), 3, "tried again once expired");
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -101,11 +144,11 @@ async fn a_destination_that_refuses_leaves_gso_and_the_other_datagrams_alone() {
     for round in 0..2u8 {
         for bad in refused {
             for _ in 0..5 {
-                q.push(&a, bad, &[0xEE; 100]);
+                q.push(&a, bad, 1, &[0xEE; 100]);
             }
         }
         for i in 0..10u8 {
-            q.push(&a, to, &[round * 10 + i; 100]);
+            q.push(&a, to, 2, &[round * 10 + i; 100]);
         }
         q.flush();
     }
@@ -125,8 +168,8 @@ async fn equal_datagrams_from_two_sockets_keep_their_source() {
     let to = x.local_addr().expect("addr");
     let mut q = TxQueue::new();
     for i in 0..8u8 {
-        q.push(&a, to, &[i; 50]);
-        q.push(&b, to, &[i; 50]);
+        q.push(&a, to, 1, &[i; 50]);
+        q.push(&b, to, 1, &[i; 50]);
     }
     q.flush();
     let got = receive(&x, 16);
@@ -243,4 +286,163 @@ async fn poller_reports_each_ready_socket_once_by_token() {
     let wait = tokio::time::timeout(std::time::Duration::from_secs(5), poller.wait(&mut ready));
     wait.await.expect("readable again").expect("wait");
     assert_eq!(ready, vec![103]);
+}
+
+/// Network namespaces made for one test (it runs as root, as CI does), removed when dropped;
+/// traffic stays inside them.
+mod netns {
+    use std::process::Command;
+
+    pub struct Netns(pub String);
+
+    impl Netns {
+        pub fn new(tag: &str) -> Netns {
+            let name = format!("tp-udp-{tag}-{}", std::process::id());
+            let _ = Command::new("ip")
+                .args(["netns", "del", &name])
+                .stderr(std::process::Stdio::null())
+                .status();
+            run(&["ip", "netns", "add", &name]);
+            let ns = Netns(name);
+            ns.ip(&["link", "set", "lo", "up"]);
+            ns
+        }
+
+        /// `ip -n NAME ARGS`.
+        pub fn ip(&self, args: &[&str]) {
+            let mut all = vec!["ip", "-n", &self.0];
+            all.extend_from_slice(args);
+            run(&all);
+        }
+
+        /// A program run inside the namespace.
+        pub fn exec(&self, args: &[&str]) {
+            let mut all = vec!["ip", "netns", "exec", &self.0];
+            all.extend_from_slice(args);
+            run(&all);
+        }
+
+        /// Moves the calling thread into the namespace: the sockets it makes live there.
+        pub fn enter(&self) {
+            let f = std::fs::File::open(format!("/run/netns/{}", self.0)).expect("netns file");
+            // SAFETY: setns on a namespace descriptor we hold open; it changes only the
+            // calling thread's network namespace.
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        }
+    }
+
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+
+    fn run(args: &[&str]) {
+        let status = Command::new(args[0])
+            .args(&args[1..])
+            .status()
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        assert!(status.success(), "{args:?} failed");
+    }
+}
+
+#[test]
+fn a_segment_above_the_path_mtu_goes_as_single_datagrams() {
+    let ns = netns::Netns::new("mtu");
+    ns.ip(&["link", "set", "lo", "mtu", "1300"]);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            ns.enter();
+            let a = Rc::new(UdpSock::unregistered(
+                std::net::UdpSocket::bind("127.0.0.1:0").expect("bind"),
+            ));
+            a.get_ref().set_nonblocking(true).expect("nonblocking");
+            let x = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+            let to = x.local_addr().expect("addr");
+            let mut q = TxQueue::new();
+            // 1400-byte segments on a 1300-byte path: the kernel refuses the GSO send
+            // (EMSGSIZE here, EINVAL on older kernels); as single datagrams it fragments
+            // them, and all arrive.
+            for i in 0..8u8 {
+                q.push(&a, to, 1, &[i; 1400]);
+            }
+            q.flush();
+            let got: Vec<(usize, u8)> = receive(&x, 8)
+                .into_iter()
+                .map(|(d, _)| (d.len(), d[0]))
+                .collect();
+            assert_eq!(got, (0..8u8).map(|i| (1400, i)).collect::<Vec<_>>());
+            assert_eq!((q.gso_refused(), a.without_gso()), (1, 1));
+        });
+    });
+}
+
+/// A sender whose device queue drains slowly (a token bucket on its veth), so its socket
+/// buffer fills for real: one flow queues far more than the buffer holds, four others one
+/// datagram each, after it. The drops fall on the big flow's tail; each small flow's
+/// datagram leaves.
+#[test]
+fn a_full_socket_buffer_drops_the_biggest_flows_tail_not_its_neighbours() {
+    let (a, b) = (netns::Netns::new("full-a"), netns::Netns::new("full-b"));
+    let link = format!("tpf{}", std::process::id() % 100_000);
+    let peer = format!("{link}p");
+    a.ip(&[
+        "link", "add", &link, "type", "veth", "peer", "name", &peer, "netns", &b.0,
+    ]);
+    a.ip(&["addr", "add", "10.79.0.1/24", "dev", &link]);
+    b.ip(&["addr", "add", "10.79.0.2/24", "dev", &peer]);
+    a.ip(&["link", "set", &link, "up"]);
+    b.ip(&["link", "set", &peer, "up"]);
+    a.exec(&[
+        "tc", "qdisc", "add", "dev", &link, "root", "tbf", "rate", "1mbit", "burst", "16kb",
+        "limit", "4mb",
+    ]);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| {
+        let receiver = s.spawn(|| {
+            b.enter();
+            // The big flow's destination sorts first (the lowest port), where a queue in
+            // destination order would send it first.
+            let mut socks: Vec<std::net::UdpSocket> = (0..5)
+                .map(|_| std::net::UdpSocket::bind("10.79.0.2:0").expect("bind"))
+                .collect();
+            socks.sort_by_key(|x| x.local_addr().expect("addr").port());
+            ready_tx
+                .send(
+                    socks
+                        .iter()
+                        .map(|x| x.local_addr().expect("addr"))
+                        .collect::<Vec<_>>(),
+                )
+                .expect("send");
+            // Each small flow's one datagram; the big flow's, as many as came through.
+            let small: Vec<usize> = socks[1..].iter().map(|x| receive(x, 1).len()).collect();
+            (small, receive(&socks[0], 500).len())
+        });
+        let to: Vec<SocketAddr> = ready_rx.recv().expect("addresses");
+        a.enter();
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
+            .expect("socket");
+        sock.set_send_buffer_size(32 * 1024).expect("sndbuf");
+        sock.bind(&"10.79.0.1:0".parse::<SocketAddr>().expect("a").into())
+            .expect("bind");
+        let sender = Rc::new(UdpSock::unregistered(sock.into()));
+        sender.get_ref().set_nonblocking(true).expect("nonblocking");
+        let mut q = TxQueue::new();
+        for i in 0..500u16 {
+            q.push(&sender, to[0], 1, &[(i % 250) as u8; 1000]);
+        }
+        for (flow, dest) in to[1..].iter().enumerate() {
+            q.push(&sender, *dest, 2 + flow as u64, &[0xAA; 1000]);
+        }
+        q.flush();
+        let dropped = q.take_dropped();
+        let (small, big) = receiver.join().expect("receiver");
+        assert!(dropped > 0, "the buffer never filled");
+        assert_eq!(small, [1, 1, 1, 1], "a small flow's datagram was dropped");
+        assert!(big > 0 && big < 500, "{big} of the big flow's 500 left");
+        assert_eq!(big as u64 + dropped, 500, "every drop counted");
+    });
 }

@@ -282,14 +282,15 @@ pub(super) fn relay_token(alloc: AllocId, v6: bool) -> usize {
 }
 
 impl Shard {
-    /// Queues a datagram for the end of this turn of the event loop.
+    /// Queues a datagram for the end of this turn of the event loop, as part of `flow`: the
+    /// flows of one socket take turns when its buffer fills (`TxQueue::flush`).
     #[inline]
-    fn queue(&self, sock: &Rc<UdpSock>, to: SocketAddr, data: &[u8]) {
+    fn queue(&self, sock: &Rc<UdpSock>, to: SocketAddr, flow: u64, data: &[u8]) {
         let mut tx = self.tx.borrow_mut();
         if tx.is_empty() {
             self.tx_ready.notify_one();
         }
-        tx.push(sock, to, data);
+        tx.push(sock, to, flow, data);
         if tx.len() >= TX_MAX {
             tx.flush();
         }
@@ -300,7 +301,10 @@ impl Shard {
     pub(super) fn send_to_client(&self, client: ClientId, data: &[u8]) {
         if client.listener < stream::STREAM_BASE {
             if let Some(l) = self.listeners.get(client.listener as usize) {
-                self.queue(l, client.addr, data);
+                // A client's flow on a listener: its allocation's, one per client address.
+                use std::hash::BuildHasher;
+                let flow = rustc_hash::FxBuildHasher.hash_one(client.addr);
+                self.queue(l, client.addr, flow, data);
             }
         } else if let Some(conn) = self.conns.borrow().get(&client.listener) {
             conn.push(data);
@@ -318,7 +322,7 @@ impl Shard {
         }
         let sock = if peer.is_ipv4() { &slot.v4 } else { &slot.v6 };
         if let Some(s) = sock {
-            self.queue(s, peer, payload);
+            self.queue(s, peer, alloc.index() as u64, payload);
         }
     }
 
@@ -445,6 +449,8 @@ impl Shard {
         let stats = core.take_stats();
         drop(core);
         self.metrics.record(&stats, &tenants);
+        self.metrics
+            .send_buffer_full(self.tx.borrow_mut().take_dropped());
         self.process_events();
     }
 
