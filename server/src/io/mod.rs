@@ -10,15 +10,23 @@
 //! and size (`turnpike_udp` has the measurements). Sends are non-blocking: a full socket buffer
 //! drops the datagram, as a router would.
 //!
-//! - `shard`: a shard's thread, its loops and how it carries out the core's answers;
-//! - `relay`: binding the relay sockets the core asks for, and their lifetime;
-//! - `tcp_relay`: RFC 6062 sockets: allocation listeners, Connect, data connection pipes;
-//! - [`stream`]: TCP and TLS listeners (TURN, HTTPS, HTTP on one port);
+//! From the top down (each imports only those below it):
+//!
+//! - `shard`: a shard's thread and its loops (listeners, relay sockets, timers, the flush);
+//! - [`stream`]: TCP and TLS listeners (TURN, HTTPS, HTTP on one port), a connection from its
+//!   first byte to its end;
+//! - `relay`: binding the relay sockets the core asks for; `tcp_relay`: RFC 6062 sockets
+//!   (allocation listeners, Connect, data connection pipes);
+//! - `state`: what all of these share on the shard's thread (the core, sockets, connections,
+//!   what a turn sends) and how the core's answers are carried out;
+//! - `conn`: what stream connections share and hold (their context, outbox and writer);
 //! - `sockets`: TCP socket options.
 
+mod conn;
 mod relay;
 mod shard;
 mod sockets;
+mod state;
 pub mod stream;
 mod tcp_relay;
 

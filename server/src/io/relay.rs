@@ -6,57 +6,18 @@
 //! [`Core::relay_bound`]: turnpike_proto::Core::relay_bound
 
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
-
-use tokio::task::JoinHandle;
 
 use turnpike_proto::{AllocId, BindFailure, BindOutcome, RelayBind};
 use turnpike_udp::socket::{bind_udp, set_dont_fragment};
 use turnpike_udp::{PollRegistry, UdpSock};
 
-use super::shard::{relay_token, Shard};
+use super::state::{relay_token, RelaySlot, Shard};
 use super::{sockets, tcp_relay, Ended};
 
 pub(super) const RELAY_SOCKET_BUFFER: usize = 1 << 20;
-
-/// The sockets and tasks of one allocation, indexed by its slot.
-pub(super) struct RelaySlot {
-    /// The allocation these belong to: an event for an older allocation of the slot is
-    /// ignored.
-    pub(super) id: AllocId,
-    pub(super) v4: Option<Rc<UdpSock>>,
-    pub(super) v6: Option<Rc<UdpSock>>,
-    /// `v4` and `v6` are the shard's shared relay sockets, which outlive the allocation.
-    pub(super) shared: bool,
-    /// RFC 6062: the listening socket's address, which outgoing peer connections use too.
-    pub(super) tcp: Option<SocketAddr>,
-    /// The listening socket's descriptor, shut down the moment the allocation ends (its task
-    /// closes it a little later), so that no connection reaches it in between.
-    tcp_fd: Option<RawFd>,
-    pub(super) tasks: Vec<JoinHandle<()>>,
-    /// Ends the byte pipes of a TCP allocation's bound connections (on any shard) when the
-    /// allocation ends.
-    pub(super) ended: Arc<Ended>,
-}
-
-impl Drop for RelaySlot {
-    fn drop(&mut self) {
-        if let Some(fd) = self.tcp_fd {
-            // SAFETY: the accept task owns the listener, so the descriptor stays open until
-            // that task, aborted below, is dropped; shutdown only stops it listening.
-            unsafe {
-                libc::shutdown(fd, libc::SHUT_RDWR);
-            }
-        }
-        for t in &self.tasks {
-            t.abort();
-        }
-        self.ended.fire();
-    }
-}
 
 /// What binding produced, before the allocation is live.
 enum Bound {
@@ -105,7 +66,7 @@ impl Shard {
             v6: None,
             shared,
             tcp: None,
-            tcp_fd: None,
+            tcp_listener: None,
             tasks: Vec::new(),
             ended: Arc::new(Ended::default()),
         };
@@ -115,8 +76,9 @@ impl Shard {
                 slot.v6 = v6;
             }
             Bound::Tcp(listener, addr) => {
+                let listener = Rc::new(listener);
                 slot.tcp = Some(addr);
-                slot.tcp_fd = Some(listener.as_raw_fd());
+                slot.tcp_listener = Some(Rc::clone(&listener));
                 slot.tasks
                     .push(tokio::task::spawn_local(tcp_relay::accept_peers(
                         Rc::clone(self),

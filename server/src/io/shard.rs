@@ -13,12 +13,10 @@ use std::time::{Duration, Instant};
 
 use rand::RngCore;
 
-use turnpike_proto::{
-    AllocId, ClientAction, ClientId, Core, Event, PeerAction, Shared, SharedPortId,
-};
-use turnpike_udp::{PollRegistry, Poller, RecvBatch, TxQueue, UdpSock, BATCH, TX_MAX};
+use turnpike_proto::{ClientAction, ClientId, Core, PeerAction, Shared};
+use turnpike_udp::{Poller, RecvBatch, TxQueue, UdpSock, BATCH};
 
-use super::relay::RelaySlot;
+use super::state::Shard;
 use super::{stream, unix_now, SharedSocket};
 use crate::config::Listener;
 use crate::metrics::Metrics;
@@ -34,31 +32,6 @@ const TICK: Duration = Duration::from_millis(250);
 /// Poller tokens from here on are the shared relay sockets (by their place in
 /// `Shard::shared_socks`); below, allocations' own ([`relay_token`]).
 const SHARED_TOKEN: usize = usize::MAX / 2;
-
-pub(super) struct Shard {
-    pub(super) core: RefCell<Core>,
-    pub(super) listeners: Vec<Rc<UdpSock>>,
-    pub(super) streams: Arc<stream::StreamContext>,
-    pub(super) conns: RefCell<HashMap<u32, Rc<stream::Outbox>>>,
-    pub(super) next_conn: Cell<u32>,
-    /// Relay sockets by allocation slot ([`AllocId::index`]).
-    pub(super) relays: RefCell<Vec<Option<RelaySlot>>>,
-    /// Where relay sockets are added to the shard's [`Poller`].
-    pub(super) registry: PollRegistry,
-    /// The shared relay sockets (`shared_relay_ports`): the core's id, where each is bound.
-    shared_socks: Vec<(SharedPortId, SocketAddr, Rc<UdpSock>)>,
-    /// Receive buffer of the relay loop (each listener loop has its own).
-    buf: RefCell<RecvBatch>,
-    /// The buffer the core writes its answers into.
-    pub(super) out: RefCell<Vec<u8>>,
-    /// Datagrams sent during this turn of the event loop, flushed at its end.
-    tx: RefCell<TxQueue>,
-    tx_ready: tokio::sync::Notify,
-    pub(super) metrics: Arc<Metrics>,
-    /// The admin API's board and the session records.
-    fleet: Arc<crate::fleet::Fleet>,
-    index: u32,
-}
 
 /// Everything a shard thread needs.
 pub struct ShardSetup {
@@ -276,64 +249,7 @@ pub(super) async fn relay_loop(shard: Rc<Shard>, mut poller: Poller) {
     }
 }
 
-/// The poller's token of an allocation's relay socket.
-pub(super) fn relay_token(alloc: AllocId, v6: bool) -> usize {
-    alloc.index() * 2 + usize::from(v6)
-}
-
 impl Shard {
-    /// Queues a datagram for the end of this turn of the event loop, as part of `flow`: the
-    /// flows of one socket take turns when its buffer fills (`TxQueue::flush`).
-    #[inline]
-    fn queue(&self, sock: &Rc<UdpSock>, to: SocketAddr, flow: u64, data: &[u8]) {
-        let mut tx = self.tx.borrow_mut();
-        if tx.is_empty() {
-            self.tx_ready.notify_one();
-        }
-        tx.push(sock, to, flow, data);
-        if tx.len() >= TX_MAX {
-            tx.flush();
-        }
-    }
-
-    /// Sends to a client over its UDP listener or queues it on its stream connection.
-    #[inline]
-    pub(super) fn send_to_client(&self, client: ClientId, data: &[u8]) {
-        if client.listener < stream::STREAM_BASE {
-            if let Some(l) = self.listeners.get(client.listener as usize) {
-                // A client's flow on a listener: its allocation's, one per client address.
-                use std::hash::BuildHasher;
-                let flow = rustc_hash::FxBuildHasher.hash_one(client.addr);
-                self.queue(l, client.addr, flow, data);
-            }
-        } else if let Some(conn) = self.conns.borrow().get(&client.listener) {
-            conn.push(data);
-        }
-    }
-
-    #[inline]
-    pub(super) fn send_to_peer(&self, alloc: AllocId, peer: SocketAddr, payload: &[u8]) {
-        let relays = self.relays.borrow();
-        let Some(Some(slot)) = relays.get(alloc.index()) else {
-            return;
-        };
-        if slot.id != alloc {
-            return;
-        }
-        let sock = if peer.is_ipv4() { &slot.v4 } else { &slot.v6 };
-        if let Some(s) = sock {
-            self.queue(s, peer, alloc.index() as u64, payload);
-        }
-    }
-
-    /// The shared relay socket bound at `bind`.
-    pub(super) fn shared_socket(&self, bind: SocketAddr) -> Option<Rc<UdpSock>> {
-        self.shared_socks
-            .iter()
-            .find(|(_, b, _)| *b == bind)
-            .map(|(_, _, s)| Rc::clone(s))
-    }
-
     /// Reads up to [`BUDGET`] batches from the relay socket behind `token`; false when it
     /// holds more.
     fn read_relay(&self, token: usize) -> bool {
@@ -452,39 +368,5 @@ impl Shard {
         self.metrics
             .send_buffer_full(self.tx.borrow_mut().take_dropped());
         self.process_events();
-    }
-
-    pub(super) fn process_events(&self) {
-        loop {
-            let event = self.core.borrow_mut().poll_event();
-            match event {
-                None => return,
-                Some(Event::ConnectionClosed(c)) => {
-                    self.streams.pending_peers().remove(&c);
-                }
-                Some(Event::Ended(s)) => {
-                    let tenants = self.core.borrow().shared().tenant_names();
-                    self.fleet
-                        .sessions
-                        .record(&crate::fleet::SessionRecord::of(&s, &tenants));
-                }
-                Some(Event::Freed(id)) => {
-                    let mut relays = self.relays.borrow_mut();
-                    if let Some(slot) = relays.get_mut(id.index()) {
-                        // A stale event (the slot holds a newer allocation) touches nothing.
-                        if slot.as_ref().is_some_and(|s| s.id == id) {
-                            if let Some(s) = slot.take() {
-                                if !s.shared {
-                                    for sock in [&s.v4, &s.v6].into_iter().flatten() {
-                                        self.registry.remove(sock);
-                                    }
-                                }
-                            }
-                        }
-                    }
-                    tracing::debug!(alloc = id.index(), "allocation freed");
-                }
-            }
-        }
     }
 }

@@ -6,28 +6,25 @@
 //! endpoints and the configured upstream web server (which gets the connection untouched, TLS
 //! and all); anything else is STUN/ChannelData framing (RFC 8656 §10.1) or an HTTP request.
 
-use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
 
-use super::shard::Shard;
-use crate::admission::{AcceptBackoff, Admission, Admitted, Ticket};
+use super::conn::{write_loop, Outbox};
+use super::state::Shard;
+use crate::admission::{AcceptBackoff, Admitted, Ticket};
 use crate::config::{Listener, Transport};
 use crate::http::{serve_http_stream, HttpLimits};
 use turnpike_proto::{ClientAction, ClientId, TcpQuota};
 
+pub use super::conn::StreamContext;
 pub use turnpike_proto::STREAM_BASE;
-/// Most bytes queued towards one slow stream client before datagrams for it are dropped.
-const OUTBOX_MAX: usize = 1 << 20;
 /// Longest STUN message or ChannelData frame on a stream.
 const MAX_FRAME: usize = 4 + 65_535 + 3;
 
@@ -36,71 +33,6 @@ pub const ALPN_TURN: &[u8] = b"stun.turn";
 pub const ALPN_STUN: &[u8] = b"stun.nat-discovery";
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
 pub const ALPN_H2: &[u8] = b"h2";
-
-/// What every shard's stream listeners share.
-pub struct StreamContext {
-    /// The TLS configuration; replaced on reload.
-    pub tls: arc_swap::ArcSwapOption<rustls::ServerConfig>,
-    /// Existing web server HTTPS is passed to, TLS untouched.
-    pub upstream: Option<SocketAddr>,
-    /// SNI names sent to the upstream; empty means every HTTP client when an upstream is set.
-    pub web_hostnames: Vec<String>,
-    /// Connections per source, and without an allocation in all.
-    pub admission: Arc<Admission>,
-    /// From accept to the first TURN frame or the end of the HTTP request headers: the PROXY
-    /// header, the TLS handshake and the first bytes must all arrive within it. HTTP
-    /// connections get it again for each further request's headers (keep-alive).
-    pub handshake_timeout: Duration,
-    /// A connection that holds no allocation is closed after this long without a byte.
-    pub idle_timeout: Duration,
-    /// The long-poll echo's path and longest hold: an HTTP request's answer is due within the
-    /// handshake timeout, or that hold beside it for the long-poll echo.
-    pub long_poll: Option<(&'static str, Duration)>,
-    pub http: axum::Router,
-    /// RFC 6062 peer connections waiting for their ConnectionBind, which any shard may get:
-    /// the socket, and the wake-up for when its allocation ends.
-    pub pending: Mutex<HashMap<u32, (std::net::TcpStream, Arc<super::Ended>)>>,
-}
-
-impl StreamContext {
-    pub(super) fn pending_peers(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<u32, (std::net::TcpStream, Arc<super::Ended>)>> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// Bytes waiting to be written to one stream client, and the writer's wake-up.
-pub struct Outbox {
-    buf: RefCell<Vec<u8>>,
-    notify: Notify,
-    closed: Cell<bool>,
-}
-
-impl Outbox {
-    fn new() -> Self {
-        Outbox {
-            buf: RefCell::new(Vec::new()),
-            notify: Notify::new(),
-            closed: Cell::new(false),
-        }
-    }
-
-    /// Queues one frame, padded to a multiple of four bytes as streams require for
-    /// ChannelData (RFC 8656 §12.5); a frame that does not fit is dropped whole.
-    pub fn push(&self, frame: &[u8]) -> bool {
-        let pad = (4 - frame.len() % 4) % 4;
-        let mut buf = self.buf.borrow_mut();
-        if self.closed.get() || buf.len() + frame.len() + pad > OUTBOX_MAX {
-            return false;
-        }
-        buf.extend_from_slice(frame);
-        buf.extend_from_slice(&[0u8; 3][..pad]);
-        drop(buf);
-        self.notify.notify_one();
-        true
-    }
-}
 
 /// Accepts connections on one of this shard's stream listeners. A failed accept (EMFILE:
 /// out of descriptors) backs off, doubling, rather than spinning on the queued connection.
@@ -629,28 +561,6 @@ fn handle_frame(
     }
     shard.process_events();
     bound
-}
-
-/// Writes what the outbox gathers; once the outbox is closed and empty, hands the write half
-/// back (for an RFC 6062 data connection to go on with).
-async fn write_loop<W: AsyncWrite + Unpin>(outbox: Rc<Outbox>, mut wr: W) -> Option<W> {
-    let mut spare = Vec::new();
-    loop {
-        loop {
-            std::mem::swap(&mut *outbox.buf.borrow_mut(), &mut spare);
-            if spare.is_empty() {
-                break;
-            }
-            if wr.write_all(&spare).await.is_err() || wr.flush().await.is_err() {
-                return None;
-            }
-            spare.clear();
-        }
-        if outbox.closed.get() {
-            return Some(wr);
-        }
-        outbox.notify.notified().await;
-    }
 }
 
 /// A stream whose first bytes were already read: they are served again before the rest.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use super::shard::Shard;
+use super::state::Shard;
 use turnpike_proto::{AllocId, TcpQuota};
 
 /// RFC 6062 §5.2: how long a Connect may take before it fails with 447.
@@ -177,7 +177,7 @@ impl Shard {
 
 /// Accepts the peers of one TCP allocation (closed by the core without a permission or beyond
 /// the allocation's connection limit).
-pub(super) async fn accept_peers(shard: Rc<Shard>, alloc: AllocId, listener: TcpListener) {
+pub(super) async fn accept_peers(shard: Rc<Shard>, alloc: AllocId, listener: Rc<TcpListener>) {
     let mut backoff = crate::admission::AcceptBackoff::default();
     loop {
         let (stream, peer) = match listener.accept().await {
