@@ -22,10 +22,23 @@ pub struct HttpLimits {
     pub headers: Duration,
     /// A path whose answer may be held this much longer (the long-poll echo).
     pub long: Option<(&'static str, Duration)>,
+    /// How long the connection is served: then it closes once its request in progress is
+    /// answered (an HTTP connection never holds an allocation, and must not hold its place
+    /// among those that do not for ever). A WebSocket it upgraded to lives by its own limits.
+    pub lifetime: Duration,
+}
+
+/// How an HTTP connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpEnd {
+    /// The client closed it, or it was upgraded.
+    Done,
+    /// It reached its lifetime.
+    Lifetime,
 }
 
 /// Serves `router` on one HTTP/1.1 connection within `limits`: slow headers close the
-/// connection, a slow request body gets 408. Each request carries the connection's `ticket`
+/// connection, a slow request body gets 408, and the connection closes at its lifetime. Each request carries the connection's `ticket`
 /// (a WebSocket handler keeps it for as long as the upgraded connection lives).
 pub async fn serve_http_stream<S>(
     router: axum::Router,
@@ -34,7 +47,7 @@ pub async fn serve_http_stream<S>(
     tls: bool,
     limits: HttpLimits,
     ticket: Ticket,
-) -> std::io::Result<()>
+) -> std::io::Result<HttpEnd>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -62,13 +75,20 @@ where
                 }
             }
         });
-    hyper::server::conn::http1::Builder::new()
+    let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(limits.headers)
         .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-        .with_upgrades()
-        .await
-        .map_err(std::io::Error::other)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r.map(|()| HttpEnd::Done).map_err(std::io::Error::other),
+        _ = tokio::time::sleep(limits.lifetime) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await.map_err(std::io::Error::other)?;
+            Ok(HttpEnd::Lifetime)
+        }
+    }
 }
 
 /// Serves `app` (the metrics endpoints, plus any echo routes) on a bound listener until the process ends, under the same admission and time limits as the HTTP on

@@ -14,6 +14,7 @@ use prometheus::{
 };
 
 use crate::admission::Refused;
+use crate::io::Close;
 use turnpike_proto::auth::AuthError;
 use turnpike_proto::core::{CoreStats, METHODS, RESULTS};
 use turnpike_proto::tenant::NO_TENANT;
@@ -42,6 +43,7 @@ pub const ECHO_PACKETS_TOTAL: &str = "turnpike_echo_packets_total";
 pub const ECHO_DROPPED_TOTAL: &str = "turnpike_echo_dropped_total";
 pub const TENANT_ALLOCATIONS_ACTIVE: &str = "turnpike_tenant_allocations_active";
 pub const CONNECTIONS_REFUSED_TOTAL: &str = "turnpike_connections_refused_total";
+pub const CONNECTIONS_CLOSED_TOTAL: &str = "turnpike_connections_closed_total";
 
 /// The echo services, the `transport` label of the echo metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +101,7 @@ pub struct Metrics {
     echo_packets: [IntCounter; 4],
     echo_dropped: [IntCounter; 4],
     connections_refused: [IntCounter; 2],
+    connections_closed: [IntCounter; Close::ALL.len()],
 }
 
 /// The metric families with a `tenant` label.
@@ -298,9 +301,15 @@ impl Metrics {
             "Stream connections closed at once: their source holds too many, or too many hold no allocation.",
             &["reason"],
         );
+        let closed_vec = counter_vec(
+            CONNECTIONS_CLOSED_TOTAL,
+            "Stream connections (TURN over TCP and TLS, HTTP) ended, by reason: client (closed by the client, or failed), handshake_timeout, unallocated_lifetime, idle, not_reading (a client that does not read what it is sent), malformed, unallocated_limit.",
+            &["reason"],
+        );
         Metrics {
             registry,
             connections_refused: Refused::ALL.map(|r| refused_vec.with_label_values(&[r.label()])),
+            connections_closed: Close::ALL.map(|c| closed_vec.with_label_values(&[c.label()])),
             allocations_active,
             families,
             tenants: std::sync::Mutex::new(Vec::new()),
@@ -336,6 +345,11 @@ impl Metrics {
             let c = self.families.counters(&names[tenants.len()]);
             tenants.push(c);
         }
+    }
+
+    /// A stream connection ended, for `why`.
+    pub fn connection_closed(&self, why: Close) {
+        self.connections_closed[why as usize].inc();
     }
 
     /// Datagrams a full UDP send buffer dropped.

@@ -237,3 +237,246 @@ async fn connections_without_an_allocation_are_capped_across_sources() {
     let r = stream_exchange(&mut first, &binding()).await;
     assert_eq!(r.code(), None);
 }
+
+/// The voluntary context switches of every thread of process `pid`: each time one of them
+/// slept and was woken.
+fn wakeups(pid: u32) -> u64 {
+    let mut sum = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
+        let status =
+            std::fs::read_to_string(task.expect("task").path().join("status")).unwrap_or_default();
+        sum += status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    sum
+}
+
+/// Stalled handshakes cost the relay no work while they wait: 300 connections that sent part
+/// of a ClientHello (or of a PROXY header) make its threads wake no more often than an idle
+/// relay's over the same time, measured in the same run. (Peeking again every 2 ms, as the
+/// relay once did, woke them thousands of times.)
+#[tokio::test]
+async fn stalled_handshakes_wake_the_relay_no_more_than_an_idle_one() {
+    let cert = TestCert::new("stalled-hellos", &["turn.test"]);
+    let config = ConfigFile::new(
+        "stalled-hellos",
+        "[tcp]\nhandshake_timeout_secs = 3\nmax_connections_per_ip = 1000\n",
+    );
+    let relay = relay_with(
+        &config,
+        &cert,
+        &["tls://127.0.0.1:0", "tcp://127.0.0.1:0?proxy-protocol"],
+    );
+    // Reference: the idle relay's wake-ups over a window as long as the stalled one.
+    let window = Duration::from_secs(3);
+    let idle_start = wakeups(relay.pid());
+    tokio::time::sleep(window).await;
+    let idle = wakeups(relay.pid()) - idle_start;
+
+    let name = rustls::pki_types::ServerName::try_from("turn.test").expect("name");
+    let mut client =
+        rustls::ClientConnection::new(tls_client(&cert, &[b"stun.turn"]), name).expect("tls");
+    let mut hello = Vec::new();
+    client.write_tls(&mut hello).expect("ClientHello");
+    let mut held = Vec::new();
+    for i in 0..300 {
+        let (addr, part) = if i % 3 == 0 {
+            (relay.addr_of("tcp"), &b"PROXY TCP4 192.0.2."[..])
+        } else {
+            (relay.addr_of("tls"), &hello[..hello.len() / 2])
+        };
+        let mut tcp = TcpStream::connect(addr).await.expect("connect");
+        tcp.write_all(part).await.expect("write");
+        held.push(tcp);
+    }
+    let start = wakeups(relay.pid());
+    let began = std::time::Instant::now();
+    // The deadline closes them all; then the window is over.
+    for tcp in &mut held {
+        assert!(
+            closes_within(tcp, CLOSE_WITHIN_SECS).await,
+            "a stalled handshake was kept"
+        );
+    }
+    let stalled = wakeups(relay.pid()) - start;
+    let took = began.elapsed();
+    // Per second of each window; the stalled one may add a wake-up per connection (its read).
+    let per_sec = |n: u64, d: Duration| n as f64 / d.as_secs_f64();
+    assert!(
+        per_sec(stalled, took) <= per_sec(idle, window) + 300.0 / took.as_secs_f64() + 20.0,
+        "{stalled} wake-ups in {took:?} with 300 stalled handshakes, {idle} in {window:?} idle"
+    );
+    assert!(
+        relay.wait_metric(
+            "turnpike_connections_closed_total{reason=\"handshake_timeout\"",
+            300.0
+        ) >= 300.0
+    );
+}
+
+/// A TURN connection that holds no allocation ends at its lifetime whatever it sends (a
+/// Binding a second, well inside the idle timeout, once kept one for good); one that
+/// allocated lives on.
+#[tokio::test]
+async fn a_connection_without_an_allocation_ends_at_its_lifetime() {
+    let cert = TestCert::new("lifetime", &["turn.test"]);
+    let config = ConfigFile::new(
+        "lifetime",
+        "[tcp]\nhandshake_timeout_secs = 2\nunallocated_lifetime_secs = 3\nidle_timeout_secs = 60\n",
+    );
+    let relay = relay_with(&config, &cert, &["tcp://127.0.0.1:0"]);
+    let began = std::time::Instant::now();
+    let mut chatty = TcpStream::connect(relay.addr_of("tcp"))
+        .await
+        .expect("connect");
+    let mut allocated = TcpStream::connect(relay.addr_of("tcp"))
+        .await
+        .expect("connect");
+    let mut alice = RawClient::new(relay.udp, "alice", "wonderland");
+    let r = alice
+        .request_on(&mut allocated, method::ALLOCATE, |b| {
+            b.u32(attr::REQUESTED_TRANSPORT, 17 << 24);
+        })
+        .await;
+    assert_eq!(r.code(), None, "allocate");
+    let mut closed = false;
+    while began.elapsed() < Duration::from_secs(CLOSE_WITHIN_SECS) {
+        let r = tokio::time::timeout(Duration::from_secs(2), async {
+            chatty.write_all(&binding()).await?;
+            read_frame(&mut chatty, 2)
+                .await
+                .ok_or(std::io::Error::from(std::io::ErrorKind::UnexpectedEof))
+        })
+        .await;
+        if !matches!(r, Ok(Ok(_))) {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        closed,
+        "Bindings kept a connection without an allocation open"
+    );
+    assert!(
+        began.elapsed() >= Duration::from_secs(3),
+        "closed before its lifetime"
+    );
+    assert_eq!(
+        relay.wait_metric(
+            "turnpike_connections_closed_total{reason=\"unallocated_lifetime\"",
+            1.0
+        ),
+        1.0
+    );
+    // The allocated connection outlived it, and still answers.
+    let r = alice
+        .request_on(&mut allocated, method::REFRESH, |_| {})
+        .await;
+    assert_eq!(r.code(), None, "refresh after the lifetime");
+}
+
+/// A client that never reads what it asked for is cut once a few KiB wait for it, rather than
+/// the relay buffering for it; and one whose allocation sends it more than it reads is cut
+/// when a write makes no progress for the idle timeout.
+#[tokio::test]
+async fn clients_that_never_read_are_cut() {
+    let cert = TestCert::new("no-reader", &["turn.test"]);
+    let config = ConfigFile::new(
+        "no-reader",
+        "[tcp]\nhandshake_timeout_secs = 5\nidle_timeout_secs = 2\n",
+    );
+    let relay = relay_with(&config, &cert, &["tcp://127.0.0.1:0"]);
+    let not_reading = "turnpike_connections_closed_total{reason=\"not_reading\"";
+    // Unallocated: Bindings by the thousand, never a read (a small receive buffer, so the
+    // relay's socket fills soon).
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.set_recv_buffer_size(4096).expect("rcvbuf");
+    let mut stranger = sock.connect(relay.addr_of("tcp")).await.expect("connect");
+    let many: Vec<u8> = (0..500).flat_map(|_| binding()).collect();
+    let began = std::time::Instant::now();
+    let cut = loop {
+        let write = tokio::time::timeout(Duration::from_secs(1), stranger.write_all(&many));
+        if let Ok(Err(_)) = write.await {
+            break true;
+        }
+        if began.elapsed() > Duration::from_secs(CLOSE_WITHIN_SECS) {
+            break false;
+        }
+    };
+    assert!(
+        cut,
+        "a stranger that never reads was kept, its answers buffered"
+    );
+    assert_eq!(relay.wait_metric(not_reading, 1.0), 1.0);
+
+    // Allocated: its peer sends, the client does not read.
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.set_recv_buffer_size(4096).expect("rcvbuf");
+    let mut tcp = sock.connect(relay.addr_of("tcp")).await.expect("connect");
+    let mut alice = RawClient::new(relay.udp, "alice", "wonderland");
+    let r = alice
+        .request_on(&mut tcp, method::ALLOCATE, |b| {
+            b.u32(attr::REQUESTED_TRANSPORT, 17 << 24);
+        })
+        .await;
+    assert_eq!(r.code(), None, "allocate");
+    let relayed = r.xor_addrs(attr::XOR_RELAYED_ADDRESS)[0];
+    let peer = std::net::UdpSocket::bind("127.0.0.1:0").expect("peer");
+    let r = alice
+        .request_on(&mut tcp, method::CREATE_PERMISSION, |b| {
+            b.xor_address(attr::XOR_PEER_ADDRESS, peer.local_addr().expect("addr"));
+        })
+        .await;
+    assert_eq!(r.code(), None, "permission");
+    let flood = std::thread::spawn(move || {
+        // Bounded: at most 20,000 datagrams, or until the relay has cut the client.
+        for _ in 0..20_000 {
+            if peer.send_to(&[7u8; 1000], relayed).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    });
+    assert_eq!(
+        relay.wait_metric(not_reading, 2.0),
+        2.0,
+        "the allocated client that does not read was kept"
+    );
+    assert!(closes_within(&mut tcp, CLOSE_WITHIN_SECS).await);
+    let _ = flood.join();
+}
+
+/// A connection without an allocation may not announce a frame longer than its requests can
+/// be: the relay does not wait for (and hold) 64 KiB from a stranger.
+#[tokio::test]
+async fn a_stranger_announcing_a_long_frame_is_cut_at_once() {
+    let cert = TestCert::new("long-frame", &["turn.test"]);
+    // A handshake deadline far beyond the wait below: only the frame's length can cut it.
+    let config = ConfigFile::new(
+        "long-frame",
+        "[tcp]\nhandshake_timeout_secs = 60\nunallocated_lifetime_secs = 60\n",
+    );
+    let relay = relay_with(&config, &cert, &["tcp://127.0.0.1:0"]);
+    let mut tcp = TcpStream::connect(relay.addr_of("tcp"))
+        .await
+        .expect("connect");
+    let mut header = binding()[..20].to_vec();
+    header[2..4].copy_from_slice(&60_000u16.to_be_bytes());
+    tcp.write_all(&header).await.expect("write");
+    tcp.write_all(&[0u8; 1000]).await.expect("write");
+    assert!(
+        closes_within(&mut tcp, CLOSE_WITHIN_SECS).await,
+        "the long frame was awaited"
+    );
+    assert_eq!(
+        relay.wait_metric(
+            "turnpike_connections_closed_total{reason=\"malformed\"",
+            1.0
+        ),
+        1.0
+    );
+}

@@ -293,6 +293,7 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
                 Duration::from_secs(settings.echo.long_poll_max_secs),
             )
         }),
+        lifetime: Duration::from_secs(settings.tcp_unallocated_lifetime_secs),
     };
     let streams = Arc::new(io::stream::StreamContext {
         tls: arc_swap::ArcSwapOption::new(tls),
@@ -301,6 +302,7 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
         admission: Arc::clone(&admission),
         handshake_timeout: http_limits.headers,
         idle_timeout: Duration::from_secs(settings.tcp_idle_timeout_secs),
+        unallocated_lifetime: http_limits.lifetime,
         long_poll: http_limits.long,
         pending: Default::default(),
         http: metrics::router(

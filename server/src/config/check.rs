@@ -158,6 +158,10 @@ pub fn effective_toml(s: &Settings) -> String {
             ),
             ("handshake_timeout_secs", int(s.tcp_handshake_timeout_secs)),
             ("idle_timeout_secs", int(s.tcp_idle_timeout_secs)),
+            (
+                "unallocated_lifetime_secs",
+                int(s.tcp_unallocated_lifetime_secs),
+            ),
         ]),
     );
     let e = &s.echo;

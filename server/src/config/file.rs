@@ -196,6 +196,8 @@ pub struct TcpConfig {
     pub handshake_timeout_secs: u64,
     #[serde(default = "default_unallocated")]
     pub max_unallocated_connections: usize,
+    #[serde(default = "default_unallocated_lifetime")]
+    pub unallocated_lifetime_secs: u64,
 }
 
 impl Default for TcpConfig {
@@ -205,10 +207,14 @@ impl Default for TcpConfig {
             idle_timeout_secs: default_idle(),
             handshake_timeout_secs: default_handshake(),
             max_unallocated_connections: default_unallocated(),
+            unallocated_lifetime_secs: default_unallocated_lifetime(),
         }
     }
 }
 
+fn default_unallocated_lifetime() -> u64 {
+    30
+}
 fn default_per_ip() -> u32 {
     64
 }

@@ -128,6 +128,8 @@ pub struct Settings {
     pub tcp_idle_timeout_secs: u64,
     pub tcp_handshake_timeout_secs: u64,
     pub max_unallocated_connections: usize,
+    /// A stream connection that never held an allocation closes this long after its accept.
+    pub tcp_unallocated_lifetime_secs: u64,
     pub echo: EchoSettings,
     pub relay_ips: Vec<IpAddr>,
     /// (advertised, bound) pairs.

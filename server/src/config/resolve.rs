@@ -86,6 +86,15 @@ impl Settings {
                 return Err(file_err(key, "must be above 0".into()));
             }
         }
+        if f.tcp.unallocated_lifetime_secs < f.tcp.handshake_timeout_secs {
+            return Err(file_err(
+                "tcp.unallocated_lifetime_secs",
+                format!(
+                    "{}: at least tcp.handshake_timeout_secs ({}), the time a client has to make its allocation",
+                    f.tcp.unallocated_lifetime_secs, f.tcp.handshake_timeout_secs
+                ),
+            ));
+        }
         let external_ips = if cli.external_ips.is_empty() {
             parse_all(&f.external_ips, parse_external).map_err(|e| file_err("external_ips", e))?
         } else {
@@ -359,6 +368,7 @@ impl Settings {
             tcp_idle_timeout_secs: f.tcp.idle_timeout_secs,
             tcp_handshake_timeout_secs: f.tcp.handshake_timeout_secs,
             max_unallocated_connections: f.tcp.max_unallocated_connections,
+            tcp_unallocated_lifetime_secs: f.tcp.unallocated_lifetime_secs,
             echo,
             relay_ips,
             external_ips,

@@ -40,6 +40,7 @@ use turnpike_udp::socket::bind_udp;
 use crate::config::{Listener, Settings, Transport};
 use crate::Error;
 
+pub use conn::Close;
 pub use shard::{run_shard, ShardSetup};
 
 /// The wall clock in Unix seconds, read at each call (it may step while the relay runs).

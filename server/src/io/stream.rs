@@ -1,26 +1,29 @@
 //! TCP and TLS listeners: one port for TURN over TCP, TURN over TLS, HTTPS and plain HTTP.
 //!
-//! A connection is classified from its first bytes without consuming them (`peek`): a PROXY
-//! protocol header is read first where the listener expects one; a TLS record (0x16) on a TLS
+//! A connection is classified from its first bytes, read as they arrive and handed on with it:
+//! a PROXY protocol header first where the listener expects one; a TLS record (0x16) on a TLS
 //! listener is a ClientHello, whose ALPN and SNI decide between TURN, the built-in HTTPS
 //! endpoints and the configured upstream web server (which gets the connection untouched, TLS
 //! and all); anything else is STUN/ChannelData framing (RFC 8656 §10.1) or an HTTP request.
+//! A connection that holds no allocation is held to a deadline, a lifetime and a few KiB
+//! (`read_loop`); each end is counted by its reason.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout_at;
 
-use super::conn::{write_loop, Outbox};
+use super::conn::{write_loop, Close, Outbox};
 use super::state::Shard;
 use crate::admission::{AcceptBackoff, Admitted, Ticket};
 use crate::config::{Listener, Transport};
-use crate::http::{serve_http_stream, HttpLimits};
+use crate::http::{serve_http_stream, HttpEnd, HttpLimits};
 use turnpike_proto::{ClientAction, ClientId, TcpQuota};
 
 pub use super::conn::StreamContext;
@@ -36,6 +39,7 @@ pub const ALPN_H2: &[u8] = b"h2";
 
 /// Accepts connections on one of this shard's stream listeners. A failed accept (EMFILE:
 /// out of descriptors) backs off, doubling, rather than spinning on the queued connection.
+/// Each connection's end is counted by its reason.
 pub(super) async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, cfg: Listener) {
     let mut backoff = AcceptBackoff::default();
     loop {
@@ -50,35 +54,56 @@ pub(super) async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, cfg: Li
         let _ = tcp.set_nodelay(true);
         let shard = Rc::clone(&shard);
         tokio::task::spawn_local(async move {
-            if let Err(e) = connection(shard, tcp, from, cfg).await {
-                tracing::debug!(%from, error = %e, "connection ended");
+            if let Some(why) = connection(&shard, tcp, from, cfg).await {
+                tracing::debug!(%from, reason = why.label(), "connection closed");
+                shard.metrics.connection_closed(why);
             }
         });
     }
 }
 
+/// Why an IO error ended a connection.
+fn close_of(e: &std::io::Error) -> Close {
+    match e.kind() {
+        std::io::ErrorKind::InvalidData => Close::Malformed,
+        _ => Close::Client,
+    }
+}
+
+/// Serves one stream connection from its accept to its end; why it ended (None when the
+/// admission refused it, which counts that itself).
+///
+/// Nothing is peeked: what arrives before the connection says what it is (a PROXY header, a
+/// ClientHello, the first TURN frame or HTTP request line) is read into `head`, waiting on
+/// readiness, and handed on with the connection ([`Prefixed`]); so a stalled handshake
+/// costs its socket and the bytes it sent, no CPU.
 async fn connection(
-    shard: Rc<Shard>,
-    tcp: TcpStream,
+    shard: &Rc<Shard>,
+    mut tcp: TcpStream,
     from: SocketAddr,
     cfg: Listener,
-) -> std::io::Result<()> {
+) -> Option<Close> {
     let ctx = Arc::clone(&shard.streams);
     // Counted from its accept, so connections stuck before their PROXY header count too.
     let arriving = match ctx.admission.arrive() {
         Ok(a) => a,
         Err(why) => {
             shard.metrics.connection_refused(why);
-            return Ok(());
+            return None;
         }
     };
-    // One deadline for everything before the connection says what it is.
-    let deadline = tokio::time::Instant::now() + ctx.handshake_timeout;
+    // One deadline for everything before the connection says what it is, and a lifetime for
+    // as long as it holds no allocation.
+    let born = tokio::time::Instant::now();
+    let deadline = born + ctx.handshake_timeout;
+    let lifetime = born + ctx.unallocated_lifetime;
+    let mut head = Vec::new();
     let client_addr = if cfg.proxy_protocol {
-        match tokio::time::timeout_at(deadline, read_proxy_header(&tcp)).await {
+        match timeout_at(deadline, read_proxy_header(&mut tcp, &mut head)).await {
             Ok(Ok(Some(a))) => a,
             Ok(Ok(None)) => from,
-            _ => return Ok(()),
+            Ok(Err(e)) => return Some(close_of(&e)),
+            Err(_) => return Some(Close::Handshake),
         }
     } else {
         from
@@ -88,38 +113,46 @@ async fn connection(
         Err(why) => {
             shard.metrics.connection_refused(why);
             tracing::debug!(client = %client_addr, reason = why.label(), "connection refused");
-            return Ok(());
+            return None;
         }
     };
-    let mut first = [0u8; 1];
-    let n = tokio::time::timeout_at(deadline, tcp.peek(&mut first))
-        .await
-        .map_err(timeout)??;
-    if n == 0 {
-        return Ok(());
+    if head.is_empty() {
+        match timeout_at(deadline, read_more(&mut tcp, &mut head, HELLO_MAX)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Some(close_of(&e)),
+            Err(_) => return Some(Close::Handshake),
+        }
     }
+    let start = |head, tls, host| Start {
+        client_addr,
+        tls,
+        host,
+        head,
+        deadline,
+        lifetime,
+    };
     // A TURN stream opens with a STUN request (first byte 0x00 or 0x01): ChannelData cannot
     // come first, since channels belong to an allocation made on this connection. So any
     // other first byte is HTTP, whose methods would collide with ChannelData's 0x40-0x7F.
-    if first[0] != 0x16 || cfg.transport != Transport::Tls {
-        return match first[0] {
-            0x00 | 0x01 => {
-                let start = Start {
-                    client_addr,
-                    tls: false,
-                    host: None,
-                    head: Vec::new(),
-                    deadline,
+    if head[0] != 0x16 || cfg.transport != Transport::Tls {
+        return Some(match head[0] {
+            0x00 | 0x01 => turn_stream(shard, tcp, start(head, false, None), admitted).await,
+            _ => {
+                serve_http(
+                    &ctx,
+                    Prefixed::new(head, tcp),
+                    start(Vec::new(), false, None),
                     admitted,
-                };
-                turn_stream(&shard, tcp, start).await
+                )
+                .await
             }
-            _ => serve_http(&ctx, tcp, client_addr, false, admitted).await,
-        };
+        });
     }
-    let hello = tokio::time::timeout_at(deadline, client_hello(&tcp))
-        .await
-        .map_err(timeout)??;
+    let hello = match timeout_at(deadline, client_hello(&mut tcp, &mut head)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => return Some(close_of(&e)),
+        Err(_) => return Some(Close::Handshake),
+    };
     let wants_turn = hello.alpn.iter().any(|p| p == ALPN_TURN || p == ALPN_STUN);
     let wants_http = hello.alpn.iter().any(|p| p == ALPN_HTTP1 || p == ALPN_H2);
     if let Some(upstream) = ctx.upstream {
@@ -134,157 +167,148 @@ async fn connection(
             // The website's connections count per source, not among the relay's own
             // connections without an allocation: a busy site must not lock TURN out.
             admitted.allocated();
-            return pass_through(tcp, upstream).await;
+            return Some(match pass_through(tcp, head, upstream).await {
+                Ok(()) => Close::Client,
+                Err(e) => close_of(&e),
+            });
         }
     }
     let Some(config) = ctx.tls.load_full() else {
-        return Ok(());
+        return Some(Close::Client);
     };
     let handshake = async {
-        let start =
-            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
-        start.into_stream(config).await
+        let accepting = tokio_rustls::LazyConfigAcceptor::new(
+            rustls::server::Acceptor::default(),
+            Prefixed::new(head, tcp),
+        );
+        accepting.await?.into_stream(config).await
     };
-    let tls = tokio::time::timeout_at(deadline, handshake)
-        .await
-        .map_err(timeout)??;
+    let mut tls = match timeout_at(deadline, handshake).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => return Some(close_of(&e)),
+        Err(_) => return Some(Close::Handshake),
+    };
     let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
     // The SNI host name selects the client's tenant.
     let host = tls.get_ref().1.server_name().map(str::to_owned);
-    match alpn.as_deref() {
+    Some(match alpn.as_deref() {
         Some(ALPN_TURN) | Some(ALPN_STUN) => {
-            let start = Start {
-                client_addr,
-                tls: true,
-                host,
-                head: Vec::new(),
-                deadline,
-                admitted,
-            };
-            turn_stream(&shard, tls, start).await
+            turn_stream(shard, tls, start(Vec::new(), true, host), admitted).await
         }
-        Some(_) => serve_http(&ctx, tls, client_addr, true, admitted).await,
+        Some(_) => serve_http(&ctx, tls, start(Vec::new(), true, host), admitted).await,
         None => {
             // No ALPN (most TURN clients, Chromium among them): the first decrypted byte says.
-            let mut tls = tls;
-            let mut head = vec![0u8; 4096];
-            let n = tokio::time::timeout_at(deadline, tls.read(&mut head))
-                .await
-                .map_err(timeout)??;
-            head.truncate(n);
-            match head.first() {
-                None => Ok(()),
-                Some(0x00 | 0x01) => {
-                    let start = Start {
-                        client_addr,
-                        tls: true,
-                        host,
-                        head,
-                        deadline,
-                        admitted,
-                    };
-                    turn_stream(&shard, tls, start).await
-                }
-                Some(_) => {
+            let mut first = Vec::with_capacity(UNALLOCATED_FRAME);
+            match timeout_at(deadline, tls.read_buf(&mut first)).await {
+                Ok(Ok(0)) => return Some(Close::Client),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Some(close_of(&e)),
+                Err(_) => return Some(Close::Handshake),
+            }
+            match first[0] {
+                0x00 | 0x01 => turn_stream(shard, tls, start(first, true, host), admitted).await,
+                _ => {
                     serve_http(
                         &ctx,
-                        Prefixed {
-                            head,
-                            pos: 0,
-                            inner: tls,
-                        },
-                        client_addr,
-                        true,
+                        Prefixed::new(first, tls),
+                        start(Vec::new(), true, host),
                         admitted,
                     )
                     .await
                 }
             }
         }
-    }
+    })
 }
 
-/// What a TURN stream starts with: the client (as a PROXY header named it), the TLS SNI name
-/// (which selects the tenant), bytes already read, the deadline of its first frame, and its
-/// place among the admitted connections.
+/// What a connection starts with: the client (as a PROXY header named it), whether it came
+/// over TLS and its SNI name (which selects the tenant), bytes already read, the deadline of
+/// its first frame, and when it closes if it never holds an allocation.
 struct Start {
     client_addr: SocketAddr,
     tls: bool,
     host: Option<String>,
     head: Vec<u8>,
     deadline: tokio::time::Instant,
-    admitted: Admitted,
+    lifetime: tokio::time::Instant,
 }
 
-fn timeout(_: tokio::time::error::Elapsed) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::TimedOut, "client too slow")
-}
+/// The most a PROXY protocol header may take (v1 is at most 107 bytes).
+const PROXY_MAX: usize = 536;
+/// The most a ClientHello may take.
+const HELLO_MAX: usize = 16 * 1024;
+/// Longest frame a connection without an allocation may send: its requests are small (an
+/// Allocate with its attributes), and ChannelData needs an allocation.
+const UNALLOCATED_FRAME: usize = 4096;
+/// What a connection reads at once with an allocation.
+const READ_CHUNK: usize = 16 * 1024;
 
-/// Reads a PROXY protocol v1 or v2 header; returns the client address it names (None for
-/// `LOCAL`/`UNKNOWN`, health checks of the load balancer itself).
-async fn read_proxy_header(tcp: &TcpStream) -> std::io::Result<Option<SocketAddr>> {
-    let mut buf = vec![0u8; 536];
-    loop {
-        let n = tcp.peek(&mut buf).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        match ppp::HeaderResult::parse(&buf[..n]) {
-            ppp::HeaderResult::V1(Ok(h)) => {
-                let len = h.header.len();
-                let addr = match h.addresses {
-                    ppp::v1::Addresses::Tcp4(a) => {
-                        Some(SocketAddr::new(a.source_address.into(), a.source_port))
-                    }
-                    ppp::v1::Addresses::Tcp6(a) => {
-                        Some(SocketAddr::new(a.source_address.into(), a.source_port))
-                    }
-                    ppp::v1::Addresses::Unknown => None,
-                };
-                consume(tcp, len).await?;
-                return Ok(addr);
-            }
-            ppp::HeaderResult::V2(Ok(h)) => {
-                let len = h.len();
-                let addr = match h.addresses {
-                    ppp::v2::Addresses::IPv4(a) => {
-                        Some(SocketAddr::new(a.source_address.into(), a.source_port))
-                    }
-                    ppp::v2::Addresses::IPv6(a) => {
-                        Some(SocketAddr::new(a.source_address.into(), a.source_port))
-                    }
-                    _ => None,
-                };
-                consume(tcp, len).await?;
-                return Ok(addr);
-            }
-            r if ppp::PartialResult::is_incomplete(&r) && n < buf.len() => {
-                tcp.readable().await?;
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            _ => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    "bad PROXY header",
-                ))
-            }
-        }
+/// Reads what has arrived into `head`, waiting until something has; an error at the end of
+/// the stream, or when `head` would pass `max`.
+async fn read_more(tcp: &mut TcpStream, head: &mut Vec<u8>, max: usize) -> std::io::Result<()> {
+    if head.len() >= max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "too long before saying what it is",
+        ));
     }
-}
-
-/// Reads and discards exactly `n` bytes the caller has peeked.
-async fn consume(tcp: &TcpStream, mut n: usize) -> std::io::Result<()> {
-    let mut sink = [0u8; 536];
-    while n > 0 {
-        tcp.readable().await?;
-        match tcp.try_read(&mut sink[..n.min(536)]) {
-            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            Ok(k) => n -= k,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
+    head.reserve_exact((max - head.len()).min(1024));
+    if tcp.read_buf(head).await? == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
     }
     Ok(())
+}
+
+/// Reads a PROXY protocol v1 or v2 header into `head` and removes it, leaving what followed;
+/// returns the client address it names (None for `LOCAL`/`UNKNOWN`, health checks of the load
+/// balancer itself).
+async fn read_proxy_header(
+    tcp: &mut TcpStream,
+    head: &mut Vec<u8>,
+) -> std::io::Result<Option<SocketAddr>> {
+    loop {
+        if !head.is_empty() {
+            let (len, addr) = match ppp::HeaderResult::parse(head) {
+                ppp::HeaderResult::V1(Ok(h)) => (
+                    h.header.len(),
+                    match h.addresses {
+                        ppp::v1::Addresses::Tcp4(a) => {
+                            Some(SocketAddr::new(a.source_address.into(), a.source_port))
+                        }
+                        ppp::v1::Addresses::Tcp6(a) => {
+                            Some(SocketAddr::new(a.source_address.into(), a.source_port))
+                        }
+                        ppp::v1::Addresses::Unknown => None,
+                    },
+                ),
+                ppp::HeaderResult::V2(Ok(h)) => (
+                    h.len(),
+                    match h.addresses {
+                        ppp::v2::Addresses::IPv4(a) => {
+                            Some(SocketAddr::new(a.source_address.into(), a.source_port))
+                        }
+                        ppp::v2::Addresses::IPv6(a) => {
+                            Some(SocketAddr::new(a.source_address.into(), a.source_port))
+                        }
+                        _ => None,
+                    },
+                ),
+                r if ppp::PartialResult::is_incomplete(&r) => {
+                    read_more(tcp, head, PROXY_MAX).await?;
+                    continue;
+                }
+                _ => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "bad PROXY header",
+                    ))
+                }
+            };
+            head.drain(..len);
+            return Ok(addr);
+        }
+        read_more(tcp, head, PROXY_MAX).await?;
+    }
 }
 
 struct Hello {
@@ -292,43 +316,17 @@ struct Hello {
     alpn: Vec<Vec<u8>>,
 }
 
-/// Peeks until a whole ClientHello has arrived and reads its SNI and ALPN, consuming nothing.
-async fn client_hello(tcp: &TcpStream) -> std::io::Result<Hello> {
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut seen = 0;
+/// Reads until a whole ClientHello is in `head` and reads its SNI and ALPN; `head` keeps the
+/// bytes for the handshake (or the upstream website) to read again.
+async fn client_hello(tcp: &mut TcpStream, head: &mut Vec<u8>) -> std::io::Result<Hello> {
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut fed = 0;
     loop {
-        let n = tcp.peek(&mut buf).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        if n > seen {
-            seen = n;
-            let mut acceptor = rustls::server::Acceptor::default();
-            let mut reader = &buf[..n];
-            while !reader.is_empty() {
-                if acceptor.read_tls(&mut reader).is_err() {
-                    break;
-                }
-            }
-            match acceptor.accept() {
-                Ok(Some(accepted)) => {
-                    let hello = accepted.client_hello();
-                    return Ok(Hello {
-                        sni: hello.server_name().map(str::to_owned),
-                        alpn: hello
-                            .alpn()
-                            .map(|a| a.map(<[u8]>::to_vec).collect())
-                            .unwrap_or_default(),
-                    });
-                }
-                Ok(None) if n < buf.len() => {}
-                Ok(None) => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        "ClientHello too long",
-                    ))
-                }
-                Err((e, _)) => {
+        while fed < head.len() {
+            let mut rest = &head[fed..];
+            match acceptor.read_tls(&mut rest) {
+                Ok(n) => fed += n,
+                Err(e) => {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
                         format!("bad ClientHello: {e}"),
@@ -336,41 +334,77 @@ async fn client_hello(tcp: &TcpStream) -> std::io::Result<Hello> {
                 }
             }
         }
-        // More of the ClientHello is on its way; peek again shortly.
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                let hello = accepted.client_hello();
+                return Ok(Hello {
+                    sni: hello.server_name().map(str::to_owned),
+                    alpn: hello
+                        .alpn()
+                        .map(|a| a.map(<[u8]>::to_vec).collect())
+                        .unwrap_or_default(),
+                });
+            }
+            Ok(None) => read_more(tcp, head, HELLO_MAX).await?,
+            Err((e, _)) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("bad ClientHello: {e}"),
+                ))
+            }
+        }
     }
 }
 
-async fn pass_through(mut tcp: TcpStream, upstream: SocketAddr) -> std::io::Result<()> {
+/// Hands the connection to the website: what was read first, then both ways untouched.
+async fn pass_through(
+    mut tcp: TcpStream,
+    head: Vec<u8>,
+    upstream: SocketAddr,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
     let mut up = TcpStream::connect(upstream).await?;
     let _ = up.set_nodelay(true);
+    up.write_all(&head).await?;
+    drop(head);
     tokio::io::copy_bidirectional(&mut tcp, &mut up).await?;
     Ok(())
 }
 
 /// Serves the built-in endpoints; handlers see the client address (the one a PROXY header
 /// named, where there was one) as axum's `ConnectInfo`, and whether the connection is TLS as
-/// a [`Secure`] extension. Upgrades (the WebSocket echo) work.
-async fn serve_http<S>(
-    ctx: &StreamContext,
-    stream: S,
-    client: SocketAddr,
-    tls: bool,
-    admitted: Admitted,
-) -> std::io::Result<()>
+/// a [`Secure`](crate::http::Secure) extension. Upgrades (the WebSocket echo) work. The
+/// connection closes at its lifetime: it never holds an allocation.
+async fn serve_http<S>(ctx: &StreamContext, stream: S, start: Start, admitted: Admitted) -> Close
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = HttpLimits {
         headers: ctx.handshake_timeout,
         long: ctx.long_poll,
+        lifetime: start
+            .lifetime
+            .saturating_duration_since(tokio::time::Instant::now()),
     };
     let ticket = Ticket(Arc::new(admitted));
-    serve_http_stream(ctx.http.clone(), stream, client, tls, limits, ticket).await
+    match serve_http_stream(
+        ctx.http.clone(),
+        stream,
+        start.client_addr,
+        start.tls,
+        limits,
+        ticket,
+    )
+    .await
+    {
+        Ok(HttpEnd::Done) => Close::Client,
+        Ok(HttpEnd::Lifetime) => Close::Lifetime,
+        Err(e) => close_of(&e),
+    }
 }
 
-/// Runs TURN over a stream: STUN messages and ChannelData framed back to back.
-async fn turn_stream<S>(shard: &Rc<Shard>, stream: S, start: Start) -> std::io::Result<()>
+/// Runs TURN over a stream: STUN messages and ChannelData framed back to back; why it ended.
+async fn turn_stream<S>(shard: &Rc<Shard>, stream: S, start: Start, admitted: Admitted) -> Close
 where
     S: AsyncRead + AsyncWrite + Unpin + 'static,
 {
@@ -391,18 +425,13 @@ where
     let outbox = Rc::new(Outbox::new());
     shard.conns.borrow_mut().insert(id, Rc::clone(&outbox));
     let (mut rd, wr) = tokio::io::split(stream);
-    let writer = tokio::task::spawn_local(write_loop(Rc::clone(&outbox), wr));
-    let mut admitted = start.admitted;
-    let result = read_loop(
-        shard,
-        &mut rd,
-        client,
-        &outbox,
-        start.head,
-        start.deadline,
-        &mut admitted,
-    )
-    .await;
+    let writer = tokio::task::spawn_local(write_loop(
+        Rc::clone(&outbox),
+        wr,
+        shard.streams.idle_timeout,
+    ));
+    let mut admitted = admitted;
+    let result = read_loop(shard, &mut rd, client, &outbox, &start, &mut admitted).await;
     outbox.closed.set(true);
     shard.conns.borrow_mut().remove(&id);
     shard.core.borrow_mut().close_client(client);
@@ -415,46 +444,57 @@ where
             outbox.notify.notify_one();
             let Ok(Some(wr)) = writer.await else {
                 shard.end_connection(connection);
-                return Ok(());
+                return Close::Client;
             };
-            shard.pipe(connection, rd.unsplit(wr), &early, quota).await
+            match shard.pipe(connection, rd.unsplit(wr), &early, quota).await {
+                Ok(()) => Close::Client,
+                Err(e) => close_of(&e),
+            }
         }
         Ok(None) => {
             writer.abort();
-            Ok(())
+            Close::Client
         }
-        Err(e) => {
+        Err(why) => {
             writer.abort();
-            Err(e)
+            why
         }
     }
 }
 
 /// Reads frames until the connection closes (`None`), or until a ConnectionBind made it an
 /// RFC 6062 data connection (the connection id, its quota, and any bytes read after the
-/// request). The first frame is due by `deadline`; later, a connection that holds no
-/// allocation is closed after the idle timeout without a byte, or when it cannot count as
-/// unallocated again.
+/// request); or says why it must end.
+///
+/// Without an allocation a connection is held to little: its first frame is due by the
+/// handshake deadline, later ones within the idle timeout, frames of at most
+/// [`UNALLOCATED_FRAME`], and it ends at its lifetime whatever it sends, unless it has held an
+/// allocation before; its outbox is small, and a client that does not read what it asked
+/// for is cut (`Outbox::push`). With an allocation it lives as long as that.
 async fn read_loop<R: AsyncRead + Unpin>(
     shard: &Rc<Shard>,
     rd: &mut R,
     client: ClientId,
     outbox: &Outbox,
-    mut buf: Vec<u8>,
-    deadline: tokio::time::Instant,
+    start: &Start,
     admitted: &mut Admitted,
-) -> std::io::Result<Option<(u32, TcpQuota, Vec<u8>)>> {
+) -> Result<Option<(u32, TcpQuota, Vec<u8>)>, Close> {
     let idle = shard.streams.idle_timeout;
-    let mut chunk = vec![0u8; 16 * 1024];
+    let mut buf = start.head.clone();
     let mut framed = false;
+    let mut ever_allocated = false;
     loop {
         let mut pos = 0;
         while let Some(len) = frame_len(&buf[pos..]) {
-            if len > MAX_FRAME {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    "frame too long",
-                ));
+            let allocated = shard.core.borrow().has_allocation(client);
+            if len
+                > if allocated {
+                    MAX_FRAME
+                } else {
+                    UNALLOCATED_FRAME
+                }
+            {
+                return Err(Close::Malformed);
             }
             if buf.len() - pos < len {
                 break;
@@ -467,37 +507,58 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
         }
         if pos < buf.len() && frame_len(&buf[pos..]).is_none() && buf.len() - pos >= 4 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "neither STUN nor ChannelData",
-            ));
+            return Err(Close::Malformed);
         }
         buf.drain(..pos);
-        // A connection that holds an allocation lives as long as it, which the client
-        // refreshes; one that holds none must show activity, and its first frame must come
-        // within the handshake deadline.
-        let n = if shard.core.borrow().has_allocation(client) {
+        let allocated = shard.core.borrow().has_allocation(client);
+        ever_allocated |= allocated;
+        outbox.set_allocated(allocated);
+        if outbox.held() == 0 && buf.is_empty() && buf.capacity() > READ_CHUNK {
+            buf.shrink_to(0);
+        }
+        // With an allocation: no deadline (its lifetime is the allocation's, which the client
+        // refreshes). Without: the first frame's deadline or the idle timeout, and the
+        // lifetime unless it held one before.
+        let (until, why) = if allocated {
             admitted.allocated();
-            rd.read(&mut chunk).await?
+            (None, Close::Client)
         } else {
             if !admitted.unallocated() {
-                return Err(std::io::Error::other(
-                    "too many connections without an allocation",
-                ));
+                return Err(Close::Unallocated);
             }
-            let until = if framed {
-                tokio::time::Instant::now() + idle
+            let (t, why) = if framed {
+                (tokio::time::Instant::now() + idle, Close::Idle)
             } else {
-                deadline
+                (start.deadline, Close::Handshake)
             };
-            tokio::time::timeout_at(until, rd.read(&mut chunk))
-                .await
-                .map_err(timeout)??
+            match ever_allocated || t <= start.lifetime {
+                true => (Some(t), why),
+                false => (Some(start.lifetime), Close::Lifetime),
+            }
+        };
+        buf.reserve(if allocated {
+            READ_CHUNK
+        } else {
+            UNALLOCATED_FRAME
+        });
+        let read = async {
+            match until {
+                Some(t) => timeout_at(t, rd.read_buf(&mut buf)).await.ok(),
+                None => Some(rd.read_buf(&mut buf).await),
+            }
+        };
+        let n = tokio::select! {
+            biased;
+            why = outbox.broken() => return Err(why),
+            r = read => match r {
+                Some(Ok(n)) => n,
+                Some(Err(e)) => return Err(close_of(&e)),
+                None => return Err(why),
+            },
         };
         if n == 0 {
             return Ok(None);
         }
-        buf.extend_from_slice(&chunk[..n]);
     }
 }
 
@@ -563,11 +624,22 @@ fn handle_frame(
     bound
 }
 
-/// A stream whose first bytes were already read: they are served again before the rest.
+/// A stream whose first bytes were already read: they are served again before the rest,
+/// and let go of once served.
 struct Prefixed<S> {
     head: Vec<u8>,
     pos: usize,
     inner: S,
+}
+
+impl<S> Prefixed<S> {
+    fn new(head: Vec<u8>, inner: S) -> Self {
+        Prefixed {
+            head,
+            pos: 0,
+            inner,
+        }
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
@@ -581,6 +653,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
             let start = self.pos;
             buf.put_slice(&self.head[start..start + n]);
             self.pos += n;
+            if self.pos == self.head.len() {
+                self.head = Vec::new();
+                self.pos = 0;
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)
