@@ -474,9 +474,9 @@ async fn turn_path(region: &Region, opts: &Options, path: &str) -> PathResult {
                     ),
                     None => None,
                 };
-                let peer = match path {
-                    "turn-udp" => {
-                        Some(peer_check(&mut b, relayed_b, mapped, opts, tap.as_ref()).await)
+                let peer = match (path, resolve(&region.host, region.udp_port).await) {
+                    ("turn-udp", Ok(server)) => {
+                        Some(peer_check(&mut b, relayed_b, server, opts, tap.as_ref()).await)
                     }
                     _ => None,
                 };
@@ -515,13 +515,15 @@ async fn turn_path(region: &Region, opts: &Options, path: &str) -> PathResult {
 /// Datagrams each direction of [`peer_check`] sends before it gives up.
 const PEER_TRIES: u32 = 2;
 
-/// A peer that does not use TURN, where the probe runs: a plain UDP socket sends to `b`'s
-/// relayed address (after `b` permits `mapped`, the address the relay saw the probe at), and
-/// `b` answers it from there. This crosses the relay ports the way a peer's media does.
+/// A peer that does not use TURN, where the probe runs: a plain UDP socket learns the address
+/// the relay sees it at (a Binding to `server`, the relay's UDP listener), `b` permits that
+/// exact endpoint (a relay with shared relay ports delivers only the endpoints an allocation
+/// named), the socket sends to `b`'s relayed address, and `b` answers it from there. This
+/// crosses the relay ports the way a peer's media does.
 async fn peer_check(
     b: &mut TurnClient,
     relayed_b: SocketAddr,
-    mapped: Option<SocketAddr>,
+    server: SocketAddr,
     opts: &Options,
     tap: Option<&PathCapture>,
 ) -> PeerCheck {
@@ -530,9 +532,14 @@ async fn peer_check(
         ..Default::default()
     };
     let run = async {
-        let mapped = mapped
-            .ok_or_else(|| Failure::Other("the relay did not say where it saw the probe".into()))?;
-        let sock = udp_to(relayed_b).await?;
+        let mut stun = TurnClient::new(Conn::Udp(udp_to(server).await?), "", "").tapped(tap);
+        let mapped = stun.binding(opts.timeout).await?;
+        let sock = stun
+            .into_udp()
+            .ok_or_else(|| Failure::Other("no UDP socket".into()))?;
+        sock.connect(relayed_b)
+            .await
+            .map_err(|e| Failure::io("connect", e))?;
         let tap = match (tap, sock.local_addr()) {
             (Some(p), Ok(local)) => Some(p.udp(local, relayed_b)),
             _ => None,

@@ -155,6 +155,14 @@ impl TurnClient {
         self
     }
 
+    /// Gives the UDP socket back (None for a stream connection).
+    pub fn into_udp(self) -> Option<UdpSocket> {
+        match self.conn {
+            Conn::Udp(s) => Some(s),
+            Conn::Stream(_) => None,
+        }
+    }
+
     /// Starts with a realm and nonce learnt by another client of the same address, so the
     /// first request is signed at once: one 401 round trip for a whole load rather than one
     /// per allocation (the relay limits how many 401s a source gets a second).

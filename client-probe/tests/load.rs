@@ -77,7 +77,10 @@ fn check_clean_run(relay_addr: &str, transport: &str, extra: &[&str]) -> serde_j
     assert!(ms("p99") <= ms("max"), "{what}");
     // Loopback through a relay: well under a second even on a loaded machine.
     assert!(ms("max") < 1000.0, "{what}");
-    assert!(r["jitter_ms"].as_f64().is_some_and(|j| j >= 0.0), "{what}");
+    // RFC 3550 jitter smooths the differences of consecutive transit times, each at most the
+    // spread of the round trips, and so at most the largest; echoes through a relay vary.
+    let jitter = r["jitter_ms"].as_f64().unwrap_or(f64::NAN);
+    assert!(jitter > 0.0 && jitter <= ms("max"), "{what}");
     r
 }
 
