@@ -404,7 +404,7 @@ where
 }
 
 /// Runs TURN over a stream: STUN messages and ChannelData framed back to back; why it ended.
-async fn turn_stream<S>(shard: &Rc<Shard>, stream: S, start: Start, admitted: Admitted) -> Close
+async fn turn_stream<S>(shard: &Rc<Shard>, stream: S, mut start: Start, admitted: Admitted) -> Close
 where
     S: AsyncRead + AsyncWrite + Unpin + 'static,
 {
@@ -431,7 +431,8 @@ where
         shard.streams.idle_timeout,
     ));
     let mut admitted = admitted;
-    let result = read_loop(shard, &mut rd, client, &outbox, &start, &mut admitted).await;
+    let head = std::mem::take(&mut start.head);
+    let result = read_loop(shard, &mut rd, client, &outbox, head, &start, &mut admitted).await;
     outbox.closed.set(true);
     shard.conns.borrow_mut().remove(&id);
     shard.core.borrow_mut().close_client(client);
@@ -462,8 +463,8 @@ where
     }
 }
 
-/// Reads frames until the connection closes (`None`), or until a ConnectionBind made it an
-/// RFC 6062 data connection (the connection id, its quota, and any bytes read after the
+/// Reads frames (after those in `buf`, read already) until the connection closes (`None`), or
+/// until a ConnectionBind made it an RFC 6062 data connection (the connection id, its quota, and any bytes read after the
 /// request); or says why it must end.
 ///
 /// Without an allocation a connection is held to little: its first frame is due by the
@@ -476,11 +477,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
     rd: &mut R,
     client: ClientId,
     outbox: &Outbox,
+    mut buf: Vec<u8>,
     start: &Start,
     admitted: &mut Admitted,
 ) -> Result<Option<(u32, TcpQuota, Vec<u8>)>, Close> {
     let idle = shard.streams.idle_timeout;
-    let mut buf = start.head.clone();
     let mut framed = false;
     let mut ever_allocated = false;
     loop {
