@@ -27,6 +27,9 @@ pub enum QuotaError {
     Tenant,
     /// 508 Insufficient Capacity.
     Total,
+    /// The relay holds its redirect limit ([`QuotaState::set_redirect_at`]): a sibling takes
+    /// the client (300), else 508.
+    Busy,
 }
 
 /// One tenant's share: its allocation count and bandwidth bucket.
@@ -99,6 +102,9 @@ struct Holders {
 #[derive(Debug, Default)]
 pub struct QuotaState {
     total: Option<u32>,
+    /// Beyond this many allocations (0: never), new ones are redirected: checked with the
+    /// others, under the lock, so it holds at the allocation that reaches it.
+    redirect_at: AtomicU32,
     active: AtomicU32,
     holders: Mutex<Holders>,
 }
@@ -114,6 +120,17 @@ impl QuotaState {
 
     pub fn total(&self) -> Option<u32> {
         self.total
+    }
+
+    /// From now on, an allocation that would make more than `at` (0: no limit) gets
+    /// [`QuotaError::Busy`].
+    pub fn set_redirect_at(&self, at: u32) {
+        self.redirect_at.store(at, Ordering::Relaxed);
+    }
+
+    /// The redirect limit, 0 for none.
+    pub fn redirect_at(&self) -> u32 {
+        self.redirect_at.load(Ordering::Relaxed)
     }
 
     pub fn active(&self) -> u32 {
@@ -138,10 +155,13 @@ impl QuotaState {
         user_id: &str,
     ) -> Result<Arc<UserState>, QuotaError> {
         let mut h = self.holders.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(max) = self.total {
-            if self.active.load(Ordering::Relaxed) >= max {
-                return Err(QuotaError::Total);
-            }
+        let active = self.active.load(Ordering::Relaxed);
+        if self.total.is_some_and(|max| active >= max) {
+            return Err(QuotaError::Total);
+        }
+        let busy_at = self.redirect_at.load(Ordering::Relaxed);
+        if busy_at > 0 && active >= busy_at {
+            return Err(QuotaError::Busy);
         }
         let t = h
             .tenants

@@ -33,26 +33,58 @@ const MAX_BODY: usize = 64 << 10;
 pub struct Admin {
     fleet: Arc<Fleet>,
     keys: arc_swap::ArcSwap<Vec<(String, ApiKeyHash)>>,
+    /// Wrong keys per source.
+    failures: std::sync::Mutex<turnpike_proto::limiter::Limiter>,
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     json(status, &json!({ "error": message.into() }))
 }
 
-/// The query string's `key=value` pairs (values percent-decoded only for `%40` and `+`,
-/// which user ids carry).
+/// The query string's value of `key`, percent-decoded (as [`encode`] encodes it).
 fn query(req: &Request, key: &str) -> Option<String> {
     req.uri().query()?.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=')?;
-        (k == key).then(|| v.replace("%40", "@").replace('+', " "))
+        (k == key).then(|| decode(v))
     })
 }
+
+/// What the admin API and its CLI percent-encode in a path segment or a query value:
+/// everything but letters, digits and `-._~` (RFC 3986's unreserved characters), so names
+/// with spaces, `/`, `:`, `@`, `%` or `+` go through whole.
+const NOT_UNRESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// A name as one path segment or query value.
+pub fn encode(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, NOT_UNRESERVED).to_string()
+}
+
+/// The inverse of [`encode`] (a `+` stays a `+`).
+pub fn decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// Wrong keys a source may send: two, then one a second; beyond, 429.
+const FAILURE_RATE: turnpike_proto::limiter::Rates = turnpike_proto::limiter::Rates {
+    packets_per_sec: 1.0,
+    bytes_per_sec: 1.0,
+};
 
 impl Admin {
     pub fn new(fleet: Arc<Fleet>, settings: &FleetSettings) -> Arc<Self> {
         Arc::new(Admin {
             fleet,
             keys: arc_swap::ArcSwap::from_pointee(settings.admin_keys.clone()),
+            failures: std::sync::Mutex::new(turnpike_proto::limiter::Limiter::new(
+                FAILURE_RATE,
+                turnpike_proto::limiter::MAX_SOURCES,
+            )),
         })
     }
 
@@ -71,15 +103,17 @@ impl Admin {
         )
     }
 
-    /// Which key signed the request, by name.
+    /// Which key signed the request, by name; every key is compared, in constant time.
     fn who(&self, req: &Request) -> Option<String> {
         let key = bearer(req.headers())?;
         let hash = ApiKeyHash::of(key);
         self.keys
             .load()
             .iter()
-            .find(|(_, h)| *h == hash)
-            .map(|(n, _)| n.clone())
+            .fold(None, |found, (n, h)| match (found, *h == hash) {
+                (None, true) => Some(n.clone()),
+                (found, _) => found,
+            })
     }
 
     async fn handle(&self, req: Request, plain_ok: bool) -> Response {
@@ -96,7 +130,31 @@ impl Admin {
                 "the admin API answers over HTTPS only",
             );
         }
+        let source = req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip());
+        let now = std::time::Instant::now();
+        if let Some(ip) = source {
+            let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+            if failures.exhausted(ip, now) {
+                let mut r = error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many wrong admin keys from this address; wait and retry",
+                );
+                r.headers_mut().insert(
+                    axum::http::header::RETRY_AFTER,
+                    axum::http::HeaderValue::from_static("1"),
+                );
+                return r;
+            }
+        }
         let Some(who) = self.who(&req) else {
+            if let Some(ip) = source {
+                let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+                failures.allow(ip, 0, now);
+            }
+            tracing::info!(source = ?source, "admin: a request with a missing or wrong key");
             let mut r = error(StatusCode::UNAUTHORIZED, "an admin key is needed");
             r.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,
@@ -110,9 +168,11 @@ impl Admin {
             .path()
             .trim_start_matches("/v1/admin/")
             .split('/')
-            .map(|s| s.replace("%40", "@"))
+            .map(decode)
             .collect();
         let tenant_filter = query(&req, "tenant");
+        let fleet_wide = query(&req, "fleet").is_some_and(|v| v == "1" || v == "true");
+        let key = bearer(req.headers()).unwrap_or_default().to_owned();
         let user_filter = query(&req, "user");
         let hours = query(&req, "hours").and_then(|h| h.parse::<i64>().ok());
         let body = match axum::body::to_bytes(req.into_body(), MAX_BODY).await {
@@ -143,10 +203,15 @@ impl Admin {
                             .is_none_or(|u| a.user_id == *u || a.username == *u)
                     })
                     .collect();
+                if fleet_wide {
+                    return self
+                        .fleet_allocations(&key, list, &tenant_filter, &user_filter)
+                        .await;
+                }
                 json(StatusCode::OK, &json!({ "allocations": list }))
             }
             (&Method::DELETE, ["allocations", id]) => {
-                if self.fleet.board.end(id) {
+                if self.fleet.board.end(id).await {
                     tracing::info!(admin = %who, allocation = %id, "admin: allocation ended");
                     json(StatusCode::ACCEPTED, &json!({ "ending": id }))
                 } else {
@@ -173,6 +238,79 @@ impl Admin {
             }
             _ => self.change(&who, &method, &p, body).await,
         }
+    }
+
+    /// Every relay's live allocations: this one's (`mine`) and those of each sibling that
+    /// publishes its admin address in the store, asked with the same key at once (three
+    /// seconds each). Each allocation names its relay; the relays that did not answer are
+    /// named with why.
+    async fn fleet_allocations(
+        &self,
+        key: &str,
+        mine: Vec<crate::fleet::LiveAllocation>,
+        tenant: &Option<String>,
+        user: &Option<String>,
+    ) -> Response {
+        let siblings = match self.fleet.admin_siblings().await {
+            Ok(s) => s,
+            Err(e) => return error(StatusCode::CONFLICT, e),
+        };
+        let mut q = vec![];
+        if let Some(t) = tenant {
+            q.push(format!("tenant={}", encode(t)));
+        }
+        if let Some(u) = user {
+            q.push(format!("user={}", encode(u)));
+        }
+        let path = if q.is_empty() {
+            "allocations".to_owned()
+        } else {
+            format!("allocations?{}", q.join("&"))
+        };
+        let asks = siblings.iter().map(|(name, url)| {
+            let path = path.clone();
+            async move {
+                let call = crate::admin_cli::call(url, key, None, "GET", &path, None);
+                let answer =
+                    match tokio::time::timeout(std::time::Duration::from_secs(3), call).await {
+                        Err(_) => Err("no answer within 3 s".to_owned()),
+                        Ok(Err(e)) => Err(e),
+                        Ok(Ok((200, body))) => serde_json::from_str::<serde_json::Value>(&body)
+                            .map_err(|e| format!("answer: {e}")),
+                        Ok(Ok((status, body))) => Err(format!("{status}: {body}")),
+                    };
+                (name.clone(), answer)
+            }
+        });
+        let answers = futures_util::future::join_all(asks).await;
+        let me = self.fleet.relay_name();
+        let mut all: Vec<serde_json::Value> = mine
+            .iter()
+            .map(|a| {
+                let mut v = json!(a);
+                v["relay"] = json!(me);
+                v
+            })
+            .collect();
+        let mut relays = vec![json!({ "name": me, "allocations": mine.len() })];
+        let mut unanswered = Vec::new();
+        for (name, answer) in answers {
+            match answer {
+                Ok(v) => {
+                    let list = v["allocations"].as_array().cloned().unwrap_or_default();
+                    relays.push(json!({ "name": name, "allocations": list.len() }));
+                    all.extend(list.into_iter().map(|mut a| {
+                        a["relay"] = json!(name);
+                        a
+                    }));
+                }
+                Err(e) => unanswered.push(json!({ "name": name, "error": e })),
+            }
+        }
+        json(
+            StatusCode::OK,
+            &json!({ "allocations": all, "relays": relays, "unanswered": unanswered }),
+        )
     }
 
     async fn list_tenants(&self) -> Response {

@@ -77,12 +77,15 @@ pub enum Command {
         tenant: String,
         user: String,
     },
-    /// Live allocations on this relay.
+    /// Live allocations on this relay, or with --fleet on every relay that publishes its
+    /// admin address in the store (the answer names those that did not answer).
     Allocations {
         #[arg(long)]
         tenant: Option<String>,
         #[arg(long)]
         user: Option<String>,
+        #[arg(long)]
+        fleet: bool,
     },
     /// End a live allocation by its id (from `allocations`).
     End {
@@ -98,10 +101,7 @@ pub enum Command {
 }
 
 fn enc(s: &str) -> String {
-    s.replace('%', "%25")
-        .replace('@', "%40")
-        .replace('/', "%2F")
-        .replace(' ', "+")
+    crate::admin::encode(s)
 }
 
 impl Command {
@@ -157,8 +157,15 @@ impl Command {
                 format!("tenants/{}/revocations/{}", enc(tenant), enc(user)),
                 None,
             ),
-            Command::Allocations { tenant, user } => {
+            Command::Allocations {
+                tenant,
+                user,
+                fleet,
+            } => {
                 let mut q = Vec::new();
+                if *fleet {
+                    q.push("fleet=1".to_owned());
+                }
                 if let Some(t) = tenant {
                     q.push(format!("tenant={}", enc(t)));
                 }
@@ -224,16 +231,26 @@ pub fn main(args: impl IntoIterator<Item = String>) -> std::process::ExitCode {
 
 async fn run(cli: &AdminCli) -> Result<(u16, String), String> {
     let (method, path, body) = cli.command.request()?;
-    let base: hyper::Uri = cli
-        .url
-        .parse()
-        .map_err(|e| format!("--url {}: {e}", cli.url))?;
+    call(&cli.url, &cli.key, cli.ca.as_deref(), method, &path, body).await
+}
+
+/// One admin API call to the relay at `url` (its metrics listener, admin listener or an
+/// HTTPS listener): the status and body of its answer.
+pub async fn call(
+    url: &str,
+    key: &str,
+    ca: Option<&std::path::Path>,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<(u16, String), String> {
+    let base: hyper::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
     let https = match base.scheme_str() {
         Some("https") => true,
         Some("http") => false,
-        _ => return Err(format!("--url {}: http:// or https://", cli.url)),
+        _ => return Err(format!("{url}: http:// or https://")),
     };
-    let host = base.host().ok_or("--url: no host")?.to_owned();
+    let host = base.host().ok_or(format!("{url}: no host"))?.to_owned();
     let port = base.port_u16().unwrap_or(if https { 443 } else { 80 });
     let prefix = base.path().trim_end_matches('/');
     let uri = format!("{prefix}/v1/admin/{path}");
@@ -245,12 +262,12 @@ async fn run(cli: &AdminCli) -> Result<(u16, String), String> {
         .method(method)
         .uri(uri)
         .header(hyper::header::HOST, format!("{host}:{port}"))
-        .header(hyper::header::AUTHORIZATION, format!("Bearer {}", cli.key))
+        .header(hyper::header::AUTHORIZATION, format!("Bearer {key}"))
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| e.to_string())?;
     if https {
-        let tls = connector(cli.ca.as_deref())?;
+        let tls = connector(ca)?;
         let name =
             rustls::pki_types::ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
                 .map_err(|e| format!("{host}: {e}"))?;

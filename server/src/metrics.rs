@@ -44,6 +44,7 @@ pub const ECHO_DROPPED_TOTAL: &str = "turnpike_echo_dropped_total";
 pub const TENANT_ALLOCATIONS_ACTIVE: &str = "turnpike_tenant_allocations_active";
 pub const CONNECTIONS_REFUSED_TOTAL: &str = "turnpike_connections_refused_total";
 pub const CONNECTIONS_CLOSED_TOTAL: &str = "turnpike_connections_closed_total";
+pub const SESSION_RECORDS_DROPPED_TOTAL: &str = "turnpike_session_records_dropped_total";
 
 /// The echo services, the `transport` label of the echo metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +103,7 @@ pub struct Metrics {
     echo_dropped: [IntCounter; 4],
     connections_refused: [IntCounter; 2],
     connections_closed: [IntCounter; Close::ALL.len()],
+    session_records_dropped: IntCounter,
 }
 
 /// The metric families with a `tenant` label.
@@ -278,7 +280,7 @@ impl Metrics {
         let store_tenants = gauge(STORE_TENANTS, "Tenants in the store's last copy.");
         let redirecting = gauge(
             REDIRECTING,
-            "1 while Allocate requests are redirected to a sibling (300 Try Alternate).",
+            "1 while Allocate requests are redirected to a sibling (300 Try Alternate): draining, or at [redirect] max_allocations, with a sibling that takes them.",
         );
         let build = must(IntGaugeVec::new(
             Opts::new(BUILD_INFO, "Build information; always 1."),
@@ -306,8 +308,14 @@ impl Metrics {
             "Stream connections (TURN over TCP and TLS, HTTP) ended, by reason: client (closed by the client, or failed), handshake_timeout, unallocated_lifetime, idle, not_reading (a client that does not read what it is sent), malformed, unallocated_limit.",
             &["reason"],
         );
+        let session_records_dropped = must(IntCounter::new(
+            SESSION_RECORDS_DROPPED_TOTAL,
+            "Session records not logged because the writer was behind (stdout too slow); their usage is counted all the same.",
+        ));
+        reg(Box::new(session_records_dropped.clone()));
         Metrics {
             registry,
+            session_records_dropped,
             connections_refused: Refused::ALL.map(|r| refused_vec.with_label_values(&[r.label()])),
             connections_closed: Close::ALL.map(|c| closed_vec.with_label_values(&[c.label()])),
             allocations_active,
@@ -345,6 +353,11 @@ impl Metrics {
             let c = self.families.counters(&names[tenants.len()]);
             tenants.push(c);
         }
+    }
+
+    /// A session record's log line was dropped.
+    pub fn session_record_dropped(&self) {
+        self.session_records_dropped.inc();
     }
 
     /// A stream connection ended, for `why`.
@@ -437,7 +450,8 @@ impl Metrics {
             }
         }
         self.draining.set(i64::from(shared.is_draining()));
-        self.redirecting.set(i64::from(shared.redirect().is_some()));
+        self.redirecting
+            .set(i64::from(shared.redirecting().is_some()));
         if let Some(s) = self.store.get() {
             use std::sync::atomic::Ordering::Relaxed;
             self.store_up.set(i64::from(s.up.load(Relaxed)));
@@ -472,22 +486,29 @@ pub fn router(metrics: Arc<Metrics>, shared: Arc<Shared>, with_metrics: bool) ->
             get(move || {
                 let draining = ready.is_draining();
                 // A store that went away does not make the relay unready: it serves its last
-                // copy, and says so here.
-                let store = store
-                    .store
-                    .get()
+                // copy (from the database, or saved on disk), and says so here. One never read
+                // does: the relay would refuse the store's tenants.
+                let status = store.store.get();
+                let read = status.is_none_or(|s| s.ready());
+                let store = status
                     .and_then(|s| s.describe())
                     .map(|d| format!("{d}\n"))
                     .unwrap_or_default();
                 async move {
-                    if draining {
-                        (
+                    match (draining, read) {
+                        (true, _) => (
                             StatusCode::SERVICE_UNAVAILABLE,
                             format!("draining\n{store}"),
                         )
-                            .into_response()
-                    } else {
-                        (StatusCode::OK, format!("ready\n{store}")).into_response()
+                            .into_response(),
+                        (false, false) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready\n{store}"),
+                        )
+                            .into_response(),
+                        (false, true) => {
+                            (StatusCode::OK, format!("ready\n{store}")).into_response()
+                        }
                     }
                 }
             }),

@@ -149,8 +149,7 @@ impl CredentialService {
         }
         let config = self.config.load();
         let hash = key.map(ApiKeyHash::of);
-        let Some(tenant) =
-            hash.and_then(|h| config.tenants.iter().find(|t| t.api_keys.contains(&h)))
+        let Some(tenant) = hash.and_then(|h| config.tenants.iter().find(|t| h.is_in(&t.api_keys)))
         else {
             failures.allow(source, 0, now);
             return Err(Refusal(

@@ -8,134 +8,16 @@
 mod common;
 
 use std::net::{SocketAddr, UdpSocket};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{run_tool, RawClient, Relay};
-use turnpike_proto::auth::{ephemeral_password, ephemeral_username};
-use turnpike_proto::stun::{attr, method, Message};
-
-const KEY: &str = "test-admin-key-0123456789";
-
-fn key_hash() -> String {
-    use sha2::Digest;
-    let d = sha2::Sha256::digest(KEY.as_bytes());
-    format!(
-        "sha256:{}",
-        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    )
-}
-
-fn temp_dir(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("turnpike-fleet-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("dir");
-    d
-}
-
-/// A relay on loopback reading `store`, with the admin key, loopback peers allowed.
-fn relay(dir: &std::path::Path, name: &str, store: &str, extra: &str, flags: &[&str]) -> Relay {
-    let file = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &file,
-        format!(
-            "[auth]\nsecrets = [\"the-top-level-secret-0123456789\"]\n[peer]\nallow = [\"127.0.0.0/8\"]\n\
-             [store]\nurl = {store:?}\nrelay_name = {name:?}\n[[admin.keys]]\nname = \"ops\"\nhash = {:?}\n{extra}",
-            key_hash()
-        ),
-    )
-    .expect("config");
-    let mut args = vec![
-        "--listen",
-        "udp://127.0.0.1:0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--relay-ip",
-        "127.0.0.1",
-        "--threads",
-        "2",
-        "--config",
-        file.to_str().expect("path"),
-    ];
-    args.extend_from_slice(if flags.is_empty() {
-        &["--drain-grace", "5"]
-    } else {
-        flags
-    });
-    Relay::spawn(&args)
-}
-
-/// `turnpike admin ARGS` against `relay`'s metrics listener: (success, output).
-fn admin(relay: &Relay, args: &[&str]) -> (bool, String) {
-    let out = Command::new(common::relay_binary())
-        .arg("admin")
-        .args(["--url", &format!("http://{}", relay.metrics), "--key", KEY])
-        .args(args)
-        .output()
-        .expect("turnpike admin");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-/// Ephemeral credentials of `user` minted with `secret`, valid for an hour.
-fn credentials(secret: &str, user: &str) -> (String, String) {
-    let expiry = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs()
-        + 3600;
-    let username = ephemeral_username(expiry, Some(user));
-    let password = ephemeral_password(secret, &username);
-    (username, password)
-}
-
-/// Allocates until the relay accepts the credentials (or `secs` pass); the client, and how
-/// long it took.
-fn allocate_when_accepted(
-    server: SocketAddr,
-    secret: &str,
-    user: &str,
-    secs: u64,
-) -> (RawClient, Duration) {
-    let start = Instant::now();
-    let (u, p) = credentials(secret, user);
-    loop {
-        let mut c = RawClient::new(server, &u, &p);
-        let r = c.allocate();
-        if r.code().is_none() {
-            return (c, start.elapsed());
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "the relay at {server} still refuses {user}: {:?}",
-            r.code()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The session records (JSON lines) in a relay's output.
-fn sessions(relay: &Relay) -> Vec<serde_json::Value> {
-    relay
-        .log_text()
-        .lines()
-        .filter(|l| l.starts_with("{\"record\":\"session\""))
-        .map(|l| serde_json::from_str(l).expect("record"))
-        .collect()
-}
-
-fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "{what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use common::fleet::{
+    admin, allocate_when_accepted, alternate_of, credentials, relay, sessions, temp_dir,
+    wait_until, Postgres,
+};
+use common::{run_tool, RawClient};
+use turnpike_proto::stun::{attr, method};
 
 /// A tenant made through `turnpike admin` on a relay with a SQLite store authenticates; its
 /// allocation's record counts the bytes sent; usage adds up; a revoked user's allocation
@@ -161,10 +43,13 @@ fn sqlite_store_tenants_from_the_admin_cli_work_and_sessions_are_recorded() {
     );
     assert!(ok, "{out}");
     let (c, _) = allocate_when_accepted(r.udp, "acme-secret-0123456789abcdef", "u1", 10);
-    // The store change was heard at once (a reload after the first load), not at the 30 s
-    // safety poll.
+    // The store change was heard at once, from the write itself, not at the 30 s poll.
     assert!(
-        r.log_text().matches("trigger=\"store changed\"").count() >= 2,
+        r.log_text()
+            .lines()
+            .any(|l| l.contains("store snapshot loaded")
+                && l.contains("cause=\"written here\"")
+                && l.contains("tenants=1")),
         "{}",
         r.log_text()
     );
@@ -287,111 +172,6 @@ fn sqlite_store_tenants_from_the_admin_cli_work_and_sessions_are_recorded() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A PostgreSQL server of the test's own, on a Unix socket in a private directory, run
-/// with `pg_ctl` as the `postgres` user (PostgreSQL refuses to run as root).
-struct Postgres {
-    dir: std::path::PathBuf,
-}
-
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
-
-impl Postgres {
-    fn start(dir: &std::path::Path) -> Postgres {
-        std::fs::create_dir_all(dir.join("pgsock")).expect("sock dir");
-        run_tool(
-            "chown",
-            &["-R", "postgres", dir.to_str().expect("path")],
-            10,
-        );
-        let pg = Postgres {
-            dir: dir.to_owned(),
-        };
-        let out = pg.as_postgres(
-            "initdb",
-            &[
-                "-D",
-                &pg.data(),
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-                "--no-sync",
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        pg.run();
-        pg
-    }
-
-    fn data(&self) -> String {
-        self.dir.join("pgdata").display().to_string()
-    }
-
-    fn as_postgres(&self, tool: &str, args: &[&str]) -> std::process::Output {
-        Command::new("runuser")
-            .args(["-u", "postgres", "--", &format!("{PG_BIN}/{tool}")])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("PostgreSQL (.ci/run installs postgresql)")
-    }
-
-    /// Starts the server and waits (`-w`) until it accepts connections.
-    fn run(&self) {
-        let opts = format!(
-            "-k {} -c listen_addresses= -c fsync=off -p 5432",
-            self.dir.join("pgsock").display()
-        );
-        let log = self.dir.join("pg.log").display().to_string();
-        let out = self.as_postgres(
-            "pg_ctl",
-            &[
-                "-D",
-                &self.data(),
-                "-l",
-                &log,
-                "-o",
-                &opts,
-                "-w",
-                "-t",
-                "60",
-                "start",
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "{}{}",
-            String::from_utf8_lossy(&out.stderr),
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-    }
-
-    fn url(&self) -> String {
-        format!(
-            "host={} port=5432 user=postgres dbname=postgres",
-            self.dir.join("pgsock").display()
-        )
-    }
-
-    fn stop(&self) {
-        let _ = self.as_postgres(
-            "pg_ctl",
-            &["-D", &self.data(), "-m", "fast", "-w", "-t", "60", "stop"],
-        );
-    }
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// Two relays on one PostgreSQL database: a tenant created through one relay's admin API
 /// works on both (within the time of a NOTIFY, not the 30 s poll); a revoked user's live
 /// allocations end on both; with the database stopped both go on relaying, serving their
@@ -421,8 +201,13 @@ fn postgresql_fleet_shares_tenants_and_revocations_and_survives_the_database_goi
     let (ca, ta) = allocate_when_accepted(a.udp, "globex-secret-0123456789abc", "eve", 10);
     let (cb, tb) = allocate_when_accepted(b.udp, "globex-secret-0123456789abc", "eve", 10);
     println!("tenant honoured after {ta:?} (relay a), {tb:?} (relay b)");
+    // Relay b heard of the change from the database's NOTIFY, not its 30 s poll.
     assert!(
-        b.log_text().contains("trigger=\"store changed\""),
+        b.log_text()
+            .lines()
+            .any(|l| l.contains("store snapshot loaded")
+                && l.contains("cause=\"notified\"")
+                && l.contains("tenants=1")),
         "{}",
         b.log_text()
     );
@@ -484,19 +269,39 @@ fn postgresql_fleet_shares_tenants_and_revocations_and_survives_the_database_goi
     }
 }
 
-/// The first Allocate's 300 Try Alternate, with the sibling's address.
-fn alternate_of(r: &common::Response) -> Option<SocketAddr> {
-    let m: Message<'_> = r.msg();
-    let v = m.get(attr::ALTERNATE_SERVER)?;
-    // MAPPED-ADDRESS format: 0, family, port, address.
-    let port = u16::from_be_bytes([v[2], v[3]]);
-    (v[1] == 1).then(|| SocketAddr::from(([v[4], v[5], v[6], v[7]], port)))
+/// Allocates at once from `n` clients of distinct users: the answers' codes (None: allocated).
+fn allocate_at_once(server: SocketAddr, secret: &str, n: usize) -> Vec<Option<u16>> {
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(n));
+    let threads: Vec<_> = (0..n)
+        .map(|i| {
+            let barrier = std::sync::Arc::clone(&barrier);
+            let secret = secret.to_owned();
+            std::thread::spawn(move || {
+                let (u, p) = credentials(&secret, &format!("burst{i}"));
+                let mut c = RawClient::new(server, &u, &p);
+                // Learn the nonce first, so the Allocates that race are signed ones.
+                let _ = c.request(turnpike_proto::stun::method::BINDING, |_| {});
+                barrier.wait();
+                let code = c.allocate().code();
+                // Keep the allocation while the others are answered.
+                std::thread::sleep(Duration::from_millis(300));
+                code
+            })
+        })
+        .collect();
+    threads
+        .into_iter()
+        .map(|t| t.join().expect("client"))
+        .collect()
 }
 
-/// A relay at its allocation limit, then draining, answers Allocate with 300 and the
-/// sibling's address; coturn's uclient follows it and relays through the sibling.
+/// `[redirect] max_allocations` holds at the allocation that reaches it however fast they
+/// come; a full relay whose only sibling is a configured one refuses the rest (508: static
+/// siblings take clients only while it drains); draining, it sends them there, and coturn's
+/// uclient follows the 300 and relays through the sibling with nothing lost, while the
+/// draining relay allocates nothing for it.
 #[test]
-fn a_full_or_draining_relay_sends_clients_to_its_sibling() {
+fn a_full_relay_refuses_without_a_sibling_with_room_and_a_draining_one_redirects() {
     let dir = temp_dir("redirect");
     let sibling = relay(
         &dir,
@@ -517,19 +322,25 @@ fn a_full_or_draining_relay_sends_clients_to_its_sibling() {
         &["--drain-grace", "60"],
     );
     let secret = "the-top-level-secret-0123456789";
-    let (_held, _) = allocate_when_accepted(a.udp, secret, "first", 10);
-    wait_until(10, "redirecting", || {
-        a.metric("turnpike_redirecting") == 1.0
-    });
+    let codes = allocate_at_once(a.udp, secret, 4);
+    assert_eq!(
+        codes.iter().filter(|c| c.is_none()).count(),
+        1,
+        "one allocation at the limit of 1: {codes:?}"
+    );
+    assert!(codes.iter().flatten().all(|c| *c == 508), "{codes:?}");
+    // The one allocated lives on (its lifetime), holding the relay full.
     let (u, p) = credentials(secret, "second");
-    let mut c = RawClient::new(a.udp, &u, &p);
-    let r = c.allocate();
-    assert_eq!(r.code(), Some(300));
-    assert_eq!(alternate_of(&r), Some(sibling.udp));
+    assert_eq!(RawClient::new(a.udp, &u, &p).allocate().code(), Some(508));
+    assert_eq!(a.metric("turnpike_redirecting"), 0.0);
+    let made = a.metric("turnpike_allocations_total");
 
     // Draining (one allocation still held keeps it alive): a real client follows the 300.
     a.signal(libc::SIGTERM);
     a.wait_for_log("draining: new allocations refused");
+    wait_until(10, "redirecting while draining", || {
+        a.metric("turnpike_redirecting") == 1.0
+    });
     let port = a.udp.port().to_string();
     let out = run_tool(
         "turnutils_uclient",
@@ -559,7 +370,6 @@ fn a_full_or_draining_relay_sends_clients_to_its_sibling() {
         "uclient saw the redirect:\n{out}"
     );
     assert_eq!(common::lost_packets(&out), 0, "{out}");
-    // The sibling held its allocations (the draining relay none but the first).
     let (ok, list) = admin(&sibling, &["allocations", "--user", "uclient"]);
     let on_sibling = list.matches("\"user_id\": \"uclient\"").count()
         + sessions(&sibling)
@@ -570,10 +380,79 @@ fn a_full_or_draining_relay_sends_clients_to_its_sibling() {
         ok && on_sibling >= 2,
         "the sibling served uclient's allocations:\n{list}\n{out}"
     );
-    assert!(
-        !sessions(&a).iter().any(|s| s["user_id"] == "uclient"),
-        "the draining relay allocated nothing for uclient"
+    assert_eq!(
+        a.metric("turnpike_allocations_total"),
+        made,
+        "the draining relay allocated for uclient"
     );
+}
+
+/// A relay never sends a client to itself: a configured sibling that is one of its own
+/// listeners is passed over, and the draining relay answers 508.
+#[test]
+fn a_relay_never_redirects_to_itself() {
+    let dir = temp_dir("self");
+    let port = common::free_port();
+    let listen = format!("udp://127.0.0.1:{port}");
+    let a = relay(
+        &dir,
+        "a",
+        &format!("sqlite:{}", dir.join("a.db").display()),
+        &format!("[redirect]\nsiblings = [{{ udp = [\"127.0.0.1:{port}\"] }}]\n"),
+        &["--listen", &listen, "--drain-grace", "60"],
+    );
+    let secret = "the-top-level-secret-0123456789";
+    let (_held, _) = allocate_when_accepted(a.udp, secret, "first", 10);
+    a.signal(libc::SIGTERM);
+    a.wait_for_log("draining: new allocations refused");
+    let (u, p) = credentials(secret, "second");
+    let r = RawClient::new(a.udp, &u, &p).allocate();
+    assert_eq!((r.code(), alternate_of(&r)), (Some(508), None));
+}
+
+/// Two full relays of one store (each publishes its load) send no client to each other:
+/// each answers 508 itself, so a client is never sent in a circle.
+#[test]
+fn two_full_relays_answer_508_rather_than_send_clients_back_and_forth() {
+    let dir = temp_dir("two-full");
+    let store = format!("sqlite:{}", dir.join("fleet.db").display());
+    let (pa, pb) = (common::free_port(), common::free_port());
+    let conf = |p: u16| {
+        format!("[redirect]\nmax_allocations = 1\nadvertise = {{ udp = [\"127.0.0.1:{p}\"] }}\n")
+    };
+    let listen = |p: u16| format!("udp://127.0.0.1:{p}");
+    let (la, lb) = (listen(pa), listen(pb));
+    let a = relay(
+        &dir,
+        "a",
+        &store,
+        &conf(pa),
+        &["--listen", &la, "--drain-grace", "5"],
+    );
+    let b = relay(
+        &dir,
+        "b",
+        &store,
+        &conf(pb),
+        &["--listen", &lb, "--drain-grace", "5"],
+    );
+    let secret = "the-top-level-secret-0123456789";
+    // While b has room, a full a sends clients there.
+    let (_on_a, _) = allocate_when_accepted(a.udp, secret, "first-a", 10);
+    let (u, p) = credentials(secret, "next");
+    let b_published = SocketAddr::from(([127, 0, 0, 1], pb));
+    wait_until(15, "a redirected to b while b had room", || {
+        let r = RawClient::new(a.udp, &u, &p).allocate();
+        r.code() == Some(300) && alternate_of(&r) == Some(b_published)
+    });
+    // Both full: neither names the other once the store says so.
+    let (_on_b, _) = allocate_when_accepted(b.udp, secret, "first-b", 10);
+    wait_until(15, "both answer 508", || {
+        [&a, &b].iter().all(|r| {
+            let x = RawClient::new(r.udp, &u, &p).allocate();
+            x.code() == Some(508) && alternate_of(&x).is_none()
+        })
+    });
 }
 
 /// With no configured sibling, a full relay sends clients to the relay that publishes its

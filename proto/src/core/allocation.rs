@@ -90,18 +90,9 @@ impl Core {
         if existing.is_some() {
             return Err(437);
         }
-        // Draining, or beyond its load: a sibling takes it (the reply names it).
-        if let Some(alt) = self.shared.redirect() {
-            let tls = self.tls.contains(&client);
-            if alt
-                .for_client(client.is_stream(), tls, client.addr.is_ipv6())
-                .is_some()
-            {
-                return Err(300);
-            }
-        }
+        // Draining: its sibling takes the client (the reply names it), else 508.
         if self.shared.is_draining() {
-            return Err(508);
+            return Err(self.redirect_code(client, false));
         }
         let Some(transport) = msg.get(attr::REQUESTED_TRANSPORT) else {
             return Err(400);
@@ -245,6 +236,8 @@ impl Core {
             .map_err(|e| match e {
                 QuotaError::User | QuotaError::Tenant => 486u16,
                 QuotaError::Total => 508,
+                // At its redirect limit: a sibling with room takes the client, else 508.
+                QuotaError::Busy => self.redirect_code(client, true),
             })?;
         let bandwidth = tenant.quotas.allocation_bandwidth;
         let relay_only = tenant.policy.is_relay_only();
@@ -303,6 +296,7 @@ impl Core {
             } else {
                 None
             },
+            tcp_usage: Default::default(),
             session,
             leases: [draw.v4, draw.v6]
                 .into_iter()
@@ -342,6 +336,21 @@ impl Core {
             dont_fragment,
             shared: share,
         })
+    }
+
+    /// 300 when a sibling takes this client (while draining, or at the redirect limit when
+    /// `full`) over its transport and address family; else 508.
+    fn redirect_code(&self, client: ClientId, full: bool) -> u16 {
+        let r = self.shared.redirect();
+        let to = if full { &r.full } else { &r.draining };
+        let tls = self.tls.contains(&client);
+        match to
+            .as_ref()
+            .and_then(|a| a.for_client(client.is_stream(), tls, client.addr.is_ipv6()))
+        {
+            Some(_) => 300,
+            None => 508,
+        }
     }
 
     /// Draws relay ports from the registry for each family wanted (even ones for EVEN-PORT,
@@ -796,7 +805,7 @@ impl Core {
                 tls: self.tls.contains(&a.client),
                 started_unix: a.started_unix,
                 duration: end.saturating_duration_since(a.started),
-                usage: a.usage,
+                usage: a.total_usage(),
                 peers: a.peers,
                 reason,
             })

@@ -41,10 +41,12 @@ use crate::limiter::{self, Limiter, Rates};
 use crate::ports::PortLease;
 use crate::quota::{AtomicBucket, TokenBucket, UserState};
 
-pub use shared::{Alternate, CoreConfig, RelayAddress, Shared, MAX_RESERVATIONS, RESERVATION_TTL};
+pub use shared::{
+    Alternate, CoreConfig, Redirects, RelayAddress, Shared, MAX_RESERVATIONS, RESERVATION_TTL,
+};
 pub use sharing::SharedPortId;
 pub use stats::{CoreStats, TenantStats, METHODS, RESULTS};
-pub use tcp::TcpQuota;
+pub use tcp::{StreamUsage, TcpQuota};
 
 /// RFC 8656 §3.2 and §9: fixed permission and channel lifetimes.
 pub const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
@@ -306,6 +308,9 @@ struct Allocation {
     /// RFC 6062: the allocation's bandwidth, shared by its data connections, which may run on
     /// other shards.
     tcp_bucket: Option<Arc<AtomicBucket>>,
+    /// RFC 6062: what its data connections carried (they may run on other shards); added
+    /// to `usage` wherever the allocation's counts are read.
+    tcp_usage: Arc<tcp::StreamUsage>,
     /// For a relay-only tenant: the hash of the username, which its peers must share.
     session: Option<u64>,
     /// The relay ports, given back when the allocation ends.
@@ -328,6 +333,21 @@ struct Allocation {
 }
 
 impl Allocation {
+    /// What it relayed, each way: its datagrams and its RFC 6062 data connections' bytes.
+    fn total_usage(&self) -> Usage {
+        let tcp = self.tcp_usage.usage();
+        Usage {
+            packets: [
+                self.usage.packets[0] + tcp.packets[0],
+                self.usage.packets[1] + tcp.packets[1],
+            ],
+            bytes: [
+                self.usage.bytes[0] + tcp.bytes[0],
+                self.usage.bytes[1] + tcp.bytes[1],
+            ],
+        }
+    }
+
     fn has_permission(&self, ip: IpAddr, now: Instant) -> bool {
         self.permissions
             .iter()
@@ -504,7 +524,7 @@ impl Core {
                     tcp: a.tcp,
                     tls: self.tls.contains(&a.client),
                     age: now.saturating_duration_since(a.started),
-                    usage: a.usage,
+                    usage: a.total_usage(),
                     permissions: a
                         .permissions
                         .iter()

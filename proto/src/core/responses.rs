@@ -101,19 +101,25 @@ impl Core {
                 b.error(420, reason(420)).unknown_attributes(&unknown[..n]);
             }
             Err(300) => {
+                // RFC 8489 §10: the sibling's address of the client's family, then one of the
+                // other family where it has one; ALTERNATE-DOMAIN (the name on the sibling's
+                // certificate) over TLS, only to a client that signed with
+                // MESSAGE-INTEGRITY-SHA256 and so implements it.
                 b.error(300, reason(300));
-                let alt = self.shared.redirect();
-                let to = alt.as_deref().and_then(|a| {
-                    a.for_client(
-                        client.is_stream(),
-                        self.tls.contains(&client),
-                        client.addr.is_ipv6(),
-                    )
-                });
-                if let Some((addr, domain)) = to {
-                    b.address(attr::ALTERNATE_SERVER, addr);
-                    if let Some(d) = domain {
-                        b.attr(attr::ALTERNATE_DOMAIN, d.as_bytes());
+                let full = !self.shared.is_draining();
+                let r = self.shared.redirect();
+                let to = if full { &r.full } else { &r.draining };
+                let (stream, tls) = (client.is_stream(), self.tls.contains(&client));
+                let v6 = client.addr.is_ipv6();
+                if let Some(a) = to {
+                    if let Some((addr, domain)) = a.for_client(stream, tls, v6) {
+                        b.address(attr::ALTERNATE_SERVER, addr);
+                        if let Some((other, _)) = a.for_client(stream, tls, !v6) {
+                            b.address(attr::ALTERNATE_SERVER, other);
+                        }
+                        if let (Some(d), true) = (domain, auth.sha256) {
+                            b.attr(attr::ALTERNATE_DOMAIN, d.as_bytes());
+                        }
                     }
                 }
             }

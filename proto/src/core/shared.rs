@@ -109,9 +109,18 @@ pub struct Shared {
     /// Error replies to unauthenticated UDP requests, per source, across the shards (the
     /// kernel spreads one source's ports over them). Touched only for such replies.
     replies: Mutex<Limiter>,
-    /// Where Allocate requests go while this relay redirects them (draining, or beyond its
-    /// configured load): the caller sets and clears it. Read only by Allocate.
-    redirect: arc_swap::ArcSwapOption<Alternate>,
+    /// Where Allocate requests go when this relay redirects them: the caller keeps it
+    /// current. Read only by Allocate.
+    redirect: arc_swap::ArcSwap<Redirects>,
+}
+
+/// Where a relay sends the clients it does not take: one sibling for while it drains, one
+/// for when it holds its redirect limit ([`QuotaState::set_redirect_at`]); none, and the
+/// client gets 508.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Redirects {
+    pub draining: Option<Alternate>,
+    pub full: Option<Alternate>,
 }
 
 /// A sibling relay that Allocate requests are sent to with 300 Try Alternate (RFC 8489 §10):
@@ -175,18 +184,32 @@ impl Shared {
             reserved: AtomicUsize::new(0),
             epoch,
             replies,
-            redirect: arc_swap::ArcSwapOption::empty(),
+            redirect: arc_swap::ArcSwap::from_pointee(Redirects::default()),
         }
     }
 
-    /// Sends Allocate requests to `to` with 300 Try Alternate from now on (None: stop).
-    pub fn set_redirect(&self, to: Option<Alternate>) {
-        self.redirect.store(to.map(Arc::new));
+    /// Where Allocate requests go from now on, when this relay drains or is full.
+    pub fn set_redirect(&self, to: Redirects) {
+        self.redirect.store(Arc::new(to));
     }
 
-    /// The sibling Allocate requests are sent to now, if any.
-    pub fn redirect(&self) -> Option<Arc<Alternate>> {
+    /// Where Allocate requests go now when this relay drains or is full.
+    pub fn redirect(&self) -> Arc<Redirects> {
         self.redirect.load_full()
+    }
+
+    /// The sibling a client is sent to now (None: this relay takes it, or refuses it):
+    /// while it drains, its draining sibling; at its redirect limit, its full sibling.
+    pub fn redirecting(&self) -> Option<Alternate> {
+        let r = self.redirect();
+        if self.is_draining() {
+            return r.draining.clone();
+        }
+        let at = self.quotas.redirect_at();
+        if at > 0 && self.quotas.active() >= at {
+            return r.full.clone();
+        }
+        None
     }
 
     pub(super) fn replies(&self) -> MutexGuard<'_, Limiter> {

@@ -50,6 +50,37 @@ pub struct TcpQuota {
     pub tenant: u32,
     pub user: Arc<UserState>,
     pub allocation: Option<Arc<AtomicBucket>>,
+    /// What the allocation's data connections carried, on whichever shard they run: the
+    /// allocation adds it to its own counts (its listing, its session record, usage).
+    pub usage: Arc<StreamUsage>,
+}
+
+/// Packets (reads) and bytes an RFC 6062 allocation's data connections relayed, each way
+/// (up: client to peer). Shared by the connections, which may run on other shards than the
+/// allocation.
+#[derive(Debug, Default)]
+pub struct StreamUsage {
+    packets: [std::sync::atomic::AtomicU64; 2],
+    bytes: [std::sync::atomic::AtomicU64; 2],
+}
+
+impl StreamUsage {
+    /// Counts one read of `bytes` relayed towards the peer (`to_peer`) or the client.
+    pub fn add(&self, to_peer: bool, bytes: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let d = usize::from(!to_peer);
+        self.packets[d].fetch_add(1, Relaxed);
+        self.bytes[d].fetch_add(bytes as u64, Relaxed);
+    }
+
+    /// What was counted so far.
+    pub fn usage(&self) -> super::Usage {
+        use std::sync::atomic::Ordering::Relaxed;
+        super::Usage {
+            packets: [self.packets[0].load(Relaxed), self.packets[1].load(Relaxed)],
+            bytes: [self.bytes[0].load(Relaxed), self.bytes[1].load(Relaxed)],
+        }
+    }
 }
 
 impl TcpQuota {
@@ -158,6 +189,7 @@ impl Core {
                 tenant: a.tenant,
                 user: Arc::clone(&a.user),
                 allocation: a.tcp_bucket.clone(),
+                usage: Arc::clone(&a.tcp_usage),
             },
         };
         let mut conns = self.shared.tcp_conns();
@@ -319,11 +351,12 @@ impl Core {
 
     /// Counts bytes a bound data connection carried (`to_peer`: client to peer); one read is
     /// counted as one packet.
-    pub fn count_stream_bytes(&mut self, tenant: u32, to_peer: bool, bytes: usize) {
+    pub fn count_stream_bytes(&mut self, quota: &TcpQuota, to_peer: bool, bytes: usize) {
         let d = usize::from(!to_peer);
-        let t = self.stats.tenant(tenant);
+        let t = self.stats.tenant(quota.tenant);
         t.relayed_packets[d] += 1;
         t.relayed_bytes[d] += bytes as u64;
+        quota.usage.add(to_peer, bytes);
     }
 
     /// Drops every connection of allocation `alloc` (it ended), telling the IO layer to close

@@ -161,6 +161,17 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
         ),
         None => None,
     };
+    let admin_listener = match settings.fleet.admin_listen {
+        crate::config::fleet::AdminListen::Own(addr) => Some(
+            rt.block_on(tokio::net::TcpListener::bind(addr))
+                .map_err(|e| crate::Error::Config {
+                    file: settings.source.clone(),
+                    key: "admin.listen".into(),
+                    reason: format!("cannot listen on {addr}: {e}"),
+                })?,
+        ),
+        crate::config::fleet::AdminListen::Metrics => None,
+    };
     let echo_sockets = echo::bind(&settings.echo)?;
     let echo = Arc::new(Echo::new(
         &settings.echo,
@@ -255,8 +266,35 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
         }
         None => None,
     };
-    let fleet = crate::fleet::Fleet::new(&settings.fleet, store);
+    let local =
+        match &settings.fleet.state_dir {
+            Some(dir) => Some(crate::store::local::Local::open(dir).map_err(|reason| {
+                crate::Error::Config {
+                    file: settings.source.clone(),
+                    key: "store.state_dir".into(),
+                    reason: format!(
+                        "{reason} (the store's snapshot and unwritten usage are kept there)"
+                    ),
+                }
+            })?),
+            None => None,
+        };
+    let fleet = crate::fleet::Fleet::new(&settings.fleet, store, local.clone());
     fleet.board.set_shards(shards);
+    // No redirect may send a client back to one of this relay's own listeners.
+    let mut own = turnpike_proto::core::Alternate::default();
+    for l in &bound_listeners {
+        match l.transport {
+            crate::config::Transport::Udp => own.udp.push(l.addr),
+            crate::config::Transport::Tcp => own.tcp.push(l.addr),
+            crate::config::Transport::Tls => own.tls.push(l.addr),
+        }
+    }
+    fleet.set_own_addresses(own);
+    // The redirect limit holds from the first Allocate (the fleet loop keeps it current).
+    shared
+        .quotas
+        .set_redirect_at(u32::try_from(settings.fleet.max_allocations).unwrap_or(u32::MAX));
     fleet
         .merge
         .store(Arc::new(crate::config::fleet::StoreMerge::of(&settings)));
@@ -265,9 +303,27 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
     }
     let admin = crate::admin::Admin::new(Arc::clone(&fleet), &settings.fleet);
     if !settings.fleet.admin_keys.is_empty() {
-        tracing::info!(
-            "admin API on /v1/admin/ (the metrics listener, and HTTPS on TLS listeners)"
-        );
+        use crate::config::fleet::AdminListen;
+        // Where it answers, as bound (port 0 resolved).
+        let bound = |l: &Option<tokio::net::TcpListener>| l.as_ref()?.local_addr().ok();
+        let on = match settings.fleet.admin_listen {
+            AdminListen::Own(_) => bound(&admin_listener),
+            AdminListen::Metrics => bound(&metrics_listener),
+        };
+        match on {
+            Some(a) => {
+                tracing::info!(%a, https_listeners = settings.fleet.admin_https_listeners, "admin API on http://{a}/v1/admin/");
+                if !a.ip().is_loopback() {
+                    tracing::warn!(%a, "the admin API answers plain HTTP on a non-loopback address: its keys cross the network in the clear; keep it on loopback or a private network, or use [admin] https_listeners");
+                }
+            }
+            None if settings.fleet.admin_https_listeners => {
+                tracing::info!("admin API over HTTPS on the TLS listeners only");
+            }
+            None => tracing::warn!(
+                "[admin] keys are set but the admin API answers nowhere: no metrics listener, no [admin] listen, no https_listeners"
+            ),
+        }
     }
     let test_page = settings.test_page.clone().map(|t| {
         Arc::new(TestPage::new(
@@ -312,7 +368,11 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
         )
         .merge(echo_routes.clone())
         .merge(Arc::clone(&credentials).routes())
-        .merge(Arc::clone(&admin).routes(false))
+        .merge(if settings.fleet.admin_https_listeners {
+            Arc::clone(&admin).routes(false)
+        } else {
+            axum::Router::new()
+        })
         .merge(test_page.unwrap_or_default()),
     });
     let mut per_shard: Vec<(Vec<_>, Vec<_>)> =
@@ -372,10 +432,26 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
         snapshot: None,
     };
     rt.block_on(async {
+        let admin_on_metrics =
+            reloader.current.fleet.admin_listen == crate::config::fleet::AdminListen::Metrics;
+        if let Some(l) = admin_listener {
+            let refusals = Arc::clone(&metrics);
+            tokio::spawn(crate::http::serve(
+                l,
+                Arc::clone(&admin).routes(true),
+                Arc::clone(&admission),
+                http_limits,
+                move |why| refusals.connection_refused(why),
+            ));
+        }
         if let Some(l) = metrics_listener {
             let app = metrics::router(Arc::clone(&metrics), Arc::clone(&shared), true)
                 .merge(echo_routes)
-                .merge(Arc::clone(&admin).routes(true));
+                .merge(if admin_on_metrics {
+                    Arc::clone(&admin).routes(true)
+                } else {
+                    axum::Router::new()
+                });
             let refusals = Arc::clone(&metrics);
             tokio::spawn(crate::http::serve(
                 l,
@@ -399,6 +475,7 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
                 Arc::clone(&fleet.status),
                 store_tx,
                 Duration::from_secs(30),
+                local.clone(),
             ));
         }
         tokio::spawn(fleet_loop(Arc::clone(&fleet), Arc::clone(&shared)));

@@ -22,6 +22,10 @@ pub struct StoreConfig {
     /// How this relay names itself in the store's `relays` table (default: the host name).
     #[serde(default)]
     pub relay_name: Option<String>,
+    /// Where the relay keeps the store's last snapshot and the usage not yet written (default:
+    /// the SQLite file's folder, or `/var/lib/turnpike` for PostgreSQL).
+    #[serde(default)]
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 /// One `[[admin.keys]]` entry.
@@ -40,6 +44,27 @@ pub struct AdminKeyConfig {
 pub struct AdminConfig {
     #[serde(default)]
     pub keys: Vec<AdminKeyConfig>,
+    /// Where the admin API answers: `"metrics"` (the metrics listener, the default) or an
+    /// `IP:PORT` of its own.
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// Also over HTTPS on the relay's `tls://` listeners.
+    #[serde(default)]
+    pub https_listeners: bool,
+    /// Where its siblings reach this relay's admin API (`http://IP:PORT` or `https://...`),
+    /// published in the store so that any relay answers for the fleet's allocations.
+    #[serde(default)]
+    pub advertise: Option<String>,
+}
+
+/// Where the admin API answers besides the TLS listeners.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AdminListen {
+    /// On the metrics listener.
+    #[default]
+    Metrics,
+    /// On a listener of its own (plain HTTP).
+    Own(SocketAddr),
 }
 
 /// `[sessions]`.
@@ -95,8 +120,15 @@ pub struct RedirectConfig {
 #[derive(Debug, Default, PartialEq)]
 pub struct FleetSettings {
     pub store_url: Option<Secret>,
+    /// The state folder, with a store: `[store] state_dir` or its default.
+    pub state_dir: Option<std::path::PathBuf>,
     pub relay_name: String,
     pub admin_keys: Vec<(String, ApiKeyHash)>,
+    pub admin_listen: AdminListen,
+    /// The admin API also over HTTPS on the TLS listeners.
+    pub admin_https_listeners: bool,
+    /// Where siblings reach this relay's admin API.
+    pub admin_advertise: Option<String>,
     pub session_log: bool,
     pub max_allocations: u64,
     pub siblings: Vec<Alternate>,
@@ -164,6 +196,23 @@ pub(super) fn resolve(
             ApiKeyHash::parse(&k.hash).map_err(|e| err(&format!("admin.keys[{i}].hash"), e))?;
         admin_keys.push((k.name.clone(), hash));
     }
+    let admin_listen = match admin.listen.as_deref() {
+        None | Some("metrics") => AdminListen::Metrics,
+        Some(a) => AdminListen::Own(
+            a.parse()
+                .map_err(|_| err("admin.listen", format!("{a:?}: \"metrics\" or IP:PORT")))?,
+        ),
+    };
+    let admin_advertise = match admin.advertise.as_deref() {
+        Some(u) if u.starts_with("http://") || u.starts_with("https://") => Some(u.to_owned()),
+        Some(u) => {
+            return Err(err(
+                "admin.advertise",
+                format!("{u:?}: http://IP:PORT or https://NAME:PORT"),
+            ))
+        }
+        None => None,
+    };
     let siblings = redirect
         .siblings
         .iter()
@@ -176,15 +225,38 @@ pub(super) fn resolve(
         .map(|a| sibling(a, "redirect.advertise", err))
         .transpose()?;
     let relay_name = store.relay_name.clone().unwrap_or_else(host_name);
+    let state_dir = store_url.as_ref().map(|url| match &store.state_dir {
+        Some(d) => d.clone(),
+        None => default_state_dir(&url.0),
+    });
     Ok(FleetSettings {
         store_url,
+        state_dir,
         relay_name,
         admin_keys,
+        admin_listen,
+        admin_https_listeners: admin.https_listeners,
+        admin_advertise,
         session_log: sessions.log,
         max_allocations: redirect.max_allocations,
         siblings,
         advertise,
     })
+}
+
+/// Where a store's local state goes by default: beside a SQLite file, else the relay's state
+/// folder (systemd's `StateDirectory`, the container's volume).
+fn default_state_dir(url: &str) -> std::path::PathBuf {
+    let sqlite = !(url.starts_with("postgres://")
+        || url.starts_with("postgresql://")
+        || url.contains("host="));
+    let path = url.strip_prefix("sqlite:").unwrap_or(url);
+    let path = std::path::Path::new(path.strip_prefix("//").unwrap_or(path));
+    match path.parent() {
+        Some(dir) if sqlite && !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        Some(_) if sqlite => std::path::PathBuf::from("."),
+        _ => std::path::PathBuf::from("/var/lib/turnpike"),
+    }
 }
 
 /// The machine's host name (a pod's name on Kubernetes).

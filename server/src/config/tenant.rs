@@ -18,9 +18,24 @@ use turnpike_proto::tenant::{DEFAULT_TENANT, NO_TENANT, TEST_PAGE_TENANT};
 pub const DEFAULT_MAX_TTL: u64 = 86_400;
 pub const DEFAULT_TTL: u64 = 3_600;
 
-/// The SHA-256 of a credential-service API key, as the configuration stores it.
-#[derive(Clone, PartialEq, Eq)]
+/// The SHA-256 of a credential-service API key, as the configuration stores it. Compared in
+/// constant time, so a caller timing the answers learns nothing of the hashes held.
+#[derive(Clone, Eq)]
 pub struct ApiKeyHash(pub [u8; 32]);
+
+impl PartialEq for ApiKeyHash {
+    fn eq(&self, other: &Self) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.ct_eq(&other.0).into()
+    }
+}
+
+impl ApiKeyHash {
+    /// Whether `self` is among `keys`, looking at every one of them (no early return).
+    pub fn is_in<'a>(&self, keys: impl IntoIterator<Item = &'a ApiKeyHash>) -> bool {
+        keys.into_iter().fold(false, |found, k| found | (k == self))
+    }
+}
 
 impl std::fmt::Debug for ApiKeyHash {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -350,8 +350,8 @@ impl Shard {
         let now = Instant::now();
         core.handle_timeout(now);
         // An operator's requests: allocations to end, and a list to answer.
-        for id in self.fleet.board.ends_for(self.index) {
-            core.end(id);
+        for (id, answer) in self.fleet.board.ends_for(self.index) {
+            let _ = answer.send(core.end(id));
         }
         let tenants = core.shared().tenant_names();
         if let Some(request) = self.fleet.board.wanted(self.index) {

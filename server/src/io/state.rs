@@ -145,9 +145,10 @@ impl Shard {
                 }
                 Some(Event::Ended(s)) => {
                     let tenants = self.core.borrow().shared().tenant_names();
-                    self.fleet
-                        .sessions
-                        .record(&crate::fleet::SessionRecord::of(&s, &tenants));
+                    let record = crate::fleet::SessionRecord::of(&s, &tenants);
+                    if !self.fleet.sessions.record(&record) {
+                        self.metrics.session_record_dropped();
+                    }
                 }
                 Some(Event::Freed(id)) => {
                     let mut relays = self.relays.borrow_mut();

@@ -170,7 +170,7 @@ impl Shard {
         if bytes > 0 {
             self.core
                 .borrow_mut()
-                .count_stream_bytes(quota.tenant, to_peer, bytes);
+                .count_stream_bytes(quota, to_peer, bytes);
         }
     }
 }

@@ -3,14 +3,12 @@
 //! [`Postgres::connect`], which [`super::watch`] calls; queries between two connections fail
 //! with [`StoreError::Down`].
 
-use std::sync::Arc;
-
 use futures_util::StreamExt;
-use tokio::sync::{mpsc, RwLock};
+use tokio::sync::{mpsc, Mutex};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 
-use super::{pending, Result, StoreError, Val};
+use super::{backfill_keys, pending, Done, Op, Result, StoreError, Val, KEYS_VERSION};
 
 /// The channel changes are announced on.
 pub(super) const CHANNEL: &str = "turnpike_store";
@@ -20,7 +18,9 @@ const MIGRATION_LOCK: i64 = 0x7475_726e_7069_6b65; // "turnpike"
 
 pub(super) struct Postgres {
     url: String,
-    client: RwLock<Option<Arc<Client>>>,
+    /// One connection, used by one call at a time: a transaction on it is never shared with
+    /// another caller's statements.
+    client: Mutex<Option<Client>>,
 }
 
 fn db(e: impl std::fmt::Display) -> StoreError {
@@ -39,14 +39,14 @@ impl Postgres {
     pub(super) fn new(url: &str) -> Postgres {
         Postgres {
             url: url.to_owned(),
-            client: RwLock::new(None),
+            client: Mutex::new(None),
         }
     }
 
     /// Connects, migrates, listens; returns the receiver of change notices (None when the
     /// connection ends).
     pub(super) async fn connect(&self) -> Result<Option<mpsc::Receiver<()>>> {
-        *self.client.write().await = None;
+        *self.client.lock().await = None;
         let (client, mut connection) = tokio_postgres::connect(&self.url, NoTls)
             .await
             .map_err(|e| StoreError::Down(detail(&e)))?;
@@ -81,12 +81,28 @@ impl Postgres {
             .await
             .map_err(down)?
             .get(0);
+        let mut client = client;
         let migrated = async {
             for (v, sql) in pending(version)? {
-                client
-                    .batch_execute(&format!("BEGIN; {sql} COMMIT;"))
-                    .await
-                    .map_err(|e| db(format!("migration {v}: {}", detail(&e))))?;
+                let migration =
+                    |e: tokio_postgres::Error| db(format!("migration {v}: {}", detail(&e)));
+                let tx = client.transaction().await.map_err(migration)?;
+                tx.batch_execute(&sql).await.map_err(migration)?;
+                if v == KEYS_VERSION {
+                    let tenants: Vec<Vec<Val>> = tx
+                        .query("SELECT name, doc FROM tenants", &[])
+                        .await
+                        .map_err(migration)?
+                        .iter()
+                        .map(row)
+                        .collect();
+                    for (sql, params) in backfill_keys(&tenants) {
+                        tx.execute(sql.as_str(), &to_sql(&params))
+                            .await
+                            .map_err(migration)?;
+                    }
+                }
+                tx.commit().await.map_err(migration)?;
                 tracing::info!(version = v, "store schema migrated");
             }
             Ok::<_, StoreError>(())
@@ -100,53 +116,104 @@ impl Postgres {
             .map_err(down);
         migrated?;
         unlocked?;
-        *self.client.write().await = Some(Arc::new(client));
+        *self.client.lock().await = Some(client);
         Ok(Some(rx))
     }
 
-    async fn client(&self) -> Result<Arc<Client>> {
-        self.client
-            .read()
-            .await
-            .clone()
-            .filter(|c| !c.is_closed())
-            .ok_or_else(|| StoreError::Down("not connected".into()))
+    /// The connection, for one call.
+    async fn client(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>> {
+        let c = self.client.lock().await;
+        match c.as_ref() {
+            Some(client) if !client.is_closed() => Ok(c),
+            _ => Err(StoreError::Down("not connected".into())),
+        }
     }
 
     pub(super) async fn exec(&self, sql: &str, params: Vec<Val>) -> Result<u64> {
-        let c = self.client().await?;
+        let guard = self.client().await?;
+        let c = guard
+            .as_ref()
+            .ok_or_else(|| StoreError::Down("not connected".into()))?;
         let refs = to_sql(&params);
-        c.execute(sql, &refs).await.map_err(|e| fail(&c, &e))
+        c.execute(sql, &refs).await.map_err(|e| fail(c, &e))
     }
 
     pub(super) async fn query(&self, sql: &str, params: Vec<Val>) -> Result<Vec<Vec<Val>>> {
-        let c = self.client().await?;
+        let guard = self.client().await?;
+        let c = guard
+            .as_ref()
+            .ok_or_else(|| StoreError::Down("not connected".into()))?;
         let refs = to_sql(&params);
-        let rows = c.query(sql, &refs).await.map_err(|e| fail(&c, &e))?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                r.columns()
-                    .iter()
-                    .enumerate()
-                    .map(|(i, col)| match *col.type_() {
-                        Type::INT8 | Type::INT4 => {
-                            r.get::<_, Option<i64>>(i).map_or(Val::Null, Val::Int)
-                        }
-                        _ => r.get::<_, Option<String>>(i).map_or(Val::Null, Val::Text),
-                    })
-                    .collect()
-            })
-            .collect())
+        let rows = c.query(sql, &refs).await.map_err(|e| fail(c, &e))?;
+        Ok(rows.iter().map(row).collect())
+    }
+
+    /// Runs `ops` in one transaction (see [`Op`]); `reads` are queries it runs after them,
+    /// in the same transaction.
+    pub(super) async fn transact(&self, ops: Vec<Op>) -> Result<Done> {
+        let mut guard = self.client().await?;
+        let c = guard
+            .as_mut()
+            .ok_or_else(|| StoreError::Down("not connected".into()))?;
+        let closed = |c: &Client, e: &tokio_postgres::Error| fail(c, e);
+        let tx = match c.transaction().await {
+            Ok(tx) => tx,
+            Err(e) => return Err(StoreError::Down(detail(&e))),
+        };
+        let mut changed = Vec::with_capacity(ops.len());
+        for op in &ops {
+            let refs = to_sql(&op.params);
+            let n = match tx.execute(op.sql.as_str(), &refs).await {
+                Ok(n) => n,
+                Err(e) => {
+                    let err = refusal(&e).unwrap_or_else(|| StoreError::Db(detail(&e)));
+                    let _ = tx.rollback().await;
+                    return Err(match closed(c, &e) {
+                        StoreError::Down(d) => StoreError::Down(d),
+                        _ => err,
+                    });
+                }
+            };
+            if op.guard && n == 0 {
+                let _ = tx.rollback().await;
+                return Ok(Done::Skipped);
+            }
+            changed.push(n);
+        }
+        match tx.commit().await {
+            Ok(()) => Ok(Done::Committed(changed)),
+            Err(e) => Err(StoreError::Down(detail(&e))),
+        }
     }
 }
 
-/// Down when the connection is gone, else the database's refusal.
+/// One row as values.
+fn row(r: &tokio_postgres::Row) -> Vec<Val> {
+    r.columns()
+        .iter()
+        .enumerate()
+        .map(|(i, col)| match *col.type_() {
+            Type::INT8 | Type::INT4 => r.get::<_, Option<i64>>(i).map_or(Val::Null, Val::Int),
+            _ => r.get::<_, Option<String>>(i).map_or(Val::Null, Val::Text),
+        })
+        .collect()
+}
+
+/// A constraint's refusal (a clash), where that is what failed.
+fn refusal(e: &tokio_postgres::Error) -> Option<StoreError> {
+    let code = e.code()?;
+    (*code == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+        || *code == tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE)
+        .then(|| StoreError::Conflict(detail(e)))
+}
+
+/// Down when the connection is gone, a conflict for a constraint's refusal, else the
+/// database's refusal.
 fn fail(c: &Client, e: &tokio_postgres::Error) -> StoreError {
     if c.is_closed() || e.is_closed() {
         StoreError::Down(detail(e))
     } else {
-        db(detail(e))
+        refusal(e).unwrap_or_else(|| db(detail(e)))
     }
 }
 

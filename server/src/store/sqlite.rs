@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::types::{ToSqlOutput, Value, ValueRef};
 
-use super::{pending, Result, StoreError, Val};
+use super::{backfill_keys, pending, Done, Op, Result, StoreError, Val, KEYS_VERSION};
 
 pub(super) struct Sqlite {
     conn: Arc<Mutex<rusqlite::Connection>>,
@@ -13,6 +13,14 @@ pub(super) struct Sqlite {
 
 fn db(e: impl std::fmt::Display) -> StoreError {
     StoreError::Db(e.to_string())
+}
+
+/// A refusal by a constraint (a clash) apart from other failures.
+fn sql(e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::ConstraintViolation) => StoreError::Conflict(e.to_string()),
+        _ => db(e),
+    }
 }
 
 impl rusqlite::ToSql for Val {
@@ -50,6 +58,19 @@ impl Sqlite {
             let tx = conn.unchecked_transaction().map_err(db)?;
             tx.execute_batch(&sql)
                 .map_err(|e| db(format!("{path}: migration {v}: {e}")))?;
+            if v == KEYS_VERSION {
+                let tenants = {
+                    let mut stmt = tx.prepare("SELECT name, doc FROM tenants").map_err(db)?;
+                    let rows = stmt
+                        .query_map([], |r| Ok(vec![Val::Text(r.get(0)?), Val::Text(r.get(1)?)]))
+                        .map_err(db)?;
+                    rows.collect::<rusqlite::Result<Vec<_>>>().map_err(db)?
+                };
+                for (sql, params) in backfill_keys(&tenants) {
+                    tx.execute(&sql, rusqlite::params_from_iter(params.iter()))
+                        .map_err(db)?;
+                }
+            }
             tx.commit().map_err(db)?;
             tracing::info!(store = path, version = v, "store schema migrated");
         }
@@ -65,10 +86,29 @@ impl Sqlite {
         let conn = Arc::clone(&self.conn);
         tokio::task::spawn_blocking(move || {
             let c = conn.lock().map_err(|_| db("poisoned"))?;
-            f(&c).map_err(db)
+            f(&c).map_err(sql)
         })
         .await
         .map_err(db)?
+    }
+
+    /// Runs `ops` in one transaction (see [`Op`]).
+    pub(super) async fn transact(&self, ops: Vec<Op>) -> Result<Done> {
+        self.with(move |c| {
+            let tx = c.unchecked_transaction()?;
+            let mut changed = Vec::with_capacity(ops.len());
+            for op in &ops {
+                let n = tx.execute(&op.sql, rusqlite::params_from_iter(op.params.iter()))?;
+                if op.guard && n == 0 {
+                    tx.rollback()?;
+                    return Ok(Done::Skipped);
+                }
+                changed.push(n as u64);
+            }
+            tx.commit()?;
+            Ok(Done::Committed(changed))
+        })
+        .await
     }
 
     pub(super) async fn exec(&self, sql: &str, params: Vec<Val>) -> Result<u64> {

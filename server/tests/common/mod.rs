@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use turnpike_proto::stun::{attr, method, Builder, Class, Message, TransactionId, MAGIC_COOKIE};
 
+pub mod fleet;
+
 pub const REALM: &str = "turnpike.test";
 
 /// The relay binary: Cargo's own path in the relay's tests; in other packages' tests (the
