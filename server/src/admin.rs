@@ -505,6 +505,10 @@ impl Admin {
         };
         match result {
             Ok((status, body)) => json(status, &body),
+            // The database refused a clash another relay wrote meanwhile: nothing written.
+            Err(e @ crate::store::StoreError::Conflict(_)) => {
+                error(StatusCode::CONFLICT, e.to_string())
+            }
             Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         }
     }

@@ -56,3 +56,44 @@ fn chromium_relay_only_data_channels_over_every_transport() {
         "{refused}"
     );
 }
+
+/// Chromium (libwebrtc) follows a 300 Try Alternate: given only a draining relay's URL, its
+/// relay candidates come from the sibling the relay names, and the data channel opens.
+#[test]
+fn chromium_follows_a_draining_relays_300_to_its_sibling() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let out = run_tool(
+        "unshare",
+        &[
+            "--net",
+            "--fork",
+            &format!("{root}/tests/browser/redirect-in-netns.sh"),
+            env!("CARGO_BIN_EXE_turnpike"),
+        ],
+        180,
+    );
+    let result = out
+        .lines()
+        .find(|l| l.starts_with("{\"url\""))
+        .unwrap_or_else(|| panic!("no result:\n{out}"));
+    assert!(
+        result.contains("\"open\":true") && result.contains("\"echo\":\"echo:hello\""),
+        "{out}"
+    );
+    let count = |who: &str| -> f64 {
+        out.lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!("{who}-allocations: ")).or_else(|| {
+                    (who == "a-before")
+                        .then(|| l.strip_prefix("a-before: "))
+                        .flatten()
+                })
+            })
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    // The sibling made Chromium's two allocations; the draining relay none after it drained
+    // (before, it made the holder's).
+    assert_eq!(count("b"), 2.0, "{out}");
+    assert_eq!(count("a"), count("a-before"), "{out}");
+}

@@ -480,3 +480,138 @@ fn a_full_relay_picks_the_sibling_that_publishes_its_load_in_the_store() {
     });
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A Allocate over `tls`, signed with MESSAGE-INTEGRITY-SHA256 (`sha256`) or -SHA1, after the
+/// 401 that gives the nonce: the answer.
+async fn tls_allocate<S>(tls: &mut S, user: &str, password: &str, sha256: bool) -> common::Response
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use turnpike_proto::stun::{Builder, Class, TransactionId, MAGIC_COOKIE};
+    let tid = |n: u8| {
+        let mut t = [n; 16];
+        t[..4].copy_from_slice(&MAGIC_COOKIE.to_be_bytes());
+        TransactionId(t)
+    };
+    let mut first = Vec::new();
+    Builder::new(&mut first, Class::Request, method::ALLOCATE, tid(1))
+        .u32(attr::REQUESTED_TRANSPORT, 17 << 24)
+        .fingerprint();
+    let challenge = common::stream_exchange(tls, &first).await;
+    assert_eq!(challenge.code(), Some(401));
+    let (nonce, realm) = {
+        let m = challenge.msg();
+        (
+            m.get(attr::NONCE).expect("nonce").to_vec(),
+            String::from_utf8_lossy(m.get(attr::REALM).expect("realm")).into_owned(),
+        )
+    };
+    let mut req = Vec::new();
+    let mut b = Builder::new(&mut req, Class::Request, method::ALLOCATE, tid(2));
+    b.u32(attr::REQUESTED_TRANSPORT, 17 << 24)
+        .attr(attr::USERNAME, user.as_bytes())
+        .attr(attr::REALM, realm.as_bytes())
+        .attr(attr::NONCE, &nonce);
+    if sha256 {
+        b.attr(
+            attr::PASSWORD_ALGORITHMS,
+            &turnpike_proto::auth::PASSWORD_ALGORITHMS,
+        )
+        .u32(attr::PASSWORD_ALGORITHM, 0x0002_0000)
+        .integrity_sha256(&turnpike_proto::auth::long_term_key_sha256(
+            user, &realm, password,
+        ));
+    } else {
+        b.integrity_sha1(&turnpike_proto::auth::long_term_key(user, &realm, password));
+    }
+    b.fingerprint();
+    common::stream_exchange(tls, &req).await
+}
+
+/// Over TLS a draining relay names its sibling's TLS address and, to a client that signs
+/// with MESSAGE-INTEGRITY-SHA256 (so implements RFC 8489), ALTERNATE-DOMAIN: the name on the
+/// sibling's certificate, another than its own. The client checks the sibling against that
+/// name and allocates there. A client that signs with SHA-1 gets no ALTERNATE-DOMAIN.
+#[tokio::test]
+async fn a_tls_redirect_names_the_siblings_certificate_to_an_rfc_8489_client() {
+    let dir = temp_dir("tls-redirect");
+    let a_cert = common::TestCert::new("tls-redirect-a", &["a.test"]);
+    let s_cert = common::TestCert::new("tls-redirect-s", &["sibling.test"]);
+    let tls_flags = |c: &common::TestCert| {
+        vec![
+            "--listen".to_owned(),
+            "tls://127.0.0.1:0".to_owned(),
+            "--cert".to_owned(),
+            c.cert.display().to_string(),
+            "--key".to_owned(),
+            c.key.display().to_string(),
+            "--drain-grace".to_owned(),
+            "60".to_owned(),
+        ]
+    };
+    let flags = tls_flags(&s_cert);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let sibling = relay(
+        &dir,
+        "sibling",
+        &format!("sqlite:{}", dir.join("s.db").display()),
+        "",
+        &flags,
+    );
+    let s_tls = sibling.addr_of("tls");
+    let flags = tls_flags(&a_cert);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let a = relay(
+        &dir,
+        "a",
+        &format!("sqlite:{}", dir.join("a.db").display()),
+        &format!("[redirect]\nsiblings = [{{ tls = [\"{s_tls}\"], domain = \"sibling.test\" }}]\n"),
+        &flags,
+    );
+    let secret = "the-top-level-secret-0123456789";
+    let (_held, _) = allocate_when_accepted(a.udp, secret, "keep", 10);
+    a.signal(libc::SIGTERM);
+    a.wait_for_log("draining: new allocations refused");
+    wait_until(10, "redirecting", || {
+        a.metric("turnpike_redirecting") == 1.0
+    });
+    let mut roots = rustls::RootCertStore::empty();
+    for c in [&a_cert, &s_cert] {
+        roots
+            .add(rustls::pki_types::CertificateDer::from(c.der.clone()))
+            .expect("root");
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let connect = |addr: SocketAddr, name: &'static str| {
+        let connector = connector.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("tcp");
+            let name = rustls::pki_types::ServerName::try_from(name).expect("name");
+            connector.connect(name, tcp).await.expect("TLS handshake")
+        }
+    };
+    let (u, p) = credentials(secret, "redirected");
+    let domain = |r: &common::Response| {
+        r.msg()
+            .get(attr::ALTERNATE_DOMAIN)
+            .map(|d| String::from_utf8_lossy(d).into_owned())
+    };
+    let mut tls = connect(a.addr_of("tls"), "a.test").await;
+    let r = tls_allocate(&mut tls, &u, &p, true).await;
+    assert_eq!(r.code(), Some(300));
+    let to = alternate_of(&r).expect("ALTERNATE-SERVER");
+    assert_eq!((to, domain(&r)), (s_tls, Some("sibling.test".to_owned())));
+    // As RFC 8489 §10 says: the sibling checked against ALTERNATE-DOMAIN, same credentials.
+    let mut there = connect(to, "sibling.test").await;
+    assert_eq!(tls_allocate(&mut there, &u, &p, true).await.code(), None);
+    // An RFC 5389 client (SHA-1) gets the address, not the domain it would not understand.
+    let mut old = connect(a.addr_of("tls"), "a.test").await;
+    let r = tls_allocate(&mut old, &u, &p, false).await;
+    assert_eq!((r.code(), domain(&r)), (Some(300), None));
+}

@@ -119,8 +119,7 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
     let bound: Vec<_> = listeners.iter().filter_map(io::Bound::local_addr).collect();
 
     let config = core_config(&settings, &plan, &bound);
-    let mut nonce_key = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut nonce_key);
+    let nonce_key = nonce_key(&settings);
     let shared = Arc::new(Shared::new(
         config,
         QuotaState::new(settings.quotas.total_allocations),
@@ -520,6 +519,32 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
     // The last sessions' usage (the allocations the stop ended).
     rt.block_on(fleet.flush_usage());
     Ok(())
+}
+
+/// The key the relay's stateless nonces are made with. Every relay of a fleet needs the same
+/// one, so that a client redirected to a sibling (300 Try Alternate) keeps its nonce there
+/// (libwebrtc does not take a 438 on Allocate): `auth.nonce_secret`, else one derived from
+/// the first shared secret (the fleet shares it), else a random one for this run.
+fn nonce_key(settings: &crate::config::Settings) -> [u8; 32] {
+    use hmac::Mac;
+    let seed = settings.nonce_secret.clone().or_else(|| {
+        settings
+            .tenants
+            .iter()
+            .find(|t| t.name == turnpike_proto::tenant::DEFAULT_TENANT)
+            .or(settings.tenants.first())
+            .and_then(|t| t.secrets.first().cloned())
+    });
+    let Some(seed) = seed else {
+        let mut key = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut key);
+        return key;
+    };
+    let Ok(mut mac) = hmac::Hmac::<sha2::Sha256>::new_from_slice(seed.0.as_bytes()) else {
+        return [0u8; 32];
+    };
+    mac.update(b"turnpike nonce key v1");
+    mac.finalize().into_bytes().into()
 }
 
 /// Fleet chores off the packet path: the redirect (twice a second), this relay's published

@@ -41,6 +41,14 @@ pub struct Cli {
         value_delimiter = ','
     )]
     pub auth_secrets: Vec<String>,
+    /// What nonces are keyed by; the same on every relay of a fleet (a client redirected to
+    /// a sibling keeps its nonce). Default: derived from the first shared secret.
+    #[arg(
+        long = "nonce-secret",
+        env = "TURNPIKE_NONCE_SECRET",
+        hide_env_values = true
+    )]
+    pub nonce_secret: Option<String>,
     /// Address relay sockets bind to (repeatable: one IPv4, one IPv6).
     #[arg(long = "relay-ip", value_name = "IP")]
     pub relay_ips: Vec<IpAddr>,

@@ -254,6 +254,10 @@ pub struct AuthConfig {
     pub credential_max_ttl_secs: Option<u64>,
     #[serde(default)]
     pub ice_urls: Vec<String>,
+    /// What the relay's nonces are keyed by: one value for every relay of a fleet, so that
+    /// a client redirected to a sibling (300) is not refused its nonce there.
+    #[serde(default)]
+    pub nonce_secret: Option<Secret>,
 }
 
 impl Default for AuthConfig {
@@ -269,6 +273,7 @@ impl Default for AuthConfig {
             credential_ttl_secs: None,
             credential_max_ttl_secs: None,
             ice_urls: Vec::new(),
+            nonce_secret: None,
         }
     }
 }

@@ -149,6 +149,8 @@ pub struct Settings {
     pub users: Vec<(String, Secret)>,
     pub secrets: Vec<Secret>,
     pub nonce_lifetime_secs: u64,
+    /// What nonces are keyed by (`auth.nonce_secret`); None: from the first shared secret.
+    pub nonce_secret: Option<Secret>,
     pub default_lifetime: u32,
     pub max_lifetime: u32,
     pub max_permissions: usize,

@@ -385,6 +385,12 @@ impl Settings {
             users,
             secrets,
             nonce_lifetime_secs: f.auth.nonce_lifetime_secs,
+            nonce_secret: cli
+                .nonce_secret
+                .clone()
+                .map(Secret)
+                .or(f.auth.nonce_secret)
+                .filter(|s| !s.0.is_empty()),
             default_lifetime: f.allocation.default_lifetime_secs,
             max_lifetime,
             max_permissions: f.allocation.max_permissions,

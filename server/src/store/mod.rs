@@ -346,7 +346,7 @@ impl Store {
             || url.starts_with("postgresql://")
             || url.contains("host=")
         {
-            Backend::Postgres(Box::new(postgres::Postgres::new(url)))
+            Backend::Postgres(Box::new(postgres::Postgres::new(url)?))
         } else {
             let path = url.strip_prefix("sqlite:").unwrap_or(url);
             let path = path.strip_prefix("//").unwrap_or(path);

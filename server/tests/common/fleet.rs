@@ -184,10 +184,39 @@ impl Postgres {
             .expect("PostgreSQL (.ci/run installs postgresql)")
     }
 
+    /// A server that also listens on 127.0.0.1:`port` with TLS (the certificate and key
+    /// of `cert`), besides its Unix socket.
+    pub fn start_tls(dir: &std::path::Path, cert: &super::TestCert, port: u16) -> Postgres {
+        std::fs::create_dir_all(dir).expect("dir");
+        std::fs::copy(&cert.cert, dir.join("server.crt")).expect("cert");
+        std::fs::copy(&cert.key, dir.join("server.key")).expect("key");
+        run_tool(
+            "chmod",
+            &["600", &dir.join("server.key").display().to_string()],
+            10,
+        );
+        let tls = format!(
+            "-c listen_addresses=127.0.0.1 -c ssl=on -c ssl_cert_file={} -c ssl_key_file={} -c port={port}",
+            dir.join("server.crt").display(),
+            dir.join("server.key").display()
+        );
+        std::fs::write(dir.join("extra-options"), tls).expect("options");
+        Postgres::start(dir)
+    }
+
+    /// The port it listens on (5432 on its socket, or the TLS test's TCP port).
+    fn port(&self) -> String {
+        std::fs::read_to_string(self.dir.join("extra-options"))
+            .ok()
+            .and_then(|o| o.split("port=").nth(1).map(|p| p.trim().to_owned()))
+            .unwrap_or_else(|| "5432".into())
+    }
+
     /// Starts the server and waits (`-w`) until it accepts connections.
     pub fn run(&self) {
+        let extra = std::fs::read_to_string(self.dir.join("extra-options")).unwrap_or_default();
         let opts = format!(
-            "-k {} -c listen_addresses= -c fsync=off -p 5432",
+            "-k {} -c fsync=off -c listen_addresses= -p 5432 {extra}",
             self.dir.join("pgsock").display()
         );
         let log = self.dir.join("pg.log").display().to_string();
@@ -214,10 +243,37 @@ impl Postgres {
         );
     }
 
+    /// Runs `sql` with psql on the test's server; its output (an error fails the test).
+    pub fn sql(&self, sql: &str) -> String {
+        let sock = self.dir.join("pgsock").display().to_string();
+        let out = self.as_postgres(
+            "psql",
+            &[
+                "-h",
+                &sock,
+                "-p",
+                &self.port(),
+                "-d",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-tAc",
+                sql,
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
     pub fn url(&self) -> String {
         format!(
-            "host={} port=5432 user=postgres dbname=postgres",
-            self.dir.join("pgsock").display()
+            "host={} port={} user=postgres dbname=postgres",
+            self.dir.join("pgsock").display(),
+            self.port()
         )
     }
 
