@@ -920,6 +920,42 @@ mod tests {
         }
     }
 
+    /// Relays starting together on one new SQLite file: each opens it, and it is migrated once.
+    #[test]
+    fn relays_opening_one_new_sqlite_file_at_once_all_start() {
+        for round in 0..10 {
+            let dir = std::env::temp_dir().join(format!(
+                "turnpike-store-race-{}-{round}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("dir");
+            let url = format!("sqlite:{}", dir.join("fleet.db").display());
+            let start = std::sync::Arc::new(std::sync::Barrier::new(4));
+            let opened: Vec<_> = (0..4)
+                .map(|_| {
+                    let (url, start) = (url.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        Store::open(&url).map(|_| ()).map_err(|e| e.to_string())
+                    })
+                })
+                .collect();
+            for o in opened {
+                o.join()
+                    .expect("thread")
+                    .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            }
+            let conn = rusqlite::Connection::open(dir.join("fleet.db")).expect("open");
+            let versions: Vec<i64> = conn
+                .prepare("SELECT version FROM turnpike_schema")
+                .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+                .expect("versions");
+            assert_eq!(versions, [SCHEMA_VERSION], "round {round}");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+
     #[tokio::test]
     async fn sqlite_keeps_tenants_users_revocations_and_usage() {
         let dir = std::env::temp_dir().join(format!("turnpike-store-{}", std::process::id()));
@@ -936,6 +972,15 @@ mod tests {
         assert_eq!(s.tenants[0].doc, doc);
         assert_eq!(s.tenants[0].users, vec![("alice".into(), "pw".into())]);
         assert_eq!(s.revocations, vec![("default".into(), "mallory".into())]);
+        // The file and its WAL hold the secrets: the relay's user's alone, whatever the umask.
+        use std::os::unix::fs::PermissionsExt;
+        for file in ["store.db", "store.db-wal"] {
+            let mode = std::fs::metadata(dir.join(file))
+                .expect(file)
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{file}: {mode:o}");
+        }
         let row = UsageRow {
             tenant: "acme".into(),
             hour: 3600,

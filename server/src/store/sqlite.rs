@@ -33,6 +33,25 @@ impl rusqlite::ToSql for Val {
     }
 }
 
+/// Switches the file to write-ahead logging (readers never wait for the writer). SQLite
+/// answers "busy" at once, without its busy handler, while another connection holds a lock
+/// during the switch: retried for up to five seconds, as `busy_timeout` would wait.
+fn wal(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0)) {
+            Ok(_) => return Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 impl Sqlite {
     /// Opens (creating) the file and brings its schema up to date.
     pub(super) fn open(path: &str) -> Result<Sqlite> {
@@ -41,21 +60,37 @@ impl Sqlite {
                 std::fs::create_dir_all(dir).map_err(|e| db(format!("{}: {e}", dir.display())))?;
             }
         }
+        // The file holds the tenants' secrets: made readable by the relay's user only,
+        // whatever the umask (SQLite gives its -wal and -shm files the same mode).
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| db(format!("{path}: {e}")))?;
+        }
         let conn = rusqlite::Connection::open(path).map_err(|e| db(format!("{path}: {e}")))?;
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 5000;
-             CREATE TABLE IF NOT EXISTS turnpike_schema (version BIGINT NOT NULL);",
-        )
-        .map_err(|e| db(format!("{path}: {e}")))?;
-        let version: Option<i64> = conn
+        conn.execute_batch("PRAGMA busy_timeout = 5000;")
+            .map_err(|e| db(format!("{path}: {e}")))?;
+        // The version read and every migration in one IMMEDIATE transaction (the file's write
+        // lock, taken before the read): relays starting together on one file migrate once,
+        // the others find it done.
+        let tx =
+            rusqlite::Transaction::new_unchecked(&conn, rusqlite::TransactionBehavior::Immediate)
+                .map_err(|e| db(format!("{path}: {e}")))?;
+        tx.execute_batch("CREATE TABLE IF NOT EXISTS turnpike_schema (version BIGINT NOT NULL);")
+            .map_err(|e| db(format!("{path}: {e}")))?;
+        let version: Option<i64> = tx
             .query_row("SELECT version FROM turnpike_schema", [], |r| r.get(0))
             .ok();
         if version.is_none() {
-            conn.execute("INSERT INTO turnpike_schema (version) VALUES (0)", [])
+            tx.execute("INSERT INTO turnpike_schema (version) VALUES (0)", [])
                 .map_err(db)?;
         }
+        let mut migrated = Vec::new();
         for (v, sql) in pending(version.unwrap_or(0))? {
-            let tx = conn.unchecked_transaction().map_err(db)?;
             tx.execute_batch(&sql)
                 .map_err(|e| db(format!("{path}: migration {v}: {e}")))?;
             if v == KEYS_VERSION {
@@ -71,7 +106,11 @@ impl Sqlite {
                         .map_err(db)?;
                 }
             }
-            tx.commit().map_err(db)?;
+            migrated.push(v);
+        }
+        tx.commit().map_err(db)?;
+        wal(&conn).map_err(|e| db(format!("{path}: journal_mode = WAL: {e}")))?;
+        for v in migrated {
             tracing::info!(store = path, version = v, "store schema migrated");
         }
         Ok(Sqlite {

@@ -272,6 +272,14 @@ impl Relay {
 
 impl Drop for Relay {
     fn drop(&mut self) {
+        // A failing test shows what the relay said.
+        if std::thread::panicking() {
+            eprintln!(
+                "--- log of the relay at {} ---\n{}",
+                self.udp,
+                self.log_text()
+            );
+        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
