@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 
 use toml::{Table, Value};
 
+use super::fleet::{AdminListen, FleetSettings};
 use super::{Listener, LogFormat, Settings, TenantSettings};
+use turnpike_proto::core::Alternate;
 use turnpike_proto::tenant::DEFAULT_TENANT;
 
 /// What stands for a secret or password in the output.
@@ -94,6 +96,9 @@ pub fn effective_toml(s: &Settings) -> String {
     if let Some(p) = &s.revoked_file {
         auth.insert("revoked_file".into(), p.display().to_string().into());
     }
+    if s.nonce_secret.is_some() {
+        auth.insert("nonce_secret".into(), HIDDEN.into());
+    }
     root.insert("auth".into(), auth.into());
 
     root.insert(
@@ -176,6 +181,7 @@ pub fn effective_toml(s: &Settings) -> String {
             ("bytes_per_sec", int(e.bytes_per_sec)),
         ]),
     );
+    fleet(&mut root, &s.fleet);
     let tenants: Vec<Value> = s
         .tenants
         .iter()
@@ -197,6 +203,63 @@ pub fn effective_toml(s: &Settings) -> String {
         );
     }
     toml::to_string(&root).unwrap_or_else(|e| format!("# cannot print the configuration: {e}\n"))
+}
+
+/// `[store]`, `[admin]`, `[sessions]` and `[redirect]`.
+fn fleet(root: &mut Table, f: &FleetSettings) {
+    let mut store = Table::new();
+    if let Some(url) = &f.store_url {
+        store.insert("url".into(), crate::store::redact(&url.0).into());
+    }
+    store.insert("relay_name".into(), f.relay_name.clone().into());
+    if let Some(d) = &f.state_dir {
+        store.insert("state_dir".into(), d.display().to_string().into());
+    }
+    root.insert("store".into(), store.into());
+    let keys = f.admin_keys.iter().map(|(name, hash)| {
+        let hex: String = hash.0.iter().map(|b| format!("{b:02x}")).collect();
+        table([
+            ("name", name.clone().into()),
+            ("hash", format!("sha256:{hex}").into()),
+        ])
+    });
+    let mut admin = Table::new();
+    admin.insert("keys".into(), Value::Array(keys.collect()));
+    admin.insert(
+        "listen".into(),
+        match f.admin_listen {
+            AdminListen::Metrics => "metrics".to_owned(),
+            AdminListen::Own(a) => a.to_string(),
+        }
+        .into(),
+    );
+    admin.insert("https_listeners".into(), f.admin_https_listeners.into());
+    if let Some(a) = &f.admin_advertise {
+        admin.insert("advertise".into(), a.clone().into());
+    }
+    root.insert("admin".into(), admin.into());
+    root.insert("sessions".into(), table([("log", f.session_log.into())]));
+    let mut redirect = Table::new();
+    redirect.insert("max_allocations".into(), int(f.max_allocations));
+    redirect.insert(
+        "siblings".into(),
+        Value::Array(f.siblings.iter().map(alternate).collect()),
+    );
+    if let Some(a) = &f.advertise {
+        redirect.insert("advertise".into(), alternate(a));
+    }
+    root.insert("redirect".into(), redirect.into());
+}
+
+fn alternate(a: &Alternate) -> Value {
+    let mut t = Table::new();
+    t.insert("udp".into(), list(a.udp.iter().map(addr)));
+    t.insert("tcp".into(), list(a.tcp.iter().map(addr)));
+    t.insert("tls".into(), list(a.tls.iter().map(addr)));
+    if let Some(d) = &a.domain {
+        t.insert("domain".into(), d.clone().into());
+    }
+    t.into()
 }
 
 fn tenant(t: &TenantSettings) -> Value {
@@ -310,6 +373,16 @@ users = [{ name = "alice", password = "alice-password-value" }]
 allow = ["10.20.0.0/16"]
 [quota]
 user_allocations = 5
+[store]
+url = "postgres://turnpike:store-password-value@db/fleet?sslmode=require"
+state_dir = "/srv/turnpike-state"
+[admin]
+keys = [{ name = "ops", hash = "sha256:6b86b273ff34fce19d6b804eff5a3f5747ada4eaa22f1d49c01e52ddb7875b4b" }]
+listen = "127.0.0.1:9642"
+advertise = "http://10.0.0.5:9642"
+[redirect]
+max_allocations = 5000
+siblings = [{ udp = ["203.0.113.7:3478"], tls = ["203.0.113.7:443"], domain = "relay-2.example.org" }]
 [[tenant]]
 name = "acme"
 realm = "acme.example"
@@ -323,6 +396,7 @@ allocations = 100
             "a-long-fleet-secret-value-0123456789",
             "alice-password-value",
             "another-long-secret-value-abcdefgh",
+            "store-password-value",
         ] {
             assert!(!out.contains(secret), "{secret} printed:\n{out}");
         }
@@ -344,6 +418,16 @@ allocations = 100
         assert_eq!(back.tenants.len(), s.tenants.len());
         assert_eq!(back.tenants[1].quotas, s.tenants[1].quotas);
         assert_eq!(back.max_tcp_connections, s.max_tcp_connections);
+        // The fleet's settings too, the store's password aside.
+        let (mut fleet, mut shown) = (back.fleet, s.fleet);
+        assert_eq!(
+            fleet.store_url.take().map(|u| u.0),
+            Some("postgres://turnpike@db/fleet?sslmode=require".to_owned()),
+            "{out}"
+        );
+        shown.store_url = None;
+        assert_eq!(fleet, shown, "{out}");
+        assert!(out.contains("state_dir = \"/srv/turnpike-state\""), "{out}");
         assert!(
             out.contains("[tcp]") && out.contains("handshake_timeout_secs = 10"),
             "{out}"
