@@ -67,7 +67,8 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 RUN groupadd --system --gid 10001 turnpike \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin turnpike \
-    && install -d -m 0755 /etc/turnpike
+    && install -d -m 0755 /etc/turnpike \
+    && install -d -m 0700 -o 10001 -g 10001 /var/lib/turnpike
 # The binaries. The relay carries CAP_NET_BIND_SERVICE as a file capability (set in the build
 # stage; COPY keeps it), so that its non-root user can bind 443 (and 3478, 5349) and nothing
 # else: run the container with `--cap-drop ALL --cap-add NET_BIND_SERVICE`. COPY, not a RUN
@@ -81,6 +82,9 @@ COPY --from=build /out/turnpike /out/turnpike-probe /usr/local/bin/
 # credentials and so is no default to run, is beside it for reference.
 COPY config/default.toml /etc/turnpike/turnpike.toml
 COPY config/turnpike.example.toml /etc/turnpike/turnpike.example.toml
+# With a tenant store, /var/lib/turnpike ([store] state_dir) holds the store's last snapshot and
+# the usage not yet written to it: mount a volume there (`-v turnpike-state:/var/lib/turnpike`)
+# so that they outlive the container. A SQLite store lives there too.
 
 LABEL org.opencontainers.image.title="turnpike" \
       org.opencontainers.image.description="Self-hostable TURN/STUN relay, and its probe" \

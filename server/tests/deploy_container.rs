@@ -67,6 +67,25 @@ fn podman(args: &[&str], secs: u64) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// `podman run` arguments for a relay as it should be run: `--network NETWORK`, a read-only
+/// root, every capability dropped but NET_BIND_SERVICE, no timer-driven health checks; then
+/// `rest`.
+fn locked_down<'a>(network: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--network",
+        network,
+        "--read-only",
+        "--cap-drop",
+        "ALL",
+        "--cap-add",
+        "NET_BIND_SERVICE",
+        "--health-interval",
+        "disable",
+    ];
+    args.extend_from_slice(rest);
+    args
+}
+
 /// A container removed (`podman rm -f`) when dropped; prints its log if the test is failing.
 struct Container {
     name: String,
@@ -126,7 +145,8 @@ impl Drop for Container {
         if std::thread::panicking() {
             eprintln!("--- log of container {} ---\n{}", self.name, self.logs());
         }
-        let _ = run("podman", &["rm", "-f", "-t", "0", &self.name], 60);
+        // -v: with its anonymous volumes.
+        let _ = run("podman", &["rm", "-f", "-v", "-t", "0", &self.name], 60);
     }
 }
 
@@ -342,28 +362,22 @@ allow = ["127.0.0.0/8"]
     let health_env = format!("TURNPIKE_HEALTHCHECK_ADDR=127.0.0.1:{metrics}");
     let relay = Container::start(
         name.clone(),
-        &[
-            "--network",
+        &locked_down(
             "host",
-            "--read-only",
-            "--cap-drop",
-            "ALL",
-            "--cap-add",
-            "NET_BIND_SERVICE",
-            "--health-interval",
-            "disable",
-            "-v",
-            &mount,
-            "-e",
-            &secret_env,
-            "-e",
-            &health_env,
-            "-e",
-            "TURNPIKE_LOG=info",
-            IMAGE,
-            "--user",
-            "bob:from-a-flag",
-        ],
+            &[
+                "-v",
+                &mount,
+                "-e",
+                &secret_env,
+                "-e",
+                &health_env,
+                "-e",
+                "TURNPIKE_LOG=info",
+                IMAGE,
+                "--user",
+                "bob:from-a-flag",
+            ],
+        ),
     );
     let metrics_addr: SocketAddr = format!("127.0.0.1:{metrics}").parse().expect("addr");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -512,20 +526,7 @@ secret = "{SECRET}"
     let tls_name = format!("{name}-443");
     let low = Container::start(
         tls_name.clone(),
-        &[
-            "--network",
-            "none",
-            "--read-only",
-            "--cap-drop",
-            "ALL",
-            "--cap-add",
-            "NET_BIND_SERVICE",
-            "--health-interval",
-            "disable",
-            IMAGE,
-            "--listen",
-            "tcp://127.0.0.1:443",
-        ],
+        &locked_down("none", &[IMAGE, "--listen", "tcp://127.0.0.1:443"]),
     );
     low.wait_for_log("listening on tcp://127.0.0.1:443", 30);
     assert_eq!(
@@ -572,7 +573,69 @@ secret = "{SECRET}"
         text(&out)
     );
 
-    // 11. SIGTERM drains and exits 0.
+    // 11. A tenant store: its state folder is the image's /var/lib/turnpike, which a volume
+    // mounted there inherits (uid 10001, 0700); on a read-only root without one, the relay
+    // refuses to start and names the folder.
+    let mut args = vec!["run", "--rm"];
+    args.extend(locked_down(
+        "none",
+        &[IMAGE, "--store", "sqlite:/var/lib/turnpike/store.db"],
+    ));
+    let out = run("podman", &args, 60);
+    assert!(
+        !out.status.success() && text(&out).contains("/var/lib/turnpike"),
+        "a store without a writable state folder is refused at start: {}",
+        text(&out)
+    );
+    let store_name = format!("{name}-store");
+    let stored = Container::start(
+        store_name.clone(),
+        &locked_down(
+            "none",
+            &[
+                "-v",
+                "/var/lib/turnpike",
+                IMAGE,
+                "--store",
+                "sqlite:/var/lib/turnpike/store.db",
+            ],
+        ),
+    );
+    stored.wait_for_log("store snapshot loaded", 30);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let files = loop {
+        // The snapshot is saved just after it is loaded: wait for stat to find all three.
+        let out = run(
+            "podman",
+            &[
+                "exec",
+                &store_name,
+                "stat",
+                "-c",
+                "%n %u %a",
+                "/var/lib/turnpike",
+                "/var/lib/turnpike/store.db",
+                "/var/lib/turnpike/store-snapshot.json",
+            ],
+            30,
+        );
+        if out.status.success() || Instant::now() >= deadline {
+            break text(&out);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert_eq!(
+        files.lines().collect::<Vec<_>>(),
+        [
+            "/var/lib/turnpike 10001 700",
+            "/var/lib/turnpike/store.db 10001 600",
+            "/var/lib/turnpike/store-snapshot.json 10001 600",
+        ],
+        "the state folder and its files belong to the relay alone"
+    );
+    drop(stored);
+
+    // 12. SIGTERM drains and exits 0.
     podman(&["stop", "-t", "20", &name], 60);
     assert_eq!(relay.inspect("{{.State.ExitCode}}"), "0", "exit status");
     relay.wait_for_log("draining", 5);

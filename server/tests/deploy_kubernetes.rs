@@ -252,6 +252,80 @@ fn relay_pod_renders_a_configuration_the_relay_accepts() {
         "no static users in a fleet:\n{shown}"
     );
 
+    assert!(
+        effective["store"].get("url").is_none(),
+        "no store without the Secret's store-url:\n{shown}"
+    );
+
+    // With the Secret's optional keys: the store (its password hidden), the nonce secret, and
+    // the state folder on the node's disk, writable by the relay and handed to its user.
+    let mut fleet_secrets = secrets.clone();
+    fleet_secrets.insert(
+        ("turnpike-auth", "store-url"),
+        "postgres://turnpike:db-password-in-the-secret@postgres.db.svc:5432/turnpike?sslmode=verify-full".into(),
+    );
+    fleet_secrets.insert(
+        ("turnpike-auth", "nonce-secret"),
+        "fleet-nonce-key-in-the-secret".into(),
+    );
+    let fleet_env = container_env(relay, &fields, &fleet_secrets, &volumes);
+    let out = run(
+        Command::new(common::relay_binary())
+            .args(&args)
+            .env_clear()
+            .envs(fleet_env.iter().filter(|(k, _)| k.starts_with("TURNPIKE_"))),
+        "turnpike",
+    );
+    let fleet_shown = output_text(&out);
+    assert!(out.status.success(), "turnpike {args:?}:\n{fleet_shown}");
+    for secret in ["db-password-in-the-secret", "fleet-nonce-key-in-the-secret"] {
+        assert!(
+            !fleet_shown.contains(secret),
+            "{secret} shown:\n{fleet_shown}"
+        );
+    }
+    let fleet_effective: toml::Table = String::from_utf8_lossy(&out.stdout)
+        .parse()
+        .unwrap_or_else(|e| panic!("TOML ({e}):\n{fleet_shown}"));
+    assert_eq!(
+        fleet_effective["store"]["url"].as_str(),
+        Some("postgres://turnpike@postgres.db.svc:5432/turnpike?sslmode=verify-full"),
+        "{fleet_shown}"
+    );
+    assert_eq!(
+        fleet_effective["auth"]["nonce_secret"].as_str(),
+        Some("<hidden>"),
+        "{fleet_shown}"
+    );
+    let state_dir = fleet_effective["store"]["state_dir"]
+        .as_str()
+        .expect("a state folder with a store");
+    let state_mount = arr(relay, &["volumeMounts"])
+        .iter()
+        .find(|m| s(m, &["mountPath"]) == state_dir)
+        .unwrap_or_else(|| panic!("{state_dir} is on no volume of the relay"));
+    assert!(
+        opt(state_mount, &["readOnly"]).is_none_or(|r| r.as_bool() == Some(false)),
+        "the relay writes its state folder"
+    );
+    let state_volume = named(arr(pod, &["volumes"]), s(state_mount, &["name"]));
+    assert_eq!(
+        s(state_volume, &["hostPath", "path"]),
+        state_dir,
+        "kept on the node"
+    );
+    assert_eq!(s(state_volume, &["hostPath", "type"]), "DirectoryOrCreate");
+    let owner = named(arr(pod, &["initContainers"]), "state-dir");
+    assert_eq!(mount_of(owner, s(state_mount, &["name"])), state_dir);
+    let script = str_of(&arr(owner, &["args"])[0]);
+    let uid = int(pod, &["securityContext", "runAsUser"]);
+    let gid = int(pod, &["securityContext", "runAsGroup"]);
+    assert!(
+        script.contains(&format!("chown {uid}:{gid} {state_dir}"))
+            && script.contains(&format!("chmod 0700 {state_dir}")),
+        "state-dir hands {state_dir} to the relay's user, private:\n{script}"
+    );
+
     // Health and metrics: the probes and the scrape annotation point where the relay serves.
     let metrics = effective["metrics_listen"]
         .as_str()
@@ -381,6 +455,20 @@ fn relay_pod_is_one_per_node_unprivileged_and_disrupted_one_at_a_time() {
         .chain(arr(pod, &["containers"]))
     {
         let name = s(c, &["name"]);
+        // One container runs as root, to give the relay its state folder, and may do only
+        // that.
+        if name == "state-dir" {
+            assert_eq!(int(c, &["securityContext", "runAsUser"]), 0);
+            assert_eq!(
+                strings(at(c, &["securityContext", "capabilities", "add"])),
+                ["CHOWN", "FOWNER"]
+            );
+        } else {
+            assert!(
+                opt(c, &["securityContext", "runAsUser"]).is_none(),
+                "{name}"
+            );
+        }
         assert!(
             !boolean(c, &["securityContext", "allowPrivilegeEscalation"]),
             "{name}"

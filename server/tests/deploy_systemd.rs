@@ -144,8 +144,20 @@ fn systemd_units_are_hardened() {
         ("RestrictNamespaces", "yes"),
         ("RestrictAddressFamilies", "AF_INET AF_INET6 AF_UNIX"),
         ("SystemCallArchitectures", "native"),
+        // The one writable place: the default state folder (and SQLite store) of
+        // config/turnpike.example.toml, private to the relay.
+        ("StateDirectory", "turnpike"),
+        ("StateDirectoryMode", "0700"),
     ] {
         assert_eq!(one(key), value, "turnpike.service {key}=");
+    }
+    let text =
+        std::fs::read_to_string(repo().join("config/turnpike.example.toml")).expect("example");
+    for default in [
+        "# url = \"sqlite:/var/lib/turnpike/store.db\"",
+        "# state_dir = \"/var/lib/turnpike\"",
+    ] {
+        assert!(text.contains(default), "the example names {default}");
     }
     assert!(unit["SystemCallFilter"]
         .iter()
