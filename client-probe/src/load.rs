@@ -152,13 +152,40 @@ impl Options {
     }
 }
 
+/// The request of an allocation's setup that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Step {
+    #[serde(rename = "TCP connect")]
+    Connect,
+    #[serde(rename = "TLS handshake")]
+    Handshake,
+    Allocate,
+    ChannelBind,
+    CreatePermission,
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Step::Connect => "TCP connect",
+            Step::Handshake => "TLS handshake",
+            Step::Allocate => "Allocate",
+            Step::ChannelBind => "ChannelBind",
+            Step::CreatePermission => "CreatePermission",
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("allocation {index} of {total} failed: {failure}")]
+    #[error("allocation {index} of {total}: {step} failed: {failure}{}", hint.as_ref().map_or(String::new(), |h| format!(" ({h})")))]
     Allocation {
         index: usize,
         total: usize,
+        step: Step,
         failure: Failure,
+        /// What the failure most likely means, from what else happened in the run.
+        hint: Option<String>,
     },
     #[error("{0}")]
     Setup(Failure),
@@ -169,6 +196,52 @@ impl LoadError {
         match self {
             LoadError::Allocation { failure, .. } | LoadError::Setup(failure) => failure,
         }
+    }
+}
+
+/// What a setup failure most likely means: `done` of the run's allocations got past `step`
+/// (a limit, when some did; a policy or the credentials, when none did).
+fn hint(opts: &Options, step: Step, failure: &Failure, done: usize) -> Option<String> {
+    match (step, failure) {
+        (
+            Step::Connect | Step::Handshake | Step::Allocate,
+            Failure::Reset(_) | Failure::Refused(_) | Failure::Tls(_),
+        ) if done > 0 && matches!(opts.transport, Transport::Tcp | Transport::Tls) => {
+            Some(format!(
+                "{done} connections were accepted first: the relay limits the connections one \
+                 address may hold (Turnpike: tcp.max_connections_per_ip, 64 by default); raise \
+                 it for the test, or make fewer allocations"
+            ))
+        }
+        (Step::Allocate, Failure::Status(401, _)) => Some(
+            "the relay refused the credentials: check --user and --password, or --secret".into(),
+        ),
+        (Step::Allocate, Failure::Status(486, _)) => Some(format!(
+            "the relay's allocation quota per user is reached after {done}: raise it for the \
+             test (Turnpike: quota.user_allocations), or use --secret, whose credentials are \
+             one user id each"
+        )),
+        (Step::Allocate, Failure::Status(508, _)) => Some(format!(
+            "the relay is at its capacity or total quota after {done} allocations"
+        )),
+        (Step::ChannelBind | Step::CreatePermission, Failure::Status(403, _)) => {
+            let shared_peers = opts.mode == Mode::Peer && !opts.peer_per_allocation;
+            Some(if done > 0 && shared_peers {
+                format!(
+                    "{done} allocations bound the same peer first: a relay whose allocations \
+                     share relay ports (Turnpike's shared_relay_ports, coturn's \
+                     --multiplex-peer) gives a peer endpoint to one allocation only; \
+                     --peer-per-allocation gives each allocation a peer of its own"
+                )
+            } else if opts.mode == Mode::Peer {
+                "the relay's peer policy refuses the generator's peer address: allow it on \
+                 the relay (--allow-peer), or choose it with --peer-ip"
+                    .into()
+            } else {
+                "the relay's peer policy refuses its own relayed addresses as peers".into()
+            })
+        }
+        _ => None,
     }
 }
 
@@ -396,6 +469,35 @@ fn report(
     }
 }
 
+/// A packet rate as people read it: `50 pkt/s`, `363.4 pkt/s`, `0.5 pkt/s`.
+fn rate(pps: f64) -> String {
+    if pps == pps.round() {
+        format!("{pps:.0} pkt/s")
+    } else {
+        format!("{pps:.1} pkt/s")
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Transport::Udp => "UDP",
+            Transport::Tcp => "TCP",
+            Transport::Tls => "TLS",
+            Transport::Raw => "raw UDP (no TURN)",
+        })
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Peer => "to the generator's peers",
+            Mode::C2c => "client to client",
+        })
+    }
+}
+
 /// The report as a table for people.
 pub fn table(r: &Report) -> String {
     let mut s = String::new();
@@ -404,8 +506,13 @@ pub fn table(r: &Report) -> String {
         &mut s,
         "load",
         format!(
-            "{} allocations over {:?}, {:?} mode, {}, {} pkt/s each, {} bytes",
-            r.allocations, r.transport, r.mode, r.framing, r.rate_per_allocation, r.size
+            "{} allocations over {}, {}, {}, {} each, {} bytes",
+            r.allocations,
+            r.transport,
+            r.mode,
+            r.framing,
+            rate(r.rate_per_allocation),
+            r.size
         ),
     );
     line(
@@ -498,11 +605,13 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     UdpSocket::from_std(sock.into())
 }
 
+/// A connection to the relay; an error names the step that failed.
 async fn connect(
     opts: &Options,
     to: SocketAddr,
     tls: Option<&tokio_rustls::TlsConnector>,
-) -> Result<Conn, Failure> {
+) -> Result<Conn, (Step, Failure)> {
+    let at = |step| move |f| (step, f);
     match opts.transport {
         Transport::Udp | Transport::Raw => {
             let ip = opts.client_ip.unwrap_or(if to.is_ipv4() {
@@ -511,15 +620,21 @@ async fn connect(
                 IpAddr::from([0u16; 8])
             });
             let any = SocketAddr::new(ip, 0);
-            let s = udp_socket(any).map_err(|e| Failure::io("bind", e))?;
-            s.connect(to).await.map_err(|e| Failure::io("connect", e))?;
+            let s = udp_socket(any)
+                .map_err(|e| Failure::io("bind", e))
+                .map_err(at(Step::Connect))?;
+            s.connect(to)
+                .await
+                .map_err(|e| Failure::io("connect", e))
+                .map_err(at(Step::Connect))?;
             Ok(Conn::Udp(s))
         }
         Transport::Tcp | Transport::Tls => {
             let tcp = tokio::time::timeout(opts.timeout, TcpStream::connect(to))
                 .await
-                .map_err(|_| Failure::Timeout(format!("TCP connect to {to}")))?
-                .map_err(|e| Failure::io(&format!("TCP connect to {to}"), e))?;
+                .map_err(|_| Failure::Timeout(format!("TCP connect to {to}")))
+                .and_then(|r| r.map_err(|e| Failure::io(&format!("TCP connect to {to}"), e)))
+                .map_err(at(Step::Connect))?;
             let _ = tcp.set_nodelay(true);
             let Some(tls) = tls else {
                 return Ok(Conn::Stream(Box::new(tcp)));
@@ -530,11 +645,22 @@ async fn connect(
                 opts.tls_name.clone()
             };
             let name = rustls::pki_types::ServerName::try_from(name)
-                .map_err(|e| Failure::Tls(e.to_string()))?;
+                .map_err(|e| Failure::Tls(e.to_string()))
+                .map_err(at(Step::Handshake))?;
             let s = tokio::time::timeout(opts.timeout, tls.connect(name, tcp))
                 .await
-                .map_err(|_| Failure::Timeout("TLS handshake".into()))?
-                .map_err(|e| Failure::Tls(e.to_string()))?;
+                .map_err(|_| Failure::Timeout("TLS handshake".into()))
+                .and_then(|r| {
+                    r.map_err(|e| match e.kind() {
+                        std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::UnexpectedEof => {
+                            Failure::Reset(format!("TLS handshake: {e}"))
+                        }
+                        _ => Failure::Tls(e.to_string()),
+                    })
+                })
+                .map_err(at(Step::Handshake))?;
             Ok(Conn::Stream(Box::new(s)))
         }
     }
@@ -569,6 +695,7 @@ async fn allocate_all(
             let mut attempts = 0;
             loop {
                 let conn = connect(&opts, to, tls.as_ref()).await?;
+                let allocate = |f| (Step::Allocate, f);
                 let known = learnt.lock().ok().and_then(|l| l.clone());
                 let mut client =
                     TurnClient::new(conn, &opts.username, &opts.password).with_nonce(known);
@@ -586,11 +713,11 @@ async fn allocate_all(
                             attempts += 1;
                             continue;
                         }
-                        Err(e) => return Err(e),
+                        Err(e) => return Err(allocate(e)),
                     }
                 };
                 bar.inc(1);
-                return Ok::<_, Failure>((client, relayed));
+                return Ok::<_, (Step, Failure)>((client, relayed));
             }
         }));
     }
@@ -599,20 +726,23 @@ async fn allocate_all(
     for (index, t) in tasks.into_iter().enumerate() {
         match t.await {
             Ok(Ok(c)) => out.push(c),
-            Ok(Err(failure)) => {
-                first_error.get_or_insert(LoadError::Allocation {
-                    index,
-                    total: opts.allocations,
-                    failure,
-                });
+            Ok(Err((step, failure))) => {
+                first_error.get_or_insert((index, step, failure));
             }
             Err(e) => {
-                first_error.get_or_insert(LoadError::Setup(Failure::Other(e.to_string())));
+                first_error.get_or_insert((0, Step::Connect, Failure::Other(e.to_string())));
             }
         }
     }
-    let Some(e) = first_error else {
+    let Some((index, step, failure)) = first_error else {
         return Ok(out);
+    };
+    let e = LoadError::Allocation {
+        index,
+        total: opts.allocations,
+        step,
+        hint: hint(opts, step, &failure, out.len()),
+        failure,
     };
     // Give back what was allocated, so a failed run leaves nothing held on the relay.
     let releases = out.into_iter().map(|(mut client, _)| async move {
@@ -652,13 +782,19 @@ async fn bind_all(
             let _permit = limit.acquire_owned().await;
             if opts.transport == Transport::Raw {
                 let (conn, _, rest) = client.into_parts();
-                return Ok::<Bound, Failure>((conn, rest, Framing::Raw, None));
+                return Ok::<Bound, (Step, Failure)>((conn, rest, Framing::Raw, None));
             }
             let (framing, channel) = if opts.send_indications {
-                client.permit(target, opts.timeout).await?;
+                client
+                    .permit(target, opts.timeout)
+                    .await
+                    .map_err(|f| (Step::CreatePermission, f))?;
                 (Framing::send_indication(target, opts.size), None)
             } else {
-                client.channel_bind(CHANNEL, target, opts.timeout).await?;
+                client
+                    .channel_bind(CHANNEL, target, opts.timeout)
+                    .await
+                    .map_err(|f| (Step::ChannelBind, f))?;
                 (
                     Framing::Channel {
                         number: CHANNEL,
@@ -677,20 +813,26 @@ async fn bind_all(
         }));
     }
     let mut out = Vec::with_capacity(tasks.len());
+    let mut first_error = None;
     for (index, t) in tasks.into_iter().enumerate() {
         match t.await {
             Ok(Ok(b)) => out.push(b),
-            Ok(Err(failure)) => {
-                return Err(LoadError::Allocation {
-                    index,
-                    total: opts.allocations,
-                    failure,
-                })
+            Ok(Err((step, failure))) => {
+                first_error.get_or_insert((index, step, failure));
             }
             Err(e) => return Err(LoadError::Setup(Failure::Other(e.to_string()))),
         }
     }
-    Ok(out)
+    match first_error {
+        None => Ok(out),
+        Some((index, step, failure)) => Err(LoadError::Allocation {
+            index,
+            total: opts.allocations,
+            step,
+            hint: hint(opts, step, &failure, out.len()),
+            failure,
+        }),
+    }
 }
 
 fn tls_connector(opts: &Options) -> Result<tokio_rustls::TlsConnector, Failure> {

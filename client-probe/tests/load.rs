@@ -279,3 +279,83 @@ fn a_peer_per_allocation_on_request() {
     });
     assert!(!ok && err.contains("--peer-per-allocation"), "{err}");
 }
+
+/// A setup that fails names the request that failed and what it most likely means: the
+/// relay's connections per address over TCP and TLS, and a peer endpoint another allocation
+/// holds on shared relay ports. The table reads as people write rates and modes.
+#[test]
+fn a_failed_setup_names_its_request_and_likely_cause() {
+    let cert = TestCert::new("load-why", &["127.0.0.1"]);
+    let relay = relay(&cert);
+    let cred = ["--user", "alice", "--password", "wonderland"];
+    for scheme in ["tcp", "tls"] {
+        let addr = relay.addr_of(scheme).to_string();
+        let mut args = vec![
+            "--relay",
+            &addr,
+            "--transport",
+            scheme,
+            "--insecure",
+            "--allocations",
+            "70",
+            "--rate",
+            "10",
+            "--duration",
+            "1",
+        ];
+        args.extend_from_slice(&cred);
+        let (ok, out, err) = load(&args);
+        assert!(
+            !ok,
+            "{scheme}: 70 connections from one address:\n{out}\n{err}"
+        );
+        assert!(
+            err.contains("64 connections were accepted first")
+                && err.contains("tcp.max_connections_per_ip"),
+            "{scheme}: {err}"
+        );
+        let step = err
+            .split(": ")
+            .nth(2)
+            .unwrap_or_else(|| panic!("{scheme}: {err}"));
+        assert!(
+            [
+                "TCP connect failed",
+                "TLS handshake failed",
+                "Allocate failed"
+            ]
+            .contains(&step),
+            "{scheme}: the request is named: {err}"
+        );
+    }
+
+    let shared = Relay::start(&[
+        "--allow-peer",
+        "127.0.0.0/8",
+        "--user",
+        "alice:wonderland",
+        "--shared-relay-ports",
+        "2",
+    ]);
+    let addr = shared.udp.to_string();
+    let mut args = vec!["--relay", &addr, "--allocations", "40", "--duration", "1"];
+    args.extend_from_slice(&cred);
+    let (ok, out, err) = load(&args);
+    assert!(!ok, "{out}\n{err}");
+    assert!(
+        err.contains("ChannelBind failed: 403 Forbidden")
+            && err.contains("bound the same peer first")
+            && err.contains("--peer-per-allocation"),
+        "{err}"
+    );
+    args.push("--peer-per-allocation");
+    args.extend_from_slice(&["--rate", "363.372"]);
+    let (ok, out, err) = load(&args);
+    assert!(ok, "a peer each:\n{out}\n{err}");
+    assert!(
+        out.contains(
+            "40 allocations over UDP, to the generator's peers, channel, 363.4 pkt/s each"
+        ),
+        "{out}"
+    );
+}

@@ -159,6 +159,18 @@ impl PeerPolicy {
     }
 }
 
+impl PeerPolicy {
+    /// Whether `peer` may be one of this relay's allocations: one of its relay addresses
+    /// (loopback included) and a port of the relay range. On loopback, which [`Self::check`]
+    /// refuses by default, the caller admits it only while the relay holds that port for an
+    /// allocation: a relay tried on one machine relays between its own clients, and never to
+    /// another program that happens to use a port of the range.
+    pub fn may_be_allocation(&self, peer: SocketAddr) -> bool {
+        (self.relay_ports.0..=self.relay_ports.1).contains(&peer.port())
+            && self.relay_ips.contains(&normalize(peer.ip()))
+    }
+}
+
 /// IPv4-mapped (::ffff:a.b.c.d) and IPv4-compatible (::a.b.c.d) forms become IPv4, so they
 /// meet the IPv4 rules.
 pub fn normalize(ip: IpAddr) -> IpAddr {
@@ -289,6 +301,27 @@ mod tests {
             p.check(sa("10.0.0.6:50000")),
             Err(Denied::Default),
             "another host of the LAN"
+        );
+    }
+
+    #[test]
+    fn a_loopback_relay_names_what_may_be_its_allocations() {
+        let mut p = PeerPolicy::new(vec![], vec![]);
+        p.set_own_addresses(
+            vec![sa("127.0.0.1:3478")],
+            vec!["127.0.0.1".parse().expect("ip")],
+            (49152, 65535),
+        );
+        // Refused by the ranges; the core admits a port it holds for an allocation.
+        assert_eq!(p.check(sa("127.0.0.1:50000")), Err(Denied::Default));
+        assert!(p.may_be_allocation(sa("127.0.0.1:50000")));
+        assert!(
+            !p.may_be_allocation(sa("127.0.0.1:3480")),
+            "outside the relay ports"
+        );
+        assert!(
+            !p.may_be_allocation(sa("127.0.0.2:50000")),
+            "not a relay address"
         );
     }
 

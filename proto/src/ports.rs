@@ -174,6 +174,13 @@ impl RelayPorts {
         Some(self.lease(transport, ip, port))
     }
 
+    /// Whether `port` of `ip` is taken now (an allocation's, or reserved).
+    pub fn is_taken(&self, transport: RelayTransport, ip: IpAddr, port: u16) -> bool {
+        self.sets()
+            .get(&(transport, ip))
+            .is_some_and(|set| set.is_used(port))
+    }
+
     /// Marks `port` taken for good: one of the relay's own listening ports, which no
     /// allocation may share (a TCP relay listener would join its SO_REUSEPORT group).
     pub fn reserve(&self, transport: RelayTransport, ip: IpAddr, port: u16) {

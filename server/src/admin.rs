@@ -155,7 +155,12 @@ impl Admin {
                 failures.allow(ip, 0, now);
             }
             tracing::info!(source = ?source, "admin: a request with a missing or wrong key");
-            let mut r = error(StatusCode::UNAUTHORIZED, "an admin key is needed");
+            let why = if bearer(req.headers()).is_some() {
+                "wrong admin key"
+            } else {
+                "an admin key is needed (Authorization: Bearer KEY; turnpike admin --key)"
+            };
+            let mut r = error(StatusCode::UNAUTHORIZED, why);
             r.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,
                 axum::http::HeaderValue::from_static("Bearer"),

@@ -38,10 +38,7 @@ pub enum Command {
     /// List every tenant (configuration file and store); secrets are only counted.
     Tenants,
     /// Create or replace a tenant in the store from a `[[tenant]]` table as JSON (file or -).
-    PutTenant {
-        name: String,
-        file: PathBuf,
-    },
+    PutTenant { name: String, file: PathBuf },
     /// Create a tenant with a realm and shared secrets (and optional API keys' hashes).
     AddTenant {
         name: String,
@@ -54,9 +51,8 @@ pub enum Command {
         #[arg(long = "api-key-hash")]
         api_keys: Vec<String>,
     },
-    DeleteTenant {
-        name: String,
-    },
+    /// Delete a store tenant with its users and revocations (one transaction).
+    DeleteTenant { name: String },
     /// Add or change a static user of a store tenant.
     PutUser {
         tenant: String,
@@ -64,19 +60,12 @@ pub enum Command {
         #[arg(long, env = "TURNPIKE_USER_PASSWORD", hide_env_values = true)]
         password: String,
     },
-    DeleteUser {
-        tenant: String,
-        user: String,
-    },
+    /// Delete a static user of a store tenant.
+    DeleteUser { tenant: String, user: String },
     /// Revoke a user id (or username) of a tenant on every relay; its allocations end.
-    Revoke {
-        tenant: String,
-        user: String,
-    },
-    Unrevoke {
-        tenant: String,
-        user: String,
-    },
+    Revoke { tenant: String, user: String },
+    /// Lift a revocation.
+    Unrevoke { tenant: String, user: String },
     /// Live allocations on this relay, or with --fleet on every relay that publishes its
     /// admin address in the store (the answer names those that did not answer).
     Allocations {
@@ -88,9 +77,7 @@ pub enum Command {
         fleet: bool,
     },
     /// End a live allocation by its id (from `allocations`).
-    End {
-        id: String,
-    },
+    End { id: String },
     /// Hourly usage from the session records.
     Usage {
         #[arg(long)]

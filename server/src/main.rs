@@ -1,12 +1,16 @@
 use clap::Parser;
-use turnpike::config::{check, Cli, Settings};
+use turnpike::config::{check, Cli, Command, Settings};
 
 fn main() -> std::process::ExitCode {
     let mut args = std::env::args().skip(1).peekable();
     if args.peek().map(String::as_str) == Some("admin") {
         return turnpike::admin_cli::main(args.skip(1));
     }
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    // `admin` after flags (`turnpike -c FILE admin ...`): the flags are the relay's, unused.
+    if let Some(Command::Admin { args }) = cli.command.take() {
+        return turnpike::admin_cli::main(args);
+    }
     let settings = match Settings::load(&cli) {
         Ok(s) => s,
         Err(e) => {

@@ -1,6 +1,7 @@
 //! What the operator reads before and at start: `--check-config` prints the effective
-//! configuration as TOML with its warnings and one verdict, and a listener that cannot be
-//! bound is named by its key, once.
+//! configuration as TOML with its warnings and one verdict (a port in use, by the running relay
+//! say, is a warning naming its holder), and a listener that cannot be bound is named by its
+//! key, once, at start.
 
 mod common;
 
@@ -65,42 +66,63 @@ allow = ["10.0.0.1/8"]
     );
 }
 
+/// The check is made beside the running relay the edited file is for: a port in use is a
+/// warning naming who holds it, not a refusal; starting still refuses, once, at its key.
 #[test]
-fn a_listener_that_cannot_be_bound_is_named_by_its_key_once() {
+fn a_port_in_use_is_a_warning_naming_its_holder_and_refuses_a_start() {
+    let relay = common::Relay::start(&[]);
+    let udp = relay.udp;
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = taken.local_addr().expect("addr").port();
     let config = ConfigFile::new(
-        "check-bind",
+        "check-in-use",
         &format!(
-            "listen = [\"udp://127.0.0.1:0\", \"tcp://127.0.0.1:{port}\"]\nrelay_ips = [\"127.0.0.1\"]\n"
+            "listen = [\"udp://{udp}\", \"tcp://127.0.0.1:{port}\"]\nrelay_ips = [\"127.0.0.1\"]\n"
         ),
     );
-    // --check-config tries the bind, and refuses.
     let (ok, stdout, stderr) = turnpike(&["--config", config.arg(), "--check-config"]);
-    assert!(!ok, "{stdout}{stderr}");
-    let want = format!(
-        "{}: key `listen[1]`: cannot bind tcp 127.0.0.1:{port}",
-        config.arg()
+    assert!(ok, "{stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "# warning: {}: key `listen[0]`: udp {udp} is in use by turnpike (pid {})",
+            config.arg(),
+            relay.pid()
+        )),
+        "{stdout}"
     );
-    assert!(stderr.contains(&want), "{stderr}");
-    assert!(stderr.contains("configuration refused"), "{stderr}");
-    // Starting says it once, with the same key.
+    assert!(
+        stdout.contains(&format!(
+            "key `listen[1]`: tcp 127.0.0.1:{port} is in use by check_config-"
+        )) && stdout.contains(&format!("(pid {})", std::process::id())),
+        "the test itself holds the TCP port:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("configuration OK, with 2 warnings"),
+        "{stdout}"
+    );
+    // Starting says it once, with the key.
     let (ok, _, stderr) = turnpike(&["--config", config.arg()]);
     assert!(!ok);
-    assert_eq!(stderr.matches("cannot bind tcp").count(), 1, "{stderr}");
-    assert!(stderr.contains(&want), "{stderr}");
+    assert_eq!(stderr.matches("cannot bind udp").count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{}: key `listen[0]`: cannot bind udp {udp}",
+            config.arg()
+        )),
+        "{stderr}"
+    );
     // A flag names its flag.
-    let (ok, _, stderr) = turnpike(&[
+    let (ok, stdout, _) = turnpike(&[
         "--listen",
         "udp://127.0.0.1:0",
         "--listen",
         &format!("tcp://127.0.0.1:{port}"),
         "--check-config",
     ]);
-    assert!(!ok);
+    assert!(ok);
     assert!(
-        stderr.contains("command line: key `--listen[1]`: cannot bind tcp"),
-        "{stderr}"
+        stdout.contains("command line: key `--listen[1]`: tcp 127.0.0.1:"),
+        "{stdout}"
     );
     drop(taken);
 }
@@ -123,4 +145,34 @@ fn an_address_of_another_machine_is_a_warning() {
         stdout.contains("configuration OK, with 1 warning"),
         "{stdout}"
     );
+}
+
+/// `turnpike --help` names the admin commands, and `turnpike admin --help` lists them, each
+/// with what it does.
+#[test]
+fn help_lists_the_admin_commands() {
+    let (ok, stdout, _) = turnpike(&["--help"]);
+    assert!(ok);
+    assert!(
+        stdout.contains("Usage: turnpike [OPTIONS] [COMMAND]")
+            && stdout
+                .lines()
+                .any(|l| l.trim_start().starts_with("admin ") && l.contains("admin API")),
+        "{stdout}"
+    );
+    let (ok, stdout, _) = turnpike(&["admin", "--help"]);
+    assert!(ok, "{stdout}");
+    let commands: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| *l != "Commands:")
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .collect();
+    assert!(commands.len() >= 11, "{stdout}");
+    for c in commands {
+        assert!(
+            c.split_whitespace().count() > 1,
+            "{c:?} has no description:\n{stdout}"
+        );
+    }
 }

@@ -519,6 +519,11 @@ fn admin_names_whole_404s_and_limited_wrong_keys() {
     let (ok, out) = admin(&r, &["end", "0.99.0"]);
     assert!(!ok && out.contains("404"), "{out}");
 
+    let (code, body) = common::http_get(r.metrics, "/v1/admin/tenants");
+    assert!(
+        code == 401 && body.contains("an admin key is needed"),
+        "no key: {code} {body}"
+    );
     let wrong = |n: usize| {
         Command::new(common::relay_binary())
             .args(["admin", "--url", &format!("http://{}", r.metrics), "--key"])
@@ -530,7 +535,10 @@ fn admin_names_whole_404s_and_limited_wrong_keys() {
     let codes: Vec<String> = (0..4)
         .map(|n| String::from_utf8_lossy(&wrong(n).stderr).into_owned())
         .collect();
-    assert!(codes[0].contains("401"), "{codes:?}");
+    assert!(
+        codes[0].contains("401") && codes[0].contains("wrong admin key"),
+        "{codes:?}"
+    );
     assert!(codes[3].contains("429"), "{codes:?}");
 }
 

@@ -20,6 +20,46 @@ fn unix_now() -> u64 {
         .as_secs()
 }
 
+/// On a relay on loopback with the default peer policy, as the README's first try runs it,
+/// two clients reach each other's relayed addresses (other allocations of this relay are
+/// always peers), while loopback outside the relay ports stays refused.
+#[test]
+fn clients_of_a_loopback_relay_reach_each_other_without_allowing_loopback() {
+    let relay = Relay::start(&["--user", "alice:wonderland"]);
+    let port = relay.udp.port().to_string();
+    let out = run_tool(
+        "turnutils_uclient",
+        &[
+            "-y",
+            "-u",
+            "alice",
+            "-w",
+            "wonderland",
+            "-r",
+            REALM,
+            "-p",
+            &port,
+            "-m",
+            "2",
+            "-n",
+            "100",
+            "-l",
+            "120",
+            "127.0.0.1",
+        ],
+        60,
+    );
+    assert_eq!(lost_packets(&out), 0, "{out}");
+    assert!(!out.contains("error"), "{out}");
+    let mut c = RawClient::new(relay.udp, "alice", "wonderland");
+    assert_eq!(c.allocate().code(), None);
+    let service: SocketAddr = "127.0.0.1:3480".parse().expect("addr");
+    let r = c.request(method::CREATE_PERMISSION, |b| {
+        b.xor_address(attr::XOR_PEER_ADDRESS, service);
+    });
+    assert_eq!(r.code(), Some(403), "a loopback service is no peer");
+}
+
 #[test]
 fn coturn_uclient_over_channels_loses_nothing() {
     let relay = Relay::start(&["--allow-peer", "127.0.0.0/8", "--user", "alice:wonderland"]);

@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use rand::RngCore;
 
-use crate::policy::normalize;
+use crate::policy::{normalize, Denied};
+use crate::ports::RelayTransport;
 use crate::stun::{
     self, attr, channel_data_header, method, Builder, Class, Message, TransactionId,
 };
@@ -242,7 +243,25 @@ pub(super) fn peer_allowed(
     peer: SocketAddr,
 ) -> bool {
     tenants.get(a.tenant).is_some_and(|t: &Tenant| {
-        t.policy.check(peer).is_ok()
+        let allowed = match t.policy.check(peer) {
+            Ok(()) => true,
+            // A relay on loopback (tried on one machine): another of its allocations, by a
+            // port it holds for one now.
+            Err(Denied::Default) => {
+                t.policy.may_be_allocation(peer)
+                    && shared.ports.is_taken(
+                        if a.tcp {
+                            RelayTransport::Tcp
+                        } else {
+                            RelayTransport::Udp
+                        },
+                        peer.ip(),
+                        peer.port(),
+                    )
+            }
+            Err(_) => false,
+        };
+        allowed
             && (!t.policy.is_relay_only()
                 || a.session.is_some_and(|s| {
                     shared.relayed_addrs().get(&(a.tcp, peer)) == Some(&(a.tenant, s))

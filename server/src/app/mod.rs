@@ -6,6 +6,7 @@
 //! - `signals`: SIGTERM and SIGINT.
 
 mod core_config;
+mod holder;
 mod reload;
 mod signals;
 
@@ -76,10 +77,20 @@ pub fn check(settings: &Settings) -> Result<Vec<String>, Error> {
 /// A bind error, as a warning when the address is not one of this machine's, else placed at
 /// its key.
 fn elsewhere(e: Error, at: (&str, &str), warnings: &mut Vec<String>) -> Result<(), Error> {
-    if let Error::Bind { addr, source, .. } = &e {
+    if let Error::Bind { what, addr, source } = &e {
         if source.kind() == std::io::ErrorKind::AddrNotAvailable {
             warnings.push(format!(
                 "{}: key `{}`: {addr} is not an address of this machine: the relay starts with this configuration only where it is",
+                at.0, at.1
+            ));
+            return Ok(());
+        }
+        // The running relay the edited file is for, usually: checking beside it is the point.
+        if source.kind() == std::io::ErrorKind::AddrInUse {
+            let who = holder::holder(*addr, what.contains("udp"))
+                .unwrap_or_else(|| "another process".to_owned());
+            warnings.push(format!(
+                "{}: key `{}`: {what} {addr} is in use by {who}: the relay starts with this configuration once it is free",
                 at.0, at.1
             ));
             return Ok(());

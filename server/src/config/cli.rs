@@ -8,7 +8,7 @@ use clap::Parser;
 /// Command-line flags. Flags override the file; repeatable flags add to the file's lists.
 /// No `Debug`: it would print `--user` passwords and `--auth-secret` values.
 #[derive(Parser, Default)]
-#[command(name = "turnpike", version, about = "TURN/STUN relay", long_about = None)]
+#[command(name = "turnpike", version, about = "TURN/STUN relay", long_about = None, disable_help_subcommand = true)]
 pub struct Cli {
     /// TOML configuration file; without it the embedded default is used.
     #[arg(long, short = 'c', value_name = "FILE", env = "TURNPIKE_CONFIG")]
@@ -118,4 +118,18 @@ pub struct Cli {
         hide_env_values = true
     )]
     pub store: Option<String>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// What `turnpike` does besides relaying.
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Tenants, users, live allocations and usage of a running relay, through its admin API
+    /// (`turnpike admin --help`).
+    #[command(disable_help_flag = true)]
+    Admin {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<String>,
+    },
 }

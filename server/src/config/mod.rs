@@ -25,7 +25,7 @@ mod parse;
 mod resolve;
 mod tenant;
 
-pub use cli::Cli;
+pub use cli::{Cli, Command};
 pub use file::{FileConfig, RegionConfig, TenantConfig};
 pub use parse::{parse_echo_spec, parse_listen};
 pub use tenant::{read_revocations, ApiKeyHash, TenantSettings};
