@@ -20,14 +20,10 @@ fn unix_now() -> u64 {
         .as_secs()
 }
 
-/// On a relay on loopback with the default peer policy, as the README's first try runs it,
-/// two clients reach each other's relayed addresses (other allocations of this relay are
-/// always peers), while loopback outside the relay ports stays refused.
-#[test]
-fn clients_of_a_loopback_relay_reach_each_other_without_allowing_loopback() {
-    let relay = Relay::start(&["--user", "alice:wonderland"]);
+/// `turnutils_uclient -y` as alice: `clients` clients in pairs, `messages` each, 120 bytes.
+fn alice_client_to_client(relay: &Relay, clients: &str, messages: &str) -> String {
     let port = relay.udp.port().to_string();
-    let out = run_tool(
+    run_tool(
         "turnutils_uclient",
         &[
             "-y",
@@ -40,15 +36,24 @@ fn clients_of_a_loopback_relay_reach_each_other_without_allowing_loopback() {
             "-p",
             &port,
             "-m",
-            "2",
+            clients,
             "-n",
-            "100",
+            messages,
             "-l",
             "120",
             "127.0.0.1",
         ],
         60,
-    );
+    )
+}
+
+/// On a relay on loopback with the default peer policy, as the README's first try runs it,
+/// two clients reach each other's relayed addresses (other allocations of this relay are
+/// always peers), while loopback outside the relay ports stays refused.
+#[test]
+fn clients_of_a_loopback_relay_reach_each_other_without_allowing_loopback() {
+    let relay = Relay::start(&["--user", "alice:wonderland"]);
+    let out = alice_client_to_client(&relay, "2", "100");
     assert_eq!(lost_packets(&out), 0, "{out}");
     assert!(!out.contains("error"), "{out}");
     let mut c = RawClient::new(relay.udp, "alice", "wonderland");
@@ -63,29 +68,7 @@ fn clients_of_a_loopback_relay_reach_each_other_without_allowing_loopback() {
 #[test]
 fn coturn_uclient_over_channels_loses_nothing() {
     let relay = Relay::start(&["--allow-peer", "127.0.0.0/8", "--user", "alice:wonderland"]);
-    let port = relay.udp.port().to_string();
-    let out = run_tool(
-        "turnutils_uclient",
-        &[
-            "-y",
-            "-u",
-            "alice",
-            "-w",
-            "wonderland",
-            "-r",
-            REALM,
-            "-p",
-            &port,
-            "-m",
-            "4",
-            "-n",
-            "500",
-            "-l",
-            "120",
-            "127.0.0.1",
-        ],
-        60,
-    );
+    let out = alice_client_to_client(&relay, "4", "500");
     assert_eq!(lost_packets(&out), 0, "{out}");
     assert!(!out.contains("error"), "{out}");
     // 4 clients x 500 packets, through channels (uclient's first few go before the bind).
