@@ -73,6 +73,11 @@ pub mod attr {
     pub const PASSWORD_ALGORITHMS: u16 = 0x8002;
     pub const ALTERNATE_DOMAIN: u16 = 0x8003;
     pub const ICMP: u16 = 0x8004;
+    /// The allocation's bandwidth limit in an Allocate success, in units of 128 bytes per
+    /// second (about kbit/s): the value coturn sends with `max-bps` (its NEW-BANDWIDTH, the
+    /// comprehension-optional form of RFC 5766 drafts' BANDWIDTH), so that a client can tell
+    /// a quota from the network.
+    pub const BANDWIDTH: u16 = 0x8010;
     pub const SOFTWARE: u16 = 0x8022;
     pub const ALTERNATE_SERVER: u16 = 0x8023;
     pub const FINGERPRINT: u16 = 0x8028;

@@ -56,6 +56,9 @@ pub(super) struct Binding {
     /// Ports the caller could not bind, held until the allocation is bound.
     refused: Vec<PortLease>,
     tries: u32,
+    /// The least of the allocation's, its user's and its tenant's bandwidth quotas, bytes
+    /// per second: told to the client (BANDWIDTH).
+    bandwidth: Option<u64>,
 }
 
 /// One relay port drawn: its lease, where the socket binds and what the client is told.
@@ -240,6 +243,11 @@ impl Core {
                 QuotaError::Busy => self.redirect_code(client, true),
             })?;
         let bandwidth = tenant.quotas.allocation_bandwidth;
+        let q = &tenant.quotas;
+        let limit = [q.allocation_bandwidth, q.user_bandwidth, q.tenant_bandwidth]
+            .into_iter()
+            .flatten()
+            .min();
         let relay_only = tenant.policy.is_relay_only();
         drop(config);
         let new_token = reserve_next.then(|| {
@@ -317,6 +325,7 @@ impl Core {
                 dont_fragment,
                 refused: Vec::new(),
                 tries: 1,
+                bandwidth: limit,
             })),
             shared,
             endpoints: Vec::new(),
@@ -554,6 +563,12 @@ impl Core {
         }
         if b.v6_refused {
             m.attr(attr::ADDRESS_ERROR_CODE, &ADDRESS_ERROR_V6);
+        }
+        if let Some(bps) = b.bandwidth {
+            m.u32(
+                attr::BANDWIDTH,
+                u32::try_from(bps >> 7).unwrap_or(u32::MAX).max(1),
+            );
         }
         sign(&mut m, &self.shared, &b.auth);
         self.responses.store(client, b.tid, out, now);

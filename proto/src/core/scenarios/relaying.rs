@@ -170,7 +170,10 @@ fn bandwidth_quota_drops_excess_packets() {
         true,
     );
     let mut c = client(40000, "alice", "wonderland");
-    c.allocate(&mut h);
+    let ok = c.allocate(&mut h);
+    // The limit is told in the answer, as coturn tells it: 1000 B/s in units of 128 B/s.
+    let msg = stun::Message::parse(&ok).expect("parses");
+    assert_eq!(msg.get_u32(attr::BANDWIDTH), Some(1000 >> 7));
     let peer: SocketAddr = "127.0.0.1:7000".parse().expect("a");
     let req = c.request(method::CHANNEL_BIND, |b| {
         b.u32(attr::CHANNEL_NUMBER, 0x4000 << 16)
