@@ -46,13 +46,25 @@ pub fn parse_rate(s: &str) -> Result<f64, String> {
 pub struct Bandwidth {
     /// The requirement, Mbit/s (payload bits).
     pub required_mbps: f64,
-    /// What arrived through the relay, Mbit/s over the test's duration.
+    /// What arrived through the relay, Mbit/s, over the time datagrams arrived in (first to
+    /// last).
     pub received_mbps: f64,
+    /// What arrived over the second half of that time, Mbit/s: the rate the path keeps up,
+    /// after any burst a policer lets through first. The verdict goes by it.
+    pub sustained_mbps: f64,
+    /// Seconds from the first datagram's arrival to the last one's.
+    pub window_s: f64,
     pub loss: f64,
     /// Median time from the probe through the relay back to the probe under that load, ms.
     pub rtt_ms: Option<f64>,
     pub meets: bool,
-    /// The highest common WebRTC video resolution the received rate carries.
+    /// The bandwidth limit the relay said the allocations have (its BANDWIDTH attribute),
+    /// Mbit/s of payload.
+    pub relay_limit_mbps: Option<f64>,
+    /// The relay's limit is what held the rate: it is below the requirement and the path
+    /// carried about that much.
+    pub limited_by_relay: bool,
+    /// The highest common WebRTC video resolution the sustained rate carries.
     pub video: &'static str,
 }
 
@@ -83,9 +95,37 @@ pub fn parse_payload(p: &[u8]) -> Option<(u32, u64)> {
     ))
 }
 
-/// The verdict from what was sent and what came back.
-pub fn summarize(bps: f64, secs: u64, sent: usize, received: usize, rtts: &mut [f64]) -> Bandwidth {
-    let received_mbps = (received * PAYLOAD * 8) as f64 / secs as f64 / 1e6;
+/// The verdict from what was sent and what came back: `arrivals` are the times (µs since
+/// the start) each datagram arrived, `limit` the relay's bandwidth limit in bytes per second.
+pub fn summarize(
+    bps: f64,
+    secs: u64,
+    sent: usize,
+    arrivals: &[u64],
+    rtts: &mut [f64],
+    limit: Option<u64>,
+) -> Bandwidth {
+    let bits = (PAYLOAD * 8) as f64;
+    let received = arrivals.len();
+    let (first, last) = match (arrivals.iter().min(), arrivals.iter().max()) {
+        (Some(f), Some(l)) => (*f, *l),
+        _ => (0, 0),
+    };
+    let window_s = (last - first) as f64 / 1e6;
+    // Over the arrival window (datagrams after the first, over the time they took); with too
+    // few to span any time, over the test's length.
+    let received_mbps = if received >= 2 && window_s > 0.0 {
+        (received - 1) as f64 * bits / window_s / 1e6
+    } else {
+        received as f64 * bits / secs as f64 / 1e6
+    };
+    let mid = first + (last - first) / 2;
+    let late = arrivals.iter().filter(|t| **t > mid).count();
+    let sustained_mbps = if late >= 2 && window_s > 0.0 {
+        late as f64 * bits / (window_s / 2.0) / 1e6
+    } else {
+        received_mbps
+    };
     let loss = if sent == 0 {
         1.0
     } else {
@@ -93,13 +133,26 @@ pub fn summarize(bps: f64, secs: u64, sent: usize, received: usize, rtts: &mut [
     };
     rtts.sort_by(f64::total_cmp);
     let rtt_ms = (!rtts.is_empty()).then(|| rtts[rtts.len() / 2]);
+    let required_mbps = bps / 1e6;
+    let meets = sustained_mbps >= MEETS_SHARE * required_mbps && loss <= MEETS_LOSS;
+    let relay_limit_mbps = limit.map(|b| b as f64 * 8.0 / 1e6);
+    let limited_by_relay = !meets
+        && relay_limit_mbps.is_some_and(|l| {
+            l < MEETS_SHARE * required_mbps
+                && sustained_mbps >= 0.8 * l
+                && sustained_mbps <= 1.25 * l
+        });
     Bandwidth {
-        required_mbps: bps / 1e6,
+        required_mbps,
         received_mbps,
+        sustained_mbps,
+        window_s,
         loss,
         rtt_ms,
-        meets: received_mbps >= MEETS_SHARE * bps / 1e6 && loss <= MEETS_LOSS,
-        video: video(received_mbps),
+        meets,
+        relay_limit_mbps,
+        limited_by_relay,
+        video: video(sustained_mbps),
     }
 }
 
@@ -134,13 +187,40 @@ mod tests {
     fn the_verdict_needs_the_rate_and_little_loss() {
         let (n, gap) = plan(6e6, 3);
         assert_eq!((n, gap), (2250, Duration::from_secs_f64(1.0 / 750.0)));
-        let ok = summarize(6e6, 3, n, n, &mut [1.0, 3.0, 2.0]);
+        // Arrivals paced as sent: 750 a second for 3 s.
+        let paced = |count: usize, every_us: u64| -> Vec<u64> {
+            (0..count as u64).map(|i| 1_000 + i * every_us).collect()
+        };
+        let ok = summarize(6e6, 3, n, &paced(n, 1333), &mut [1.0, 3.0, 2.0], None);
         assert!(
             ok.meets && ok.rtt_ms == Some(2.0) && ok.video == "1080p",
             "{ok:?}"
         );
-        let lossy = summarize(6e6, 3, n, n * 9 / 10, &mut []);
+        assert!((ok.received_mbps - 6.0).abs() < 0.05, "{ok:?}");
+        let lossy = summarize(6e6, 3, n, &paced(n * 9 / 10, 1481), &mut [], None);
         assert!(!lossy.meets && (lossy.loss - 0.1).abs() < 1e-9, "{lossy:?}");
-        assert_eq!(summarize(6e6, 3, n, n / 4, &mut []).video, "540p");
+        assert_eq!(
+            summarize(6e6, 3, n, &paced(n / 4, 5333), &mut [], None).video,
+            "540p"
+        );
+    }
+
+    #[test]
+    fn a_policer_burst_does_not_count_and_the_relay_limit_is_named() {
+        // A relay limiting to 250 kB/s (2 Mbit/s) with a one-second bucket: a burst of 250
+        // datagrams at once, then 250 a second for 3 s.
+        let mut arrivals: Vec<u64> = (0..250).map(|i| 1_000 + i * 10).collect();
+        arrivals.extend((0..750).map(|i| 4_000 + i * 4_000));
+        let b = summarize(6e6, 3, 2250, &arrivals, &mut [], Some(250_000));
+        assert!(
+            b.received_mbps > 2.5,
+            "the whole window counts the burst: {b:?}"
+        );
+        assert!((b.sustained_mbps - 2.0).abs() < 0.1, "{b:?}");
+        assert!(!b.meets && b.limited_by_relay, "{b:?}");
+        assert_eq!(b.relay_limit_mbps, Some(2.0));
+        // The same rate without a limit from the relay: not blamed on it.
+        let b = summarize(6e6, 3, 2250, &arrivals, &mut [], None);
+        assert!(!b.limited_by_relay, "{b:?}");
     }
 }

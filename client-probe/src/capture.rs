@@ -7,9 +7,11 @@
 //! wire), each as one segment with the connection's real addresses, ports and sequence
 //! numbers. The kernel's own packets (handshakes, acknowledgements, retransmissions) are not
 //! there: the probe sees what its sockets carry, not the wire, so a capture file needs no
-//! privileges. Addresses and timestamps are the real ones. The first packet of each path
-//! carries a comment naming the path and its verdict. The file format and the headers are
-//! written by the `pcap-file` and `etherparse` crates.
+//! privileges. Addresses and timestamps are the real ones, packets in time order across paths.
+//! Every path's verdict is in the file: the section's comment lists them all, each path's
+//! interface carries its own (a path that sent nothing too), and so does the first packet of
+//! each path. The file format and the headers are written by the `pcap-file` and `etherparse`
+//! crates.
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -22,6 +24,7 @@ use pcap_file::pcapng::blocks::enhanced_packet::{EnhancedPacketBlock, EnhancedPa
 use pcap_file::pcapng::blocks::interface_description::{
     InterfaceDescriptionBlock, InterfaceDescriptionOption,
 };
+use pcap_file::pcapng::blocks::section_header::{SectionHeaderBlock, SectionHeaderOption};
 use pcap_file::pcapng::PcapNgWriter;
 use pcap_file::DataLink;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -110,59 +113,91 @@ impl Capture {
         lock(&self.traces).iter().map(|t| t.packets.len()).sum()
     }
 
-    /// Writes the pcapng file: an interface per path that sent anything, with `verdict`'s
-    /// text for each path in the comment of its first packet. Returns the packets written.
+    /// Writes the pcapng file: an interface per path probed, each with `verdict`'s text for
+    /// the path as its comment (paths that sent nothing too: a refused connection, a proxy
+    /// that could not be reached), every verdict in the section's comment as well (Wireshark:
+    /// Statistics, Capture File Properties), and on the first packet of each path. Packets
+    /// are in time order across paths. Returns the packets written.
     pub fn write(
         &self,
         out: impl std::io::Write,
         verdict: impl Fn(&str, &str) -> String,
     ) -> Result<usize, String> {
         let traces = lock(&self.traces);
-        let mut w = PcapNgWriter::new(out).map_err(|e| e.to_string())?;
-        let mut written = 0;
-        for (interface, t) in traces.iter().filter(|t| !t.packets.is_empty()).enumerate() {
-            let name = format!("{} {}", t.region, t.path);
+        let verdicts: Vec<String> = traces
+            .iter()
+            .map(|t| format!("{} {}: {}", t.region, t.path, verdict(&t.region, &t.path)))
+            .collect();
+        let section = SectionHeaderBlock {
+            options: vec![
+                SectionHeaderOption::Comment(Cow::Owned(format!(
+                    "turnpike-probe: what each path's sockets sent and received, and what was \
+                     found on each path:\n{}",
+                    verdicts.join("\n")
+                ))),
+                SectionHeaderOption::UserApplication(Cow::Owned(format!(
+                    "turnpike-probe {}",
+                    env!("CARGO_PKG_VERSION")
+                ))),
+            ],
+            ..Default::default()
+        };
+        let mut w = PcapNgWriter::with_section_header(out, section).map_err(|e| e.to_string())?;
+        for (t, said) in traces.iter().zip(&verdicts) {
+            let more = if t.left_out > 0 {
+                format!(
+                    " ({} more packets of this path not kept: the capture keeps {MAX_PER_PATH})",
+                    t.left_out
+                )
+            } else if t.packets.is_empty() {
+                " (no packet: nothing of this path crossed its sockets)".to_owned()
+            } else {
+                String::new()
+            };
             w.write_pcapng_block(InterfaceDescriptionBlock {
                 linktype: DataLink::RAW,
                 snaplen: 0,
                 options: vec![
-                    InterfaceDescriptionOption::IfName(Cow::Owned(name.clone())),
+                    InterfaceDescriptionOption::IfName(Cow::Owned(format!(
+                        "{} {}",
+                        t.region, t.path
+                    ))),
                     InterfaceDescriptionOption::IfDescription(Cow::Borrowed(
                         "turnpike-probe: what this path's sockets sent and received",
                     )),
+                    InterfaceDescriptionOption::Comment(Cow::Owned(format!("{said}{more}"))),
                     // The timestamps are written in nanoseconds.
                     InterfaceDescriptionOption::IfTsResol(9),
                 ],
             })
             .map_err(|e| e.to_string())?;
-            for (i, p) in t.packets.iter().enumerate() {
-                let data = ip_packet(p)?;
-                let options = if i == 0 {
-                    let more = if t.left_out > 0 {
-                        format!(
-                            " ({} more packets of this path not kept: the capture keeps {MAX_PER_PATH})",
-                            t.left_out
-                        )
-                    } else {
-                        String::new()
-                    };
-                    vec![EnhancedPacketOption::Comment(Cow::Owned(format!(
-                        "{name}: {}{more}",
-                        verdict(&t.region, &t.path)
-                    )))]
-                } else {
-                    Vec::new()
-                };
-                w.write_pcapng_block(EnhancedPacketBlock {
-                    interface_id: interface as u32,
-                    timestamp: p.time,
-                    original_len: data.len() as u32,
-                    data: Cow::Owned(data),
-                    options,
-                })
-                .map_err(|e| e.to_string())?;
-                written += 1;
-            }
+        }
+        // Every path's packets in one time order (stable: a path's own order is kept).
+        let mut all: Vec<(usize, usize, &Packet)> = traces
+            .iter()
+            .enumerate()
+            .flat_map(|(i, t)| t.packets.iter().enumerate().map(move |(n, p)| (i, n, p)))
+            .collect();
+        all.sort_by_key(|(_, _, p)| p.time);
+        let mut written = 0;
+        for (interface, n, p) in all {
+            let data = ip_packet(p)?;
+            let options = if n == 0 {
+                vec![EnhancedPacketOption::Comment(Cow::Owned(
+                    verdicts[interface].clone(),
+                ))]
+            } else {
+                Vec::new()
+            };
+            w.write_pcapng_block(EnhancedPacketBlock {
+                interface_id: interface as u32,
+                timestamp: p.time,
+                original_len: data.len() as u32,
+                data: Cow::Owned(data),
+                options,
+            })
+            .map_err(|e| e.to_string())?;
+            written += 1;
         }
         Ok(written)
     }
@@ -368,6 +403,58 @@ mod tests {
         assert!(
             text.contains("5 more packets of this path not kept"),
             "no note"
+        );
+    }
+
+    #[test]
+    fn every_path_is_an_interface_with_its_verdict_and_packets_are_in_time_order() {
+        let c = Capture::new();
+        let (udp, tcp, quiet) = (
+            c.path("r", "turn-udp"),
+            c.path("r", "turn-tcp"),
+            c.path("r", "turn-tls"),
+        );
+        let a: SocketAddr = "127.0.0.1:4000".parse().expect("a");
+        let b: SocketAddr = "127.0.0.1:3478".parse().expect("b");
+        let (u, t) = (udp.udp(a, b), tcp.udp(a, b));
+        u.sent(b"1");
+        t.sent(b"2");
+        u.sent(b"3");
+        drop(quiet);
+        let mut out = Vec::new();
+        let n = c
+            .write(&mut out, |_, path| format!("verdict of {path}"))
+            .expect("writes");
+        assert_eq!(n, 3);
+        let mut reader = pcap_file::pcapng::PcapNgReader::new(&out[..]).expect("reads");
+        let (mut interfaces, mut order) = (Vec::new(), Vec::new());
+        while let Some(block) = reader.next_block() {
+            match block.expect("a block") {
+                pcap_file::pcapng::Block::InterfaceDescription(i) => interfaces.push(
+                    i.options
+                        .iter()
+                        .find_map(|o| match o {
+                            InterfaceDescriptionOption::Comment(c) => Some(c.to_string()),
+                            _ => None,
+                        })
+                        .expect("a comment"),
+                ),
+                pcap_file::pcapng::Block::EnhancedPacket(p) => {
+                    order.push((p.interface_id, p.data[p.data.len() - 1]))
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(interfaces.len(), 3, "{interfaces:?}");
+        assert!(
+            interfaces[2].starts_with("r turn-tls: verdict of turn-tls (no packet"),
+            "{interfaces:?}"
+        );
+        assert_eq!(order, [(0, b'1'), (1, b'2'), (0, b'3')]);
+        let section = String::from_utf8_lossy(&out);
+        assert!(
+            section.contains("r turn-tls: verdict of turn-tls"),
+            "the section lists it"
         );
     }
 }

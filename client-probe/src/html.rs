@@ -43,19 +43,74 @@ fn class(v: Verdict) -> &'static str {
     match v {
         Verdict::Open => "ok",
         Verdict::NotTested => "none",
-        Verdict::RelayRefused | Verdict::NotAnswering | Verdict::Unknown => "warn",
-        Verdict::RelayedLost => "warn",
-        Verdict::Blocked | Verdict::Refused | Verdict::Inspected => "fail",
+        Verdict::RelayRefused
+        | Verdict::NotAnswering
+        | Verdict::NotTurn
+        | Verdict::Unknown
+        | Verdict::RelayedLost
+        | Verdict::Untrusted
+        | Verdict::Local
+        | Verdict::ProxyUnreachable
+        | Verdict::BehindProxy => "warn",
+        Verdict::Blocked
+        | Verdict::Refused
+        | Verdict::Inspected
+        | Verdict::Silent
+        | Verdict::ProxyRefused => "fail",
     }
+}
+
+/// How a row's path is named in a sentence: `UDP 3478`, `TLS 443`.
+fn path_name(r: &FirewallRow) -> String {
+    let proto = match r.protocol {
+        "TCP/TLS" => "TLS",
+        "HTTP CONNECT" => "TLS through the proxy",
+        p => p,
+    };
+    format!("{proto} {}", r.port)
+}
+
+/// Whether a row's verdict shows the host itself is up: something that speaks TURN or TLS
+/// for it answered (a refusal or an accepted connection may be a firewall's).
+fn host_up(v: Verdict) -> bool {
+    matches!(
+        v,
+        Verdict::Open
+            | Verdict::RelayRefused
+            | Verdict::RelayedLost
+            | Verdict::Untrusted
+            | Verdict::NotTurn
+    )
+}
+
+/// The fixes, in the order to try them: for a host that answered on no path, that the relay
+/// be checked first (once per host); then one per row that needs one.
+fn fixes(rows: &[FirewallRow]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut silent: Vec<&str> = Vec::new();
+    for r in rows.iter().filter(|r| r.verdict == Verdict::Silent) {
+        if silent.contains(&r.region.as_str()) {
+            continue;
+        }
+        silent.push(&r.region);
+        let paths: Vec<String> = rows
+            .iter()
+            .filter(|o| o.region == r.region && o.verdict == Verdict::Silent)
+            .map(path_name)
+            .collect();
+        out.push(Phrase::FixSilent.say(&[("host", &r.destination), ("paths", &paths.join(", "))]));
+    }
+    out.extend(rows.iter().filter_map(|r| fix(r, rows)));
+    out
 }
 
 /// What to do about one firewall row, in plain words (the shared [`Phrase`] table); None when
 /// nothing is to be done. A blocked TURN path says which other path carries calls meanwhile.
 fn fix(r: &FirewallRow, rows: &[FirewallRow]) -> Option<String> {
-    let (h, p) = (r.destination.as_str(), r.port.as_str());
-    let at = [("host", h), ("port", p)];
+    let (h, p, d) = (r.destination.as_str(), r.port.as_str(), r.detail.as_str());
+    let at = [("host", h), ("port", p), ("detail", d)];
     let text = match r.verdict {
-        Verdict::Open | Verdict::NotTested => return None,
+        Verdict::Open | Verdict::NotTested | Verdict::Silent => return None,
         Verdict::Blocked if r.purpose == RELAYED => {
             Phrase::FixRelayPorts.say(&[("host", h), ("ports", p)])
         }
@@ -89,12 +144,31 @@ fn fix(r: &FirewallRow, rows: &[FirewallRow]) -> Option<String> {
             };
             fix.say(&at) + &then
         }
-        Verdict::Refused => Phrase::FixRefused.say(&at),
+        Verdict::Refused => {
+            let others: Vec<String> = rows
+                .iter()
+                .filter(|o| o.region == r.region && o.purpose != RELAYED && host_up(o.verdict))
+                .map(path_name)
+                .collect();
+            let up = if others.is_empty() {
+                String::new()
+            } else {
+                format!(" (the host is up: it answered on {})", others.join(", "))
+            };
+            Phrase::FixRefused.say(&[("host", h), ("port", p), ("up", &up)])
+        }
         Verdict::NotAnswering => Phrase::FixNotAnswering.say(&at),
-        Verdict::RelayRefused => Phrase::FixRelayRefused.say(&[("host", h), ("detail", &r.detail)]),
+        Verdict::NotTurn => Phrase::FixNotTurn.say(&at),
+        Verdict::RelayRefused => Phrase::FixRelayRefused.say(&at),
         Verdict::RelayedLost => Phrase::FixRelayedLost.say(&at),
         Verdict::Inspected => Phrase::FixInspected.say(&at),
+        Verdict::Untrusted => Phrase::FixUntrusted.say(&at),
         Verdict::Unknown => Phrase::FixUnknown.say(&at),
+        Verdict::Local => Phrase::FixLocal.say(&at),
+        Verdict::ProxyUnreachable => Phrase::FixProxyUnreachable.say(&at),
+        Verdict::ProxyRefused if d.contains(" 407") => Phrase::FixProxyAuth.say(&at),
+        Verdict::ProxyRefused => Phrase::FixProxy.say(&at),
+        Verdict::BehindProxy => Phrase::FixBehindProxy.say(&at),
     };
     Some(text)
 }
@@ -179,16 +253,29 @@ pub fn report(
     );
 
     b += "<h2>What to do</h2><ul id=\"fixes\">";
-    let mut fixes: Vec<String> = rows.iter().filter_map(|r| fix(r, rows)).collect();
+    let mut fixes: Vec<String> = fixes(rows);
     for r in results {
         if let Some(bw) = r.bandwidth.filter(|bw| !bw.meets) {
-            fixes.push(Phrase::FixBandwidth.say(&[
-                ("path", &format!("{} over {}", r.region, r.path)),
-                ("got", &format!("{:.2}", bw.received_mbps)),
-                ("need", &format!("{:.2}", bw.required_mbps)),
-                ("loss", &format!("{:.1}", bw.loss * 100.0)),
-                ("video", bw.video),
-            ]));
+            let path = format!("{} over {}", r.region, r.path);
+            let (got, need) = (
+                format!("{:.2}", bw.sustained_mbps),
+                format!("{:.2}", bw.required_mbps),
+            );
+            fixes.push(match bw.relay_limit_mbps.filter(|_| bw.limited_by_relay) {
+                Some(limit) => Phrase::FixQuota.say(&[
+                    ("path", &path),
+                    ("got", &got),
+                    ("need", &need),
+                    ("limit", &format!("{limit:.2}")),
+                ]),
+                None => Phrase::FixBandwidth.say(&[
+                    ("path", &path),
+                    ("got", &got),
+                    ("need", &need),
+                    ("loss", &format!("{:.1}", bw.loss * 100.0)),
+                    ("video", bw.video),
+                ]),
+            });
         }
     }
     fixes.dedup();
@@ -230,19 +317,9 @@ pub fn report(
         let mine: Vec<&PathResult> = results.iter().filter(|r| r.region == region.name).collect();
         for r in &mine {
             let f = |v: Option<f64>| v.map_or("-".to_owned(), |x| format!("{x:.1}"));
-            let bw = r.bandwidth.map_or("-".to_owned(), |bw| {
-                format!(
-                    "{:.2} of {:.2} Mbit/s, {}",
-                    bw.received_mbps,
-                    bw.required_mbps,
-                    if bw.meets {
-                        Phrase::Meets
-                    } else {
-                        Phrase::MeetsNot
-                    }
-                    .text()
-                )
-            });
+            let bw = r
+                .bandwidth
+                .map_or("-".to_owned(), |bw| crate::report::bandwidth_text(&bw));
             let _ = write!(
                 b,
                 "<tr><td>{}</td><td><span class=\"v {}\">{}</span></td><td>{}</td><td>{}</td>\
@@ -270,7 +347,7 @@ pub fn report(
         }
         let bws: Vec<(String, f64)> = mine
             .iter()
-            .filter_map(|r| Some((r.path.clone(), r.bandwidth?.received_mbps)))
+            .filter_map(|r| Some((r.path.clone(), r.bandwidth?.sustained_mbps)))
             .collect();
         if !bws.is_empty() {
             b += &bars(

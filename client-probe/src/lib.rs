@@ -44,9 +44,11 @@ pub async fn measure(
     opts: &probe::Options,
 ) -> Vec<select::PathResult> {
     let runs = regions.iter().map(|r| probe::probe_region(r, opts));
-    futures_util::future::join_all(runs)
+    let mut results: Vec<select::PathResult> = futures_util::future::join_all(runs)
         .await
         .into_iter()
         .flatten()
-        .collect()
+        .collect();
+    inspect::compare_paths(&mut results, regions, opts.proxy.is_some());
+    results
 }

@@ -472,11 +472,7 @@ fn main() -> ExitCode {
                     .map_err(|e| e.to_string())
                     .and_then(|f| {
                         c.write(std::io::BufWriter::new(f), |region, path| {
-                            report::path_verdict(
-                                results
-                                    .iter()
-                                    .find(|r| r.region == region && r.path == path),
-                            )
+                            report::path_verdict(&results, region, path)
                         })
                     });
                 match written {

@@ -175,12 +175,22 @@ pub fn tls_connector(
     Ok((tokio_rustls::TlsConnector::from(Arc::new(config)), verifier))
 }
 
-/// TLS over an established stream; returns the stream and the handshake time.
+/// What a path learnt on the way, whether it then failed or not: the TLS certificate it was
+/// shown, and whether a TCP connection was accepted (directly, or by the proxy's CONNECT).
+#[derive(Default)]
+struct Trail {
+    seen: std::cell::RefCell<Option<inspect::Seen>>,
+    connected: std::cell::Cell<bool>,
+}
+
+/// TLS over an established stream; returns the stream and the handshake time. The
+/// certificate shown goes into `seen`, whether it was trusted or not.
 async fn tls_over<S>(
     region: &Region,
     tcp: S,
     alpn: &[&[u8]],
     timeout: Duration,
+    trail: &Trail,
 ) -> Result<(Box<dyn Stream>, f64), Failure>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -196,28 +206,28 @@ where
     let name = rustls::pki_types::ServerName::try_from(region.tls_name().to_owned())
         .map_err(|e| Failure::Tls(format!("{}: {e}", region.tls_name())))?;
     let start = Instant::now();
-    let tls = tokio::time::timeout(timeout, connector.connect(name, tcp))
-        .await
-        .map_err(|_| Failure::Timeout("TLS handshake".into()))?
+    let result = tokio::time::timeout(timeout, connector.connect(name, tcp)).await;
+    *trail.seen.borrow_mut() = verifier.last_seen();
+    let tls = result
+        .map_err(|_| Failure::Timeout("no answer to the TLS handshake".into()))?
         .map_err(|e| {
             use std::io::ErrorKind::{ConnectionAborted, ConnectionReset, UnexpectedEof};
+            let refused = verifier.last_error();
             // Cut during the handshake (a firewall that reads the server name, say).
-            if matches!(
-                e.kind(),
-                ConnectionReset | ConnectionAborted | UnexpectedEof
-            ) {
+            if refused.is_none()
+                && matches!(
+                    e.kind(),
+                    ConnectionReset | ConnectionAborted | UnexpectedEof
+                )
+            {
                 return Failure::Reset(format!("TLS handshake: {e}"));
             }
-            let seen = verifier.last_seen();
-            match inspect::diagnose(
+            inspect::diagnose(
                 &e,
+                refused.as_ref(),
                 region.tls_name(),
-                seen.as_ref(),
-                region.tls_spki.as_deref(),
-            ) {
-                Some(why) => Failure::Inspected(why),
-                None => Failure::Tls(e.to_string()),
-            }
+                trail.seen.borrow().as_ref(),
+            )
         })?;
     Ok((Box::new(tls), ms(start.elapsed())))
 }
@@ -229,12 +239,13 @@ pub async fn connect_via_proxy(
     port: u16,
     timeout: Duration,
 ) -> Result<TcpStream, Failure> {
+    let at = format!("{}:{}", proxy.host, proxy.port);
     let addr = resolve(&proxy.host, proxy.port)
         .await
-        .map_err(|e| Failure::Proxy(format!("proxy {}: {e}", proxy.host)))?;
+        .map_err(|e| Failure::ProxyUnreachable(format!("the proxy {at}: {e}")))?;
     let mut tcp = tcp_to(addr, timeout)
         .await
-        .map_err(|e| Failure::Proxy(format!("proxy {}:{}: {e}", proxy.host, proxy.port)))?;
+        .map_err(|e| Failure::ProxyUnreachable(format!("the proxy {at}: {e}")))?;
     let mut request = format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n");
     if let Some(auth) = &proxy.auth {
         use base64::Engine;
@@ -246,18 +257,19 @@ pub async fn connect_via_proxy(
     request += "\r\n";
     tcp.write_all(request.as_bytes())
         .await
-        .map_err(|e| Failure::Proxy(e.to_string()))?;
+        .map_err(|e| Failure::Proxy(0, format!("the proxy {at} took no request: {e}")))?;
     let mut head = Vec::new();
     let read = async {
         while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
             let mut b = [0u8; 1];
-            if tcp
-                .read(&mut b)
-                .await
-                .map_err(|e| Failure::Proxy(e.to_string()))?
-                == 0
-            {
-                return Err(Failure::Proxy("closed the connection".into()));
+            let n = tcp.read(&mut b).await.map_err(|e| {
+                Failure::Proxy(0, format!("the proxy {at} cut the connection: {e}"))
+            })?;
+            if n == 0 {
+                return Err(Failure::Proxy(
+                    0,
+                    format!("the proxy {at} closed the connection without answering CONNECT"),
+                ));
             }
             head.push(b[0]);
         }
@@ -265,13 +277,19 @@ pub async fn connect_via_proxy(
     };
     tokio::time::timeout(timeout, read)
         .await
-        .map_err(|_| Failure::Proxy("no answer to CONNECT".into()))??;
+        .map_err(|_| Failure::Proxy(0, format!("the proxy {at} did not answer CONNECT")))??;
     let head = String::from_utf8_lossy(&head);
     let status = head.lines().next().unwrap_or("").to_owned();
-    if status.split_whitespace().nth(1) != Some("200") {
-        return Err(Failure::Proxy(format!(
-            "CONNECT {host}:{port} refused: {status}"
-        )));
+    let code = status
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    if code != 200 {
+        return Err(Failure::Proxy(
+            code,
+            format!("CONNECT {host}:{port} refused: {status}"),
+        ));
     }
     Ok(tcp)
 }
@@ -356,11 +374,12 @@ async fn stun_udp(region: &Region, opts: &Options) -> PathResult {
             let mut r = result;
             r.mapped = mapped;
             if samples.is_empty() {
-                r.error = last_error.map(|e| e.to_string());
+                r.error = last_error.as_ref().map(|e| e.to_string());
+                r.failure = last_error;
             }
             r.with_samples(&samples, opts.samples)
         }
-        Err(e) => result.failed(e.to_string()),
+        Err(e) => result.failed(e),
     }
 }
 
@@ -370,6 +389,7 @@ async fn turn_conn(
     opts: &Options,
     path: &str,
     tap: Option<&PathCapture>,
+    trail: &Trail,
 ) -> Result<(Conn, Option<f64>), Failure> {
     match path {
         "turn-udp" => Ok((
@@ -378,12 +398,14 @@ async fn turn_conn(
         )),
         "turn-tcp" => {
             let tcp = tcp_to(resolve(&region.host, region.tcp_port).await?, opts.timeout).await?;
+            trail.connected.set(true);
             Ok((Conn::Stream(Box::new(TapStream::tcp(tcp, tap))), None))
         }
         "turn-tls" => {
             let tcp = tcp_to(resolve(&region.host, region.tls_port).await?, opts.timeout).await?;
+            trail.connected.set(true);
             let tcp = TapStream::tcp(tcp, tap);
-            let (tls, t) = tls_over(region, tcp, &[b"stun.turn"], opts.timeout).await?;
+            let (tls, t) = tls_over(region, tcp, &[b"stun.turn"], opts.timeout, trail).await?;
             Ok((Conn::Stream(tls), Some(t)))
         }
         _ => {
@@ -392,9 +414,10 @@ async fn turn_conn(
                 .as_ref()
                 .ok_or_else(|| Failure::Other("no proxy".into()))?;
             let tcp = connect_via_proxy(proxy, &region.host, region.tls_port, opts.timeout).await?;
+            trail.connected.set(true);
             // Recorded from the TLS handshake on (the CONNECT exchange before it is not).
             let tcp = TapStream::tcp(tcp, tap);
-            let (tls, t) = tls_over(region, tcp, &[b"stun.turn"], opts.timeout).await?;
+            let (tls, t) = tls_over(region, tcp, &[b"stun.turn"], opts.timeout, trail).await?;
             Ok((Conn::Stream(tls), Some(t)))
         }
     }
@@ -412,9 +435,9 @@ async fn turn_path(region: &Region, opts: &Options, path: &str) -> PathResult {
     let (user, pass) = credentials(region);
     // Whether the host was reached: a TCP connection accepted, or any answer from the relay.
     let reached = std::cell::Cell::new(false);
+    let trail = Trail::default();
     let run = async {
-        let (conn_a, tls_ms) = turn_conn(region, opts, path, tap.as_ref()).await?;
-        reached.set(path != "turn-udp");
+        let (conn_a, tls_ms) = turn_conn(region, opts, path, tap.as_ref(), &trail).await?;
         let mut a = TurnClient::new(conn_a, &user, &pass).tapped(tap.as_ref());
         let start = Instant::now();
         let (relayed_a, mapped) = a.allocate(opts.timeout).await?;
@@ -426,7 +449,7 @@ async fn turn_path(region: &Region, opts: &Options, path: &str) -> PathResult {
         let mut tries = 0;
         let (mut b, relayed_b) = loop {
             tries += 1;
-            let (conn_b, _) = turn_conn(region, opts, path, tap.as_ref()).await?;
+            let (conn_b, _) = turn_conn(region, opts, path, tap.as_ref(), &trail).await?;
             let mut b = TurnClient::new(conn_b, &user, &pass).tapped(tap.as_ref());
             match b.allocate(opts.timeout).await {
                 Ok((r, _)) if r == relayed_a && tries < SAME_RELAYED_TRIES => b.release().await,
@@ -488,7 +511,10 @@ async fn turn_path(region: &Region, opts: &Options, path: &str) -> PathResult {
         b.release().await;
         Ok::<_, Failure>((tls_ms, alloc_ms, mapped, outcome?))
     };
-    match run.await {
+    let outcome = run.await;
+    reached.set(reached.get() || trail.connected.get());
+    result.tls_certificate = trail.seen.into_inner();
+    match outcome {
         Ok((tls_ms, alloc_ms, mapped, (samples, bandwidth, peer))) => {
             result.bandwidth = bandwidth;
             result.peer = peer;
@@ -504,9 +530,8 @@ async fn turn_path(region: &Region, opts: &Options, path: &str) -> PathResult {
             }
         }
         Err(e) => {
-            let answered = matches!(e, Failure::Status(..) | Failure::Tls(_));
-            let mut r = result.failed(e.to_string());
-            r.reached = reached.get() || answered;
+            let mut r = result.failed(e);
+            r.reached = reached.get();
             r
         }
     }
@@ -534,6 +559,7 @@ async fn peer_check(
     let run = async {
         let mut stun = TurnClient::new(Conn::Udp(udp_to(server).await?), "", "").tapped(tap);
         let mapped = stun.binding(opts.timeout).await?;
+        check.seen_as = Some(mapped.to_string());
         let sock = stun
             .into_udp()
             .ok_or_else(|| Failure::Other("no UDP socket".into()))?;
@@ -644,8 +670,8 @@ async fn bandwidth_test(
     let receive = async {
         let end = base + Duration::from_secs(secs) + timeout;
         let mut seen = vec![false; count];
-        let (mut received, mut rtts) = (0, Vec::new());
-        while received < count {
+        let (mut arrivals, mut rtts) = (Vec::new(), Vec::new());
+        while arrivals.len() < count {
             let Ok(data) = b.recv_data(end).await else {
                 break;
             };
@@ -654,15 +680,19 @@ async fn bandwidth_test(
             };
             if let Some(s) = seen.get_mut(seq as usize).filter(|s| !**s) {
                 *s = true;
-                received += 1;
                 let now_us = base.elapsed().as_micros() as u64;
+                arrivals.push(now_us);
                 rtts.push(now_us.saturating_sub(sent_us) as f64 / 1000.0);
             }
         }
-        (received, rtts)
+        (arrivals, rtts)
     };
-    let (sent, (received, mut rtts)) = tokio::join!(send, receive);
-    bandwidth::summarize(bps, secs, sent, received, &mut rtts)
+    let (sent, (arrivals, mut rtts)) = tokio::join!(send, receive);
+    let limit = [a.bandwidth_limit(), b.bandwidth_limit()]
+        .into_iter()
+        .flatten()
+        .min();
+    bandwidth::summarize(bps, secs, sent, &arrivals, &mut rtts, limit)
 }
 
 /// A 64-byte echo request: `TPEQ`, sequence number, then padding the echo overwrites.
@@ -740,11 +770,12 @@ async fn echo_udp(region: &Region, opts: &Options, port: u16) -> PathResult {
             let mut r = result;
             r.mapped = mapped;
             if samples.is_empty() {
-                r.error = last_error.map(|e| e.to_string());
+                r.error = last_error.as_ref().map(|e| e.to_string());
+                r.failure = last_error;
             }
             r.with_samples(&samples, opts.samples)
         }
-        Err(e) => result.failed(e.to_string()),
+        Err(e) => result.failed(e),
     }
 }
 
@@ -786,7 +817,7 @@ async fn echo_tcp(region: &Region, opts: &Options, port: u16) -> PathResult {
             r.with_samples(&samples, opts.samples)
         }
         Err(e) => {
-            let mut r = result.failed(e.to_string());
+            let mut r = result.failed(e);
             r.reached = reached.get();
             r
         }
@@ -798,13 +829,15 @@ async fn echo_tcp(region: &Region, opts: &Options, port: u16) -> PathResult {
 async fn websocket(region: &Region, opts: &Options) -> PathResult {
     let mut result = PathResult::new(&region.name, "websocket");
     let tap = opts.tap(region, "websocket");
+    let trail = Trail::default();
     let run = async {
         let tcp = match &opts.proxy {
             Some(p) => connect_via_proxy(p, &region.host, region.tls_port, opts.timeout).await?,
             None => tcp_to(resolve(&region.host, region.tls_port).await?, opts.timeout).await?,
         };
         let tcp = TapStream::tcp(tcp, tap.as_ref());
-        let (tls, tls_ms) = tls_over(region, tcp, &[b"http/1.1"], opts.timeout).await?;
+        trail.connected.set(true);
+        let (tls, tls_ms) = tls_over(region, tcp, &[b"http/1.1"], opts.timeout, &trail).await?;
         let url = format!("wss://{}:{}/echo/ws", region.tls_name(), region.tls_port);
         let (mut ws, _) =
             tokio::time::timeout(opts.timeout, tokio_tungstenite::client_async(url, tls))
@@ -840,12 +873,15 @@ async fn websocket(region: &Region, opts: &Options) -> PathResult {
         let _ = ws.close(None).await;
         Ok::<_, Failure>((samples, tls_ms))
     };
-    match run.await {
+    let outcome = run.await;
+    result.reached = trail.connected.get();
+    result.tls_certificate = trail.seen.into_inner();
+    match outcome {
         Ok((samples, tls_ms)) => {
             result.tls_handshake_ms = Some(tls_ms);
             result.with_samples(&samples, opts.samples)
         }
-        Err(e) => result.failed(e.to_string()),
+        Err(e) => result.failed(e),
     }
 }
 

@@ -60,15 +60,10 @@ pub fn table(results: &[PathResult], selected: Option<&Candidate>) -> String {
     for r in results {
         if let Some(b) = r.bandwidth {
             out += &format!(
-                "bandwidth: {} {}: {:.2} of {:.2} Mbit/s through the relay, loss {:.1}%, {} ms under load: {} (video up to {})\n",
+                "bandwidth: {} {}: {}\n",
                 r.region,
                 r.path,
-                b.received_mbps,
-                b.required_mbps,
-                b.loss * 100.0,
-                b.rtt_ms.map_or("-".into(), |v| format!("{v:.1}")),
-                if b.meets { Phrase::Meets } else { Phrase::MeetsNot }.text(),
-                b.video
+                bandwidth_text(&b)
             );
         }
     }
@@ -82,6 +77,36 @@ pub fn table(results: &[PathResult], selected: Option<&Candidate>) -> String {
         None => out += "selected: none (no region reachable over TURN)\n",
     }
     out
+}
+
+/// What a bandwidth test found, in one sentence: the rate kept up (and over the whole
+/// arrival window when a burst made that higher), loss, delay, the verdict, and the relay's
+/// own limit when it is what held the rate.
+pub fn bandwidth_text(b: &crate::bandwidth::Bandwidth) -> String {
+    let whole = if b.received_mbps > 1.05 * b.sustained_mbps {
+        format!(
+            " ({:.2} over all {:.1} s of arrivals, a burst first)",
+            b.received_mbps, b.window_s
+        )
+    } else {
+        String::new()
+    };
+    let limit = match (b.limited_by_relay, b.relay_limit_mbps) {
+        (true, Some(l)) => format!(
+            "; limited by the relay's bandwidth quota of {l:.2} Mbit/s per allocation, which it \
+             reported: not by the network"
+        ),
+        _ => String::new(),
+    };
+    format!(
+        "{:.2} of {:.2} Mbit/s kept up through the relay{whole}, loss {:.1}%, {} ms under load: {} (video up to {}){limit}",
+        b.sustained_mbps,
+        b.required_mbps,
+        b.loss * 100.0,
+        b.rtt_ms.map_or("-".into(), |v| format!("{v:.1}")),
+        if b.meets { Phrase::Meets } else { Phrase::MeetsNot }.text(),
+        b.video
+    )
 }
 
 pub fn json(results: &[PathResult], selected: Option<&Candidate>) -> serde_json::Value {
@@ -131,18 +156,24 @@ pub fn ice_servers(region: &Region) -> serde_json::Value {
 pub enum Verdict {
     /// The path works.
     Open,
-    /// Packets or connections are dropped or cut on the way (timeout without any answer,
-    /// reset, a proxy refusing).
+    /// Packets or connections are dropped or cut on the way (timeout without any answer
+    /// while the host answers elsewhere, a reset).
     Blocked,
-    /// The host answered that nothing listens there (ICMP port unreachable, TCP reset to the
-    /// connection attempt): the service is down or elsewhere, not a firewall.
+    /// A TCP reset to the connection attempt or ICMP port unreachable: nothing listens
+    /// there, or a firewall rejects (the two look the same).
     Refused,
-    /// Something accepted the connection (or answered) but not as a TURN relay would.
+    /// Something accepted the connection but gave no TURN answer.
     NotAnswering,
+    /// Something answered, and it is not a TURN relay (an echo, a web server).
+    NotTurn,
     /// The relay answered and refused (401, 403...): the network is open, the credentials or
     /// the relay's policy are not.
     RelayRefused,
-    /// A TLS certificate that is not the relay's: a proxy on the way inspects TLS.
+    /// The relay's certificate is not trusted here (self-signed, incomplete chain...): for
+    /// the relay's operator, not the network.
+    Untrusted,
+    /// A TLS certificate that is not the relay's, with evidence: a proxy on the way
+    /// inspects TLS.
     Inspected,
     /// The relay allocated, but data relayed through it did not come back: this network
     /// reaches the relay; its relay ports or peer policy are the relay operator's to check.
@@ -151,6 +182,16 @@ pub enum Verdict {
     Unknown,
     /// Not tested from here (the path was not probed, or what it depends on failed first).
     NotTested,
+    /// The host answered on no path at all: down, or everything to it blocked.
+    Silent,
+    /// This machine could not send (no route, no network, its own firewall).
+    Local,
+    /// The web proxy given to the probe cannot be reached.
+    ProxyUnreachable,
+    /// The web proxy refused CONNECT.
+    ProxyRefused,
+    /// The web proxy took CONNECT (or said it could not connect), and no relay answered.
+    BehindProxy,
 }
 
 impl Verdict {
@@ -165,11 +206,18 @@ impl Verdict {
             Verdict::Blocked => Phrase::Blocked,
             Verdict::Refused => Phrase::Refused,
             Verdict::NotAnswering => Phrase::NotAnswering,
+            Verdict::NotTurn => Phrase::NotTurn,
             Verdict::RelayRefused => Phrase::RelayRefused,
+            Verdict::Untrusted => Phrase::Untrusted,
             Verdict::Inspected => Phrase::Inspected,
             Verdict::RelayedLost => Phrase::RelayedLost,
             Verdict::Unknown => Phrase::Unknown,
             Verdict::NotTested => Phrase::NotTested,
+            Verdict::Silent => Phrase::Silent,
+            Verdict::Local => Phrase::Local,
+            Verdict::ProxyUnreachable => Phrase::ProxyUnreachable,
+            Verdict::ProxyRefused => Phrase::ProxyRefused,
+            Verdict::BehindProxy => Phrase::BehindProxy,
         }
     }
 }
@@ -180,6 +228,8 @@ pub const RELAYED: &str = "relayed media, to and from peers that do not use TURN
 /// One row of the firewall table.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FirewallRow {
+    /// The region (of `regions.toml`) the row is for.
+    pub region: String,
     pub destination: String,
     /// The addresses the destination resolved to from where the probe ran.
     pub addresses: Vec<String>,
@@ -192,8 +242,9 @@ pub struct FirewallRow {
     pub detail: String,
 }
 
-/// The verdict on a path from its result.
+/// The verdict on a path from its result (before the host-wide view of [`firewall_rows`]).
 fn verdict(r: Option<&PathResult>) -> (Verdict, String) {
+    use crate::turn::Failure as F;
     let Some(r) = r else {
         return (Verdict::NotTested, "not probed".into());
     };
@@ -205,24 +256,44 @@ fn verdict(r: Option<&PathResult>) -> (Verdict, String) {
         // The relay answered and allocated: this network reaches it.
         return (Verdict::RelayedLost, e);
     }
-    let kind = e.split(':').next().unwrap_or("");
-    let v = match kind {
-        "dns" => Verdict::Unknown,
-        "tls-inspection" => Verdict::Inspected,
-        "refused" => Verdict::Refused,
-        "reset" | "proxy" => Verdict::Blocked,
-        "timeout" if r.reached => Verdict::NotAnswering,
-        "timeout" => Verdict::Blocked,
-        _ if e.starts_with(|c: char| c.is_ascii_digit()) => Verdict::RelayRefused,
-        _ if r.reached => Verdict::NotAnswering,
-        _ => Verdict::Blocked,
+    let proxied = r.path == "turn-tls-proxy";
+    let quiet = if r.reached {
+        Verdict::NotAnswering
+    } else {
+        Verdict::Blocked
+    };
+    let v = match &r.failure {
+        None => quiet,
+        Some(f) => match f {
+            F::Dns(_) => Verdict::Unknown,
+            F::Inspected(_) => Verdict::Inspected,
+            F::Untrusted(_) => Verdict::Untrusted,
+            F::NotTurn(_) => Verdict::NotTurn,
+            F::Refused(_) => Verdict::Refused,
+            F::Local(_) => Verdict::Local,
+            F::ProxyUnreachable(_) => Verdict::ProxyUnreachable,
+            // 500 and 502-504: the proxy could not connect to the relay (tinyproxy, squid).
+            F::Proxy(500 | 502..=504, _) => Verdict::BehindProxy,
+            F::Proxy(..) => Verdict::ProxyRefused,
+            F::Timeout(_) if proxied && r.reached => Verdict::BehindProxy,
+            F::Status(..) => Verdict::RelayRefused,
+            F::Reset(_) | F::Unreachable(_) => Verdict::Blocked,
+            F::Timeout(_) | F::Tls(_) | F::Other(_) => quiet,
+        },
     };
     (v, e)
 }
 
-/// A path's verdict in words, as the firewall table and the capture's comments give it.
-pub fn path_verdict(r: Option<&PathResult>) -> String {
-    let (v, detail) = verdict(r);
+/// A path's verdict in words, as the firewall table and the capture's comments give it, in
+/// the light of the host's other paths (a host silent on all of them is said to be).
+pub fn path_verdict(results: &[PathResult], region: &str, path: &str) -> String {
+    let r = results
+        .iter()
+        .find(|r| r.region == region && r.path == path);
+    let (mut v, detail) = verdict(r);
+    if v == Verdict::Blocked && path != "turn-tls-proxy" && silent(results, region) {
+        v = Verdict::Silent;
+    }
     if detail.is_empty() {
         v.label().to_owned()
     } else {
@@ -230,39 +301,81 @@ pub fn path_verdict(r: Option<&PathResult>) -> String {
     }
 }
 
+/// Whether nothing of `region`'s host answered on any of its direct paths.
+fn silent(results: &[PathResult], region: &str) -> bool {
+    let mine: Vec<&PathResult> = results
+        .iter()
+        .filter(|r| r.region == region && r.path != "turn-tls-proxy")
+        .collect();
+    !mine.is_empty() && mine.iter().all(|r| !r.host_answered())
+}
+
 /// The relay ports row follows the UDP TURN path's peer check: a plain UDP socket here
-/// exchanged datagrams with a relayed address both ways (open), they were dropped one way
-/// (blocked), the relay refused this network as a peer, or no allocation was made, so the
-/// relay ports were never tried.
-fn relayed_verdict(r: Option<&PathResult>) -> (Verdict, String) {
+/// exchanged datagrams with a relayed address both ways (open, for the port tried), they were
+/// dropped one way (blocked), or nothing was sent (the relay refused this machine as a peer,
+/// or no allocation was made). Returns the row's port text too: the range the report names,
+/// or the port tried when it lies outside it.
+fn relayed_verdict(r: Option<&PathResult>, range: &str) -> (String, Verdict, String) {
     let Some(r) = r else {
-        return (Verdict::NotTested, "not probed".into());
+        return (range.into(), Verdict::NotTested, "not probed".into());
     };
-    match &r.peer {
-        Some(p) if p.inbound && p.outbound => (
+    let Some(p) = &r.peer else {
+        let why = if r.allocation_ms.is_some() {
+            "the relay allocated, but the peer check did not run"
+        } else {
+            "no UDP allocation was made; see the turn-udp path"
+        };
+        return (range.into(), Verdict::NotTested, why.into());
+    };
+    let tried: Option<u16> = p
+        .relayed
+        .parse::<std::net::SocketAddr>()
+        .ok()
+        .map(|a| a.port());
+    let inside = tried.is_some_and(|port| in_ranges(range, port));
+    let (port, flag) = match tried {
+        Some(t) if !inside => (
+            t.to_string(),
+            format!(
+                "; the relay gave port {t}, outside {range}, the range this report names: ask \
+                 its operator for its relay_ports and list them in regions.toml"
+            ),
+        ),
+        _ => (range.to_owned(), String::new()),
+    };
+    let tested = tried.map_or("a relay port".to_owned(), |t| format!("port {t}"));
+    let e = p.error.clone().unwrap_or_default();
+    if p.inbound && p.outbound {
+        return (
+            port,
             Verdict::Open,
-            format!("datagrams crossed {} both ways", p.relayed),
-        ),
-        Some(p) => {
-            let e = p.error.clone().unwrap_or_default();
-            if e.starts_with(|c: char| c.is_ascii_digit()) {
-                (
-                    Verdict::RelayRefused,
-                    format!("{e} (the relay's peer policy refuses this network's address)"),
-                )
-            } else {
-                (Verdict::Blocked, e)
-            }
-        }
-        None if r.allocation_ms.is_some() => (
-            Verdict::NotTested,
-            "the relay allocated, but the peer check did not run".into(),
-        ),
-        None => (
-            Verdict::NotTested,
-            "no UDP allocation was made; see the turn-udp path".into(),
-        ),
+            format!(
+                "{tested} tried: datagrams crossed {} both ways (the other ports of the range were not tried){flag}",
+                p.relayed
+            ),
+        );
     }
+    if !p.inbound && e.starts_with(|c: char| c.is_ascii_digit()) {
+        // The relay refused the permission: nothing went to the relay ports.
+        let me = p.seen_as.as_deref().unwrap_or("this machine's address");
+        return (
+            port,
+            Verdict::NotTested,
+            format!(
+                "the relay's peer policy refuses {me} as a peer ({e}), so no datagram was \
+                 sent to the relay ports{flag}"
+            ),
+        );
+    }
+    (port, Verdict::Blocked, format!("{tested} tried: {e}{flag}"))
+}
+
+/// Whether `port` lies in `ranges` (`49152-65535`, or `50000,50002-50003`).
+fn in_ranges(ranges: &str, port: u16) -> bool {
+    ranges.split(',').any(|r| match r.trim().split_once('-') {
+        Some((lo, hi)) => matches!((lo.parse::<u16>(), hi.parse::<u16>()), (Ok(lo), Ok(hi)) if (lo..=hi).contains(&port)),
+        None => r.trim().parse() == Ok(port),
+    })
 }
 
 /// Destination, port, protocol, direction, purpose, and what the probe found from where it
@@ -281,6 +394,7 @@ pub fn firewall_rows(regions: &[Region], results: &[PathResult]) -> Vec<Firewall
                    purpose: &'static str,
                    (verdict, detail): (Verdict, String)| {
         rows.push(FirewallRow {
+            region: r.name.clone(),
             destination: r.host.clone(),
             addresses: Vec::new(),
             port,
@@ -313,14 +427,8 @@ pub fn firewall_rows(regions: &[Region], results: &[PathResult]) -> Vec<Firewall
             } else {
                 relay_ports.join(",")
             };
-            row(
-                r,
-                relay_ports,
-                "UDP",
-                "out and in",
-                RELAYED,
-                relayed_verdict(result(&r.name, "turn-udp")),
-            );
+            let (port, v, detail) = relayed_verdict(result(&r.name, "turn-udp"), &relay_ports);
+            row(r, port, "UDP", "out and in", RELAYED, (v, detail));
         }
         if r.tcp_port != 0 {
             row(
@@ -381,6 +489,15 @@ pub fn firewall_rows(regions: &[Region], results: &[PathResult]) -> Vec<Firewall
             );
         }
     }
+    // A host that answered on no path: its blocked rows say so, the relay the first suspect.
+    for row in &mut rows {
+        if row.verdict == Verdict::Blocked
+            && row.protocol != "HTTP CONNECT"
+            && silent(results, &row.region)
+        {
+            row.verdict = Verdict::Silent;
+        }
+    }
     rows
 }
 
@@ -421,74 +538,157 @@ pub fn firewall(rows: &[FirewallRow]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::turn::Failure as F;
 
-    fn failed(error: &str, reached: bool, allocated: bool) -> PathResult {
-        let mut r = PathResult::new("r", "turn-udp").failed(error.into());
+    fn failed(path: &str, f: F, reached: bool, allocated: bool) -> PathResult {
+        let mut r = PathResult::new("r", path).failed(f);
         r.reached = reached;
         r.allocation_ms = allocated.then_some(1.0);
         r
     }
 
+    fn timeout() -> F {
+        F::Timeout("no answer".into())
+    }
+
     #[test]
     fn verdicts_tell_apart_what_was_seen() {
         let v = |r: PathResult| verdict(Some(&r)).0;
+        let udp = "turn-udp";
+        assert_eq!(v(failed(udp, timeout(), false, false)), Verdict::Blocked);
         assert_eq!(
-            v(failed("timeout: no answer", false, false)),
-            Verdict::Blocked
-        );
-        assert_eq!(
-            v(failed("timeout: no answer", true, false)),
+            v(failed(udp, timeout(), true, false)),
             Verdict::NotAnswering
         );
         // The relay allocated: the network reaches it, whatever happened to the relayed data.
+        assert_eq!(v(failed(udp, timeout(), true, true)), Verdict::RelayedLost);
         assert_eq!(
-            v(failed("timeout: no answer", true, true)),
-            Verdict::RelayedLost
-        );
-        assert_eq!(
-            v(failed("refused: connect", false, false)),
+            v(failed(udp, F::Refused("connect".into()), false, false)),
             Verdict::Refused
         );
         assert_eq!(
-            v(failed("reset: TLS handshake: reset", true, false)),
+            v(failed(udp, F::Reset("TLS handshake".into()), true, false)),
             Verdict::Blocked
         );
         assert_eq!(
-            v(failed("401 Unauthorized", true, false)),
+            v(failed(
+                udp,
+                F::Status(401, "Unauthorized".into()),
+                true,
+                false
+            )),
             Verdict::RelayRefused
         );
         assert_eq!(
-            v(failed("tls-inspection: issued by X", true, false)),
+            v(failed(udp, F::Inspected("issued by X".into()), true, false)),
             Verdict::Inspected
         );
         assert_eq!(
-            v(failed("dns: no such host", false, false)),
+            v(failed(udp, F::Untrusted("self-signed".into()), true, false)),
+            Verdict::Untrusted
+        );
+        assert_eq!(
+            v(failed(udp, F::NotTurn("an echo".into()), true, false)),
+            Verdict::NotTurn
+        );
+        assert_eq!(
+            v(failed(udp, F::Local("no route".into()), false, false)),
+            Verdict::Local
+        );
+        assert_eq!(
+            v(failed(udp, F::Dns("no such host".into()), false, false)),
             Verdict::Unknown
         );
+        let proxy = "turn-tls-proxy";
+        assert_eq!(
+            v(failed(
+                proxy,
+                F::ProxyUnreachable("refused".into()),
+                false,
+                false
+            )),
+            Verdict::ProxyUnreachable
+        );
+        assert_eq!(
+            v(failed(
+                proxy,
+                F::Proxy(403, "Forbidden".into()),
+                false,
+                false
+            )),
+            Verdict::ProxyRefused
+        );
+        assert_eq!(
+            v(failed(
+                proxy,
+                F::Proxy(502, "Bad Gateway".into()),
+                false,
+                false
+            )),
+            Verdict::BehindProxy
+        );
+        assert_eq!(
+            v(failed(proxy, timeout(), true, false)),
+            Verdict::BehindProxy
+        );
         assert_eq!(verdict(None).0, Verdict::NotTested);
-        let mut r = failed("timeout: no answer", true, true);
-        assert_eq!(relayed_verdict(Some(&r)).0, Verdict::NotTested);
+    }
+
+    #[test]
+    fn a_host_silent_on_every_path_is_said_to_be_and_one_that_answered_is_not() {
+        let down = vec![
+            failed("stun-udp", timeout(), false, false),
+            failed("turn-udp", timeout(), false, false),
+            failed(
+                "turn-tcp",
+                F::Unreachable("no route to host".into()),
+                false,
+                false,
+            ),
+        ];
+        assert!(path_verdict(&down, "r", "turn-tcp").starts_with(Phrase::Silent.text()));
+        let mut up = down.clone();
+        up[2] = failed("turn-tcp", F::Refused("connect".into()), false, false);
+        assert!(path_verdict(&up, "r", "turn-udp").starts_with(Phrase::Blocked.text()));
+    }
+
+    #[test]
+    fn the_relay_ports_row_names_the_port_tried_and_flags_one_outside_the_range() {
+        let mut r = failed("turn-udp", timeout(), true, true);
+        let range = "49152-65535";
+        assert_eq!(relayed_verdict(Some(&r), range).1, Verdict::NotTested);
         r.peer = Some(crate::select::PeerCheck {
             relayed: "192.0.2.1:50000".into(),
             inbound: true,
             outbound: false,
             error: Some("timeout: the answers did not get back in".into()),
+            seen_as: None,
         });
-        assert_eq!(relayed_verdict(Some(&r)).0, Verdict::Blocked);
+        let (port, v, detail) = relayed_verdict(Some(&r), range);
+        assert_eq!((port.as_str(), v), (range, Verdict::Blocked));
+        assert!(detail.starts_with("port 50000 tried"), "{detail}");
+        // Refused as a peer: nothing was sent to the relay ports, so they are not tested.
         r.peer = Some(crate::select::PeerCheck {
+            relayed: "192.0.2.1:50000".into(),
             error: Some("403 Forbidden".into()),
+            seen_as: Some("127.0.0.1:40000".into()),
             ..Default::default()
         });
-        assert_eq!(relayed_verdict(Some(&r)).0, Verdict::RelayRefused);
+        let (_, v, detail) = relayed_verdict(Some(&r), range);
+        assert_eq!(v, Verdict::NotTested);
+        assert!(
+            detail.contains("refuses 127.0.0.1:40000 as a peer"),
+            "{detail}"
+        );
         r.peer = Some(crate::select::PeerCheck {
+            relayed: "192.0.2.1:40002".into(),
             inbound: true,
             outbound: true,
             ..Default::default()
         });
-        assert_eq!(relayed_verdict(Some(&r)).0, Verdict::Open);
-        assert_eq!(
-            relayed_verdict(Some(&failed("timeout: no answer", false, false))).0,
-            Verdict::NotTested
-        );
+        let (port, v, detail) = relayed_verdict(Some(&r), range);
+        assert_eq!((port.as_str(), v), ("40002", Verdict::Open));
+        assert!(detail.contains("outside 49152-65535"), "{detail}");
+        assert!(in_ranges("50000,50002-50003", 50003) && !in_ranges("50000,50002-50003", 50001));
     }
 }

@@ -42,6 +42,11 @@ pub struct PathResult {
     /// answered at all (an error response counts). A timeout of a path that was reached is a
     /// service not answering, not a firewall dropping packets.
     pub reached: bool,
+    /// The TLS certificate the path was shown (TLS paths), verified or not.
+    pub tls_certificate: Option<crate::inspect::Seen>,
+    /// Why the path failed, as a kind the verdicts tell apart (`error` is its text).
+    #[serde(skip)]
+    pub failure: Option<crate::turn::Failure>,
 }
 
 /// Whether a plain UDP socket where the probe runs, as a peer that does not use TURN would,
@@ -57,6 +62,8 @@ pub struct PeerCheck {
     pub outbound: bool,
     /// What went wrong, when something did.
     pub error: Option<String>,
+    /// Where the relay saw this machine's plain UDP socket (the peer it was asked to permit).
+    pub seen_as: Option<String>,
 }
 
 impl PathResult {
@@ -68,10 +75,21 @@ impl PathResult {
         }
     }
 
-    pub fn failed(mut self, error: String) -> Self {
+    pub fn failed(mut self, failure: crate::turn::Failure) -> Self {
         self.reachable = false;
-        self.error = Some(error);
+        self.error = Some(failure.to_string());
+        self.failure = Some(failure);
         self
+    }
+
+    /// Whether the host (or something at its address) answered on this path in any way: a
+    /// path that worked, an accepted connection, a refusal, a reset, a TLS or STUN answer.
+    /// Proxy paths say nothing of the host: the proxy answered them.
+    pub fn host_answered(&self) -> bool {
+        self.path != "turn-tls-proxy"
+            && (self.reachable
+                || self.reached
+                || self.failure.as_ref().is_some_and(|f| f.answered()))
     }
 
     /// Fills RTT, jitter and loss from the samples that came back out of `sent`.
@@ -88,8 +106,10 @@ impl PathResult {
                 self.loss.unwrap_or(0.0),
             )
         });
-        if samples.is_empty() && self.error.is_none() {
-            self.error = Some("timeout: no answer".into());
+        if samples.is_empty() && self.failure.is_none() {
+            let f = crate::turn::Failure::Timeout("no answer".into());
+            self.error = Some(f.to_string());
+            self.failure = Some(f);
         }
         self
     }
@@ -231,7 +251,7 @@ mod tests {
         if let Some(m) = median {
             r = r.with_samples(&[m, m], 2);
         } else {
-            r = r.failed("timeout".into());
+            r = r.failed(crate::turn::Failure::Timeout("no answer".into()));
         }
         r
     }

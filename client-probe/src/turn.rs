@@ -10,25 +10,47 @@ use tokio::net::UdpSocket;
 use turnpike_proto::auth::long_term_key;
 use turnpike_proto::stun::{attr, method, Builder, Class, Message, TransactionId, MAGIC_COOKIE};
 
-/// Why a path failed, as the report names it.
+/// Why a path failed, as the report names it: each kind is a different thing seen, so that
+/// a verdict says only what was seen.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Failure {
     #[error("dns: {0}")]
     Dns(String),
     #[error("timeout: {0}")]
     Timeout(String),
+    /// A TCP reset to the connection attempt, or ICMP port unreachable: nothing listens there,
+    /// or a firewall rejects (the two look the same from here).
     #[error("refused: {0}")]
     Refused(String),
     /// The connection was reset: a middlebox (or the host) cut it.
     #[error("reset: {0}")]
     Reset(String),
+    /// No route to the host (ICMP host unreachable, or no answer to ARP on its network).
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    /// This machine could not send: no route or network of its own, an address it does not
+    /// have, its own firewall refusing.
+    #[error("local: {0}")]
+    Local(String),
     #[error("tls: {0}")]
     Tls(String),
-    /// The TLS certificate was not the relay's: something on the way inspects TLS.
+    /// The relay's certificate is not trusted here: why, and what the relay's operator changes.
+    #[error("untrusted: {0}")]
+    Untrusted(String),
+    /// The TLS certificate was not the relay's, with evidence: something on the way inspects
+    /// TLS.
     #[error("tls-inspection: {0}")]
     Inspected(String),
-    #[error("proxy: {0}")]
-    Proxy(String),
+    /// The web proxy could not be reached.
+    #[error("proxy-unreachable: {0}")]
+    ProxyUnreachable(String),
+    /// The web proxy refused CONNECT: its status code (0 when it closed or did not answer)
+    /// and what it said.
+    #[error("proxy: {1}")]
+    Proxy(u16, String),
+    /// Something answered, but not as a TURN relay (an echo, a web server).
+    #[error("not-turn: {0}")]
+    NotTurn(String),
     /// A STUN error response: 401, 403, 437, 508…
     #[error("{0} {1}")]
     Status(u16, String),
@@ -38,16 +60,39 @@ pub enum Failure {
 
 impl Failure {
     pub fn io(what: &str, e: std::io::Error) -> Failure {
+        use std::io::ErrorKind as K;
         match e.kind() {
-            std::io::ErrorKind::ConnectionRefused => {
-                Failure::Refused(format!("{what}: connection refused"))
-            }
-            std::io::ErrorKind::TimedOut => Failure::Timeout(what.to_owned()),
-            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted => {
+            K::ConnectionRefused => Failure::Refused(format!("{what}: connection refused")),
+            K::TimedOut => Failure::Timeout(what.to_owned()),
+            K::ConnectionReset | K::ConnectionAborted => {
                 Failure::Reset(format!("{what}: connection reset"))
             }
+            K::HostUnreachable => Failure::Unreachable(format!("{what}: no route to host")),
+            K::NetworkUnreachable | K::NetworkDown => Failure::Local(format!(
+                "{what}: this machine has no route to that network ({e})"
+            )),
+            K::AddrNotAvailable => {
+                Failure::Local(format!("{what}: this machine has no such address ({e})"))
+            }
+            K::PermissionDenied => Failure::Local(format!(
+                "{what}: refused on this machine, by its own firewall or permissions ({e})"
+            )),
             _ => Failure::Other(format!("{what}: {e}")),
         }
+    }
+
+    /// Whether something on the way, or the host, answered: a refusal, a reset, a TLS or STUN
+    /// answer, anything but silence.
+    pub fn answered(&self) -> bool {
+        !matches!(
+            self,
+            Failure::Dns(_)
+                | Failure::Timeout(_)
+                | Failure::Unreachable(_)
+                | Failure::Local(_)
+                | Failure::ProxyUnreachable(_)
+                | Failure::Other(_)
+        )
     }
 }
 
@@ -67,6 +112,8 @@ pub struct TurnClient {
     rbuf: Vec<u8>,
     /// Records the UDP datagrams (`measure --capture`); streams record below TLS.
     tap: Option<crate::capture::UdpTap>,
+    /// The bandwidth limit the relay gave with the allocation (BANDWIDTH), bytes per second.
+    bandwidth_limit: Option<u64>,
 }
 
 /// Credentials and the state long-term authentication learns (realm, nonce): what signs a
@@ -142,6 +189,7 @@ impl TurnClient {
             },
             rbuf: Vec::new(),
             tap: None,
+            bandwidth_limit: None,
         }
     }
 
@@ -219,6 +267,9 @@ impl TurnClient {
                     Ok(buf)
                 }
                 Conn::Stream(s) => loop {
+                    if let Some(what) = not_turn(&self.rbuf) {
+                        return Err(Failure::NotTurn(what));
+                    }
                     if self.rbuf.len() >= 4 {
                         let len = usize::from(u16::from_be_bytes([self.rbuf[2], self.rbuf[3]]));
                         let total = if self.rbuf[0] & 0xC0 == 0x40 {
@@ -237,7 +288,9 @@ impl TurnClient {
                         .await
                         .map_err(|e| Failure::io("read", e))?;
                     if n == 0 {
-                        return Err(Failure::Other("the relay closed the connection".into()));
+                        return Err(Failure::Reset(
+                            "the far end closed the connection without a TURN answer".into(),
+                        ));
                     }
                     self.rbuf.extend_from_slice(&chunk[..n]);
                 },
@@ -268,10 +321,26 @@ impl TurnClient {
         for _ in 0..3 {
             let (packet, tid) = self.build(m, Class::Request, extra);
             let response = self.exchange(&packet, tid, deadline).await?;
-            let msg = Message::parse(&response)
-                .map_err(|e| Failure::Other(format!("bad response: {e}")))?;
-            if msg.class() == Class::Success {
-                return Ok(response);
+            let msg = Message::parse(&response).map_err(|e| {
+                Failure::NotTurn(format!("an answer that is not a STUN message ({e})"))
+            })?;
+            match msg.class() {
+                Class::Success if msg.method() == m => return Ok(response),
+                Class::Error if msg.method() == m && msg.get(attr::ERROR_CODE).is_some() => {}
+                Class::Request if response == packet => {
+                    return Err(Failure::NotTurn(
+                        "the request came back as it was sent: an echo service, not a TURN relay"
+                            .into(),
+                    ))
+                }
+                _ => {
+                    return Err(Failure::NotTurn(format!(
+                        "a STUN {:?} of method {:#06x} in answer to a request of method \
+                         {m:#06x}",
+                        msg.class(),
+                        msg.method()
+                    )))
+                }
             }
             let (code, reason) = error_code(&msg);
             // 401 with a nonce learnt elsewhere: it may be for another address; learn this one.
@@ -300,6 +369,8 @@ impl TurnClient {
         // RFC 8489 §6.2.1: retransmit over UDP, doubling the interval.
         let mut rto = RETRANSMIT;
         let mut resend = Instant::now() + rto;
+        // Datagrams that were no STUN answer at all: what answered is something else.
+        let mut strangers = 0;
         loop {
             let until = if udp { resend.min(deadline) } else { deadline };
             match self.recv(until).await {
@@ -307,11 +378,19 @@ impl TurnClient {
                     if frame.len() >= 20 && frame[0] & 0xC0 == 0 && frame[4..20] == tid.0 {
                         return Ok(frame);
                     }
+                    if udp && Message::parse(&frame).is_err() && frame[0] & 0xC0 != 0x40 {
+                        strangers += 1;
+                    }
                 }
                 Err(Failure::Timeout(_)) if udp && Instant::now() < deadline => {
                     self.send(packet).await?;
                     rto *= 2;
                     resend = Instant::now() + rto;
+                }
+                Err(Failure::Timeout(_)) if strangers > 0 => {
+                    return Err(Failure::NotTurn(format!(
+                        "{strangers} datagrams came back, none of them a STUN answer"
+                    )))
                 }
                 Err(e) => return Err(e),
             }
@@ -349,7 +428,14 @@ impl TurnClient {
         let mapped = msg
             .get(attr::XOR_MAPPED_ADDRESS)
             .and_then(|v| msg.xor_address(v));
+        self.bandwidth_limit = msg.get_u32(attr::BANDWIDTH).map(|v| u64::from(v) << 7);
         Ok((relayed, mapped))
+    }
+
+    /// The bandwidth limit the relay said the allocation has (its BANDWIDTH attribute, as
+    /// Turnpike and coturn send it), bytes per second.
+    pub fn bandwidth_limit(&self) -> Option<u64> {
+        self.bandwidth_limit
     }
 
     pub async fn permit(&mut self, peer: SocketAddr, timeout: Duration) -> Result<(), Failure> {
@@ -440,6 +526,29 @@ pub fn channel_data(channel: u16, payload: &[u8], pad: bool, out: &mut Vec<u8>) 
     out.extend_from_slice(payload);
     if pad {
         out.resize(out.len() + (4 - payload.len() % 4) % 4, 0);
+    }
+}
+
+/// What a stream's first bytes are when they cannot begin a TURN answer (a STUN message with
+/// its magic cookie, or ChannelData): a web server, another protocol. None while they may.
+fn not_turn(bytes: &[u8]) -> Option<String> {
+    if bytes.starts_with(b"HTTP/") {
+        let line = bytes.split(|b| *b == b'\r').next().unwrap_or_default();
+        return Some(format!(
+            "a web server answered ({})",
+            String::from_utf8_lossy(&line[..line.len().min(60)])
+        ));
+    }
+    let first = *bytes.first()?;
+    match first & 0xC0 {
+        0x00 if bytes.len() >= 8 && bytes[4..8] != MAGIC_COOKIE.to_be_bytes() => Some(format!(
+            "an answer without STUN's magic cookie (first bytes {:02x?})",
+            &bytes[..8]
+        )),
+        0x00 | 0x40 => None,
+        _ => Some(format!(
+            "an answer that is neither STUN nor ChannelData (first byte {first:#04x})"
+        )),
     }
 }
 

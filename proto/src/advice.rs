@@ -40,20 +40,35 @@ phrases! {
     Open = "verdict.open" => "open",
     /// Dropped or cut on the way.
     Blocked = "verdict.blocked" => "BLOCKED on the way",
-    /// Nothing listens at the destination.
-    Refused = "verdict.refused" => "REFUSED by the host (nothing listening)",
-    /// Something answered, not as a TURN relay.
+    /// A TCP reset to the connection, or ICMP port unreachable: from the host, or from a
+    /// firewall that rejects; the two look the same.
+    Refused = "verdict.refused" => "REFUSED: nothing listens there, or a firewall rejects",
+    /// Something accepted the connection but gave no TURN answer in time.
     NotAnswering = "verdict.not_answering" => "REACHED, but no TURN answer",
+    /// Something answered, and it is not a TURN relay.
+    NotTurn = "verdict.not_turn" => "REACHED, but what answered is not a TURN relay",
     /// The relay answered with an error.
     RelayRefused = "verdict.relay_refused" => "open, but the relay refused",
-    /// A certificate not the relay's, or TURN cut inside TLS that carries HTTPS.
+    /// The relay's certificate is not trusted by this machine: the relay's to fix.
+    Untrusted = "verdict.untrusted" => "REACHED, but the relay's certificate is not trusted here",
+    /// A certificate that is not the relay's, with evidence.
     Inspected = "verdict.inspected" => "TLS INSPECTED on the way",
     /// Allocated, but relayed data did not come back.
     RelayedLost = "verdict.relayed_lost" => "open, but relayed data did not come back",
     /// The name does not resolve.
-    Unknown = "verdict.unknown" => "UNKNOWN",
+    Unknown = "verdict.unknown" => "UNKNOWN: the name does not resolve",
     /// Not probed.
     NotTested = "verdict.not_tested" => "not tested",
+    /// Nothing of the host answered on any path.
+    Silent = "verdict.silent" => "NO ANSWER from the host on any path: the relay is down, or everything to it is blocked",
+    /// This machine could not send.
+    Local = "verdict.local" => "LOCAL ERROR on this machine",
+    /// The proxy given to the probe cannot be reached.
+    ProxyUnreachable = "verdict.proxy_unreachable" => "the web proxy CANNOT BE REACHED",
+    /// The proxy answered CONNECT with a refusal.
+    ProxyRefused = "verdict.proxy_refused" => "REFUSED by the web proxy (CONNECT)",
+    /// The proxy took CONNECT, but nothing answered behind it.
+    BehindProxy = "verdict.behind_proxy" => "through the proxy, but the relay behind it did not answer",
 
     /// Throughput at or above the requirement.
     Meets = "bandwidth.meets" => "meets the requirement",
@@ -64,15 +79,23 @@ phrases! {
     FixRelayPorts = "fix.relay_ports" => "Allow UDP between this network and {host} ports {ports}, both directions: peers that do not use TURN send media there.",
     FixTcp = "fix.tcp" => "Allow TCP connections from this network to {host} port {port}.",
     FixTls = "fix.tls" => "Allow TLS (TCP {port}) from this network to {host}, without TLS inspection: it is the path that passes strict firewalls.",
-    FixProxy = "fix.proxy" => "Let the web proxy open connections (CONNECT) to {host} port {port}, without TLS inspection.",
+    FixProxy = "fix.proxy" => "The web proxy refused CONNECT to {host} port {port} ({detail}): let it open connections (CONNECT) to {host} port {port}, without TLS inspection.",
+    FixProxyAuth = "fix.proxy_auth" => "The web proxy asks for credentials ({detail}): give them to the probe as --proxy http://user:password@host:port.",
+    FixProxyUnreachable = "fix.proxy_unreachable" => "The web proxy given to the probe cannot be reached ({detail}): check the proxy's address (--proxy or HTTPS_PROXY) and that it runs.",
+    FixBehindProxy = "fix.behind_proxy" => "The web proxy took the connection to {host} port {port}, but no relay answered behind it ({detail}): check that the relay is up and listens there (ask its operator).",
     FixInspected = "fix.inspected" => "A proxy inspects TLS to {host}: add {host} to its TLS-inspection bypass list, or TURN over TLS cannot work.",
-    /// The page's own sign of inspection: HTTPS to the port works, TURN inside TLS does not.
-    FixInspectedWeb = "fix.inspected_web" => "HTTPS to {host} port {port} works from here, but TURN over TLS to the same port is cut: a proxy on the way opens TLS and passes only web traffic. Add {host} to its TLS-inspection bypass list.",
-    FixRefused = "fix.refused" => "{host} port {port} answered that nothing listens there: the relay is not running there or the port is wrong (or a firewall rejects the connection rather than dropping it): tell the relay's operator first.",
+    /// The page's own sign of inspection: the relay saw the page's HTTPS arrive re-originated.
+    FixInspectedWeb = "fix.inspected_web" => "The relay saw this browser's HTTPS to {host} arrive from a TLS client that is not the browser ({detail}): a proxy on the way opens TLS, and TURN over TLS to port {port} cannot pass it. Add {host} to its TLS-inspection bypass list.",
+    FixUntrusted = "fix.untrusted" => "For the operator of the relay at {host}, not for the network: {detail}.",
+    FixRefused = "fix.refused" => "Nothing listens at {host} port {port}, or a firewall rejects connections to it: the two look the same from here{up}. Ask the relay's operator whether the relay listens there; if it does, a firewall on the way rejects it.",
     FixNotAnswering = "fix.not_answering" => "Something at {host} port {port} accepts connections but does not answer as a TURN relay (a proxy, or another service on that address): check the address and the proxy.",
+    FixNotTurn = "fix.not_turn" => "What answers at {host} port {port} is not a TURN relay ({detail}): check the port in regions.toml, and which service runs there.",
     FixRelayRefused = "fix.relay_refused" => "The relay at {host} refused the request ({detail}): check the user name, password or shared secret. The network is open.",
     FixRelayedLost = "fix.relayed_lost" => "The relay at {host} answered on port {port}, but data relayed through it did not come back: ask the relay's operator to check its relay ports and peer policy.",
+    FixSilent = "fix.silent" => "Check first that the relay at {host} is up (ask its operator): nothing answered on any path from here ({paths}). If it is up, this network blocks them all.",
+    FixLocal = "fix.local" => "This machine could not send to {host} port {port} ({detail}): check its own network connection, routes and firewall first.",
     FixUnknown = "fix.unknown" => "{host} does not resolve: check the name and the DNS servers.",
+    FixQuota = "fix.quota" => "{path} carried {got} Mbit/s because the relay limits each allocation to {limit} Mbit/s (its bandwidth quota, which it reported), below the {need} Mbit/s required: ask its operator to raise it. The network was not the limit.",
     FixBandwidth = "fix.bandwidth" => "{path} carried {got} of the {need} Mbit/s required ({loss}% lost): allow more bandwidth to the relay, or expect video at {video} at most.",
     /// After a fix, while another path carries calls.
     Fallback = "fix.fallback" => "Until then calls use {other}.",

@@ -10,21 +10,16 @@
 # (unshare --fork does not pass SIGTERM on: the trap stops the relay itself.)
 # Usage: probe-behind-proxy.sh TURNPIKE PROBE CERT KEY OUTDIR [MODE]
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 relay_bin=$1 probe_bin=$2 cert=$3 key=$4 out=$5 mode=${6:-proxy}
 if [ "$mode" = relay-ports ]; then export DROP="--dport 49152:65535"; else export DROP=; fi
 sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 || true
 ip link set lo up
 # The relay's namespace: it waits for its end of the link, sets up its firewall, and runs.
-unshare --net --fork --kill-child bash -c '
-  for _ in $(seq 200); do ip link show v0 >/dev/null 2>&1 && break; sleep 0.05; done
-  ip link set lo up
-  ip addr add 10.99.0.1/24 dev v0
-  ip link set v0 up
-  iptables -A INPUT -i v0 -p udp $DROP -j DROP
-  exec "$@"' relay "$relay_bin" --listen udp://10.99.0.1:3478 --listen tcp://10.99.0.1:3478 \
+relay_namespace 'iptables -A INPUT -i v0 -p udp $DROP -j DROP' "$out/relay.log" \
+  "$relay_bin" --listen udp://10.99.0.1:3478 --listen tcp://10.99.0.1:3478 \
   --listen tls://10.99.0.1:443 --cert "$cert" --key "$key" --relay-ip 10.99.0.1 \
-  --allow-peer 10.99.0.0/24 --user alice:wonderland --drain-grace 0 2>"$out/relay.log" &
-relay=$!
+  --allow-peer 10.99.0.0/24 --user alice:wonderland --drain-grace 0
 proxy=
 if [ "$mode" = proxy ]; then
   mitmdump --listen-host 127.0.0.1 -p 8080 --set "confdir=$out/mitmproxy" --ssl-insecure -q \
@@ -32,16 +27,7 @@ if [ "$mode" = proxy ]; then
   proxy=$!
 fi
 trap 'kill $(pgrep -P $relay) $proxy 2>/dev/null; wait $relay $proxy 2>/dev/null' EXIT INT TERM
-# The relay's end of the link goes to its namespace once it has one: until unshare has made
-# it, the process is still in this one (and the link would stay here).
-for _ in $(seq 200); do
-  [ "$(readlink /proc/$relay/ns/net)" != "$(readlink /proc/self/ns/net)" ] && break
-  sleep 0.05
-done
-ip link add v0 type veth peer name v1
-ip link set v0 netns "$relay"
-ip addr add 10.99.0.2/24 dev v1
-ip link set v1 up
+link_relay_namespace
 for _ in $(seq 300); do
   (echo >/dev/tcp/10.99.0.1/3478) 2>/dev/null &&
     { [ -z "$proxy" ] || (echo >/dev/tcp/127.0.0.1/8080) 2>/dev/null; } && break
