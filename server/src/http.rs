@@ -45,6 +45,7 @@ pub async fn serve_http_stream<S>(
     stream: S,
     client: SocketAddr,
     tls: bool,
+    client_tls: Option<crate::tls_seen::ClientTls>,
     limits: HttpLimits,
     ticket: Ticket,
 ) -> std::io::Result<HttpEnd>
@@ -57,6 +58,9 @@ where
             req.extensions_mut()
                 .insert(axum::extract::ConnectInfo(client));
             req.extensions_mut().insert(Secure(tls));
+            if let Some(c) = client_tls {
+                req.extensions_mut().insert(c);
+            }
             req.extensions_mut().insert(ticket.clone());
             let answer_within = match limits.long {
                 Some((path, hold)) if req.uri().path() == path => limits.headers + hold,
@@ -120,7 +124,7 @@ pub async fn serve(
         let app = app.clone();
         let ticket = Ticket(Arc::new(admitted));
         tokio::spawn(async move {
-            let _ = serve_http_stream(app, tcp, from, false, limits, ticket).await;
+            let _ = serve_http_stream(app, tcp, from, false, None, limits, ticket).await;
         });
     }
 }

@@ -28,5 +28,6 @@ pub mod metrics;
 pub mod service;
 pub mod store;
 pub mod testpage;
+pub mod tls_seen;
 
 pub use error::Error;

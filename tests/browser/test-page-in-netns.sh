@@ -3,8 +3,9 @@
 # pair gives Chromium an address. Starts the relay with the network test page twice and lets
 # Chromium run the page against it: first with UDP, TCP and TLS on 443 (and a second TLS port
 # named as another region), then without the UDP listener while the page still offers UDP,
-# as a firewall dropping UDP would look, and with a throughput threshold no path meets; last
-# behind a reverse proxy that inspects TLS (mitmproxy). Fixed ports are safe here: nothing else lives in
+# as a firewall dropping UDP would look, and with a throughput threshold no path meets; then
+# with the relay's certificate accepted for the page only (a visitor who clicked through the
+# warning); last behind a reverse proxy that inspects TLS (mitmproxy). Fixed ports are safe here: nothing else lives in
 # this namespace.
 # Usage: test-page-in-netns.sh TURNPIKE_BINARY CERT KEY OUTDIR
 set -euo pipefail
@@ -67,6 +68,23 @@ ice_urls = ["turn:10.99.0.1:3478?transport=udp", "turn:10.99.0.1:3478?transport=
 TOML
 start "$out/noudp.toml" "$out/noudp.log"
 node "$here/network-test-page.mjs" "https://10.99.0.1/test" "$out/noudp"
+stop
+
+# The relay's self-signed certificate accepted for the page only, as a visitor who clicked
+# through the browser's warning: TURN over TLS refuses it, UDP and TCP work, at the test's own
+# rate limit.
+cat >"$out/clicked.toml" <<TOML
+listen = ["udp://10.99.0.1:3478", "tcp://10.99.0.1:3478", "tls://0.0.0.0:443"]
+$common
+[test_page]
+enabled = true
+min_mbps = 1
+# 2 Mbit/s per test allocation: every working path reaches the test's own limit.
+bytes_per_sec = 250000
+ice_urls = ["turn:10.99.0.1:3478?transport=udp", "turn:10.99.0.1:3478?transport=tcp", "turns:10.99.0.1:443?transport=tcp"]
+TOML
+start "$out/clicked.toml" "$out/clicked.log"
+node "$here/network-test-page.mjs" "https://10.99.0.1/test" "$out/clicked" clicked-through
 stop
 
 # Behind a proxy that opens TLS and passes only web traffic: mitmproxy as a reverse proxy on

@@ -335,6 +335,7 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
             ),
         }
     }
+    let tls_refusals = Arc::new(crate::tls_seen::TlsRefusals::default());
     let test_page = settings.test_page.clone().map(|t| {
         Arc::new(TestPage::new(
             t,
@@ -342,6 +343,7 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
             plan.ports,
             settings.echo.websocket,
             settings.echo.long_poll_max_secs > 0,
+            Arc::clone(&tls_refusals),
         ))
         .routes()
     });
@@ -371,6 +373,7 @@ pub fn run(cli: &Cli, settings: Settings) -> Result<(), Error> {
         unallocated_lifetime: http_limits.lifetime,
         long_poll: http_limits.long,
         pending: Default::default(),
+        tls_refusals,
         http: metrics::router(
             Arc::clone(&metrics),
             Arc::clone(&shared),

@@ -40,6 +40,8 @@ pub struct StreamContext {
     /// RFC 6062 peer connections waiting for their ConnectionBind, which any shard may get:
     /// the socket, and the wake-up for when its allocation ends.
     pub pending: Mutex<HashMap<u32, (std::net::TcpStream, Arc<super::Ended>)>>,
+    /// TLS handshakes clients refused, for the browser test.
+    pub tls_refusals: Arc<crate::tls_seen::TlsRefusals>,
 }
 
 impl StreamContext {

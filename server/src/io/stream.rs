@@ -130,6 +130,7 @@ async fn connection(
         head,
         deadline,
         lifetime,
+        client_tls: None,
     };
     // A TURN stream opens with a STUN request (first byte 0x00 or 0x01): ChannelData cannot
     // come first, since channels belong to an allocation made on this connection. So any
@@ -185,8 +186,19 @@ async fn connection(
     };
     let mut tls = match timeout_at(deadline, handshake).await {
         Ok(Ok(t)) => t,
-        Ok(Err(e)) => return Some(close_of(&e)),
+        Ok(Err(e)) => {
+            // A client that refused the handshake (a certificate it does not trust): the
+            // browser test tells the relay's certificate from the network by it.
+            if let Some(alert) = crate::tls_seen::client_alert(&e) {
+                ctx.tls_refusals
+                    .record(client_addr.ip(), alert, std::time::Instant::now());
+            }
+            return Some(close_of(&e));
+        }
         Err(_) => return Some(Close::Handshake),
+    };
+    let client_tls = crate::tls_seen::ClientTls {
+        grease: hello.grease,
     };
     let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
     // The SNI host name selects the client's tenant.
@@ -195,7 +207,13 @@ async fn connection(
         Some(ALPN_TURN) | Some(ALPN_STUN) => {
             turn_stream(shard, tls, start(Vec::new(), true, host), admitted).await
         }
-        Some(_) => serve_http(&ctx, tls, start(Vec::new(), true, host), admitted).await,
+        Some(_) => {
+            let start = Start {
+                client_tls: Some(client_tls),
+                ..start(Vec::new(), true, host)
+            };
+            serve_http(&ctx, tls, start, admitted).await
+        }
         None => {
             // No ALPN (most TURN clients, Chromium among them): the first decrypted byte says.
             let mut first = Vec::with_capacity(UNALLOCATED_FRAME);
@@ -208,13 +226,11 @@ async fn connection(
             match first[0] {
                 0x00 | 0x01 => turn_stream(shard, tls, start(first, true, host), admitted).await,
                 _ => {
-                    serve_http(
-                        &ctx,
-                        Prefixed::new(first, tls),
-                        start(Vec::new(), true, host),
-                        admitted,
-                    )
-                    .await
+                    let start = Start {
+                        client_tls: Some(client_tls),
+                        ..start(Vec::new(), true, host)
+                    };
+                    serve_http(&ctx, Prefixed::new(first, tls), start, admitted).await
                 }
             }
         }
@@ -231,6 +247,8 @@ struct Start {
     head: Vec<u8>,
     deadline: tokio::time::Instant,
     lifetime: tokio::time::Instant,
+    /// What its TLS ClientHello showed (TLS connections).
+    client_tls: Option<crate::tls_seen::ClientTls>,
 }
 
 /// The most a PROXY protocol header may take (v1 is at most 107 bytes).
@@ -314,6 +332,8 @@ async fn read_proxy_header(
 struct Hello {
     sni: Option<String>,
     alpn: Vec<Vec<u8>>,
+    /// It offered GREASE (RFC 8701), as Chromium always does.
+    grease: bool,
 }
 
 /// Reads until a whole ClientHello is in `head` and reads its SNI and ALPN; `head` keeps the
@@ -343,6 +363,7 @@ async fn client_hello(tcp: &mut TcpStream, head: &mut Vec<u8>) -> std::io::Resul
                         .alpn()
                         .map(|a| a.map(<[u8]>::to_vec).collect())
                         .unwrap_or_default(),
+                    grease: crate::tls_seen::has_grease(hello.cipher_suites()),
                 });
             }
             Ok(None) => read_more(tcp, head, HELLO_MAX).await?,
@@ -392,6 +413,7 @@ where
         stream,
         start.client_addr,
         start.tls,
+        start.client_tls,
         limits,
         ticket,
     )

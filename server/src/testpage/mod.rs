@@ -56,6 +56,8 @@ pub struct TestPage {
     websocket: bool,
     long_poll: bool,
     sessions: Mutex<Limiter>,
+    /// The TLS handshakes clients refused: the page's evidence of a certificate not trusted.
+    tls_refusals: Arc<crate::tls_seen::TlsRefusals>,
 }
 
 /// One path the page tests, from a TURN URL.
@@ -105,6 +107,7 @@ impl TestPage {
         relay_ports: (u16, u16),
         websocket: bool,
         long_poll: bool,
+        tls_refusals: Arc<crate::tls_seen::TlsRefusals>,
     ) -> Self {
         TestPage {
             settings,
@@ -113,6 +116,7 @@ impl TestPage {
             websocket,
             long_poll,
             sessions: Mutex::new(Limiter::new(SESSION_RATE, 16_384)),
+            tls_refusals,
         }
     }
 
@@ -128,11 +132,55 @@ impl TestPage {
             )
             .route(
                 "/test/session",
-                post(move |req: Request| {
+                post({
                     let page = Arc::clone(&self);
-                    async move { https_only(&req).unwrap_or_else(|| page.session(&req)) }
+                    move |req: Request| {
+                        let page = Arc::clone(&page);
+                        async move { https_only(&req).unwrap_or_else(|| page.session(&req)) }
+                    }
                 }),
             )
+            .route(
+                "/test/tls",
+                get(move |req: Request| {
+                    let page = Arc::clone(&self);
+                    async move { https_only(&req).unwrap_or_else(|| page.tls_seen(&req)) }
+                }),
+            )
+    }
+
+    /// What the relay saw of this visitor's TLS: the ClientHello of the connection this
+    /// request came on (GREASE or not), and the handshakes from the visitor's address that
+    /// its client ended with an alert in the last `within` seconds (at most 600).
+    fn tls_seen(&self, req: &Request) -> Response {
+        let Some(source) = source(req) else {
+            return (StatusCode::INTERNAL_SERVER_ERROR, "no peer").into_response();
+        };
+        let within = req
+            .uri()
+            .query()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("within=")))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(120)
+            .min(600);
+        let grease = req
+            .extensions()
+            .get::<crate::tls_seen::ClientTls>()
+            .map(|c| c.grease);
+        let refused: Vec<serde_json::Value> = self
+            .tls_refusals
+            .of(
+                source,
+                std::time::Duration::from_secs(within),
+                Instant::now(),
+            )
+            .into_iter()
+            .map(|(age, alert)| serde_json::json!({"alert": alert, "secs_ago": age.as_secs_f64()}))
+            .collect();
+        json(
+            StatusCode::OK,
+            serde_json::json!({"grease": grease, "refused": refused}),
+        )
     }
 
     fn host(req: &Request) -> Option<String> {
@@ -188,11 +236,7 @@ impl TestPage {
     }
 
     fn session(&self, req: &Request) -> Response {
-        let source = req
-            .extensions()
-            .get::<axum::extract::ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip());
-        let Some(source) = source else {
+        let Some(source) = source(req) else {
             return (StatusCode::INTERNAL_SERVER_ERROR, "no peer").into_response();
         };
         let allowed = self
@@ -238,6 +282,13 @@ impl TestPage {
             }),
         )
     }
+}
+
+/// The visitor's address (the one a PROXY header named, where there was one).
+fn source(req: &Request) -> Option<std::net::IpAddr> {
+    req.extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
 }
 
 /// The page is served over HTTPS only (camera and microphone need a secure page, and the
